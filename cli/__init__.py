@@ -1,0 +1,1 @@
+"""The ``fedpers`` command line."""

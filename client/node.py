@@ -1,0 +1,199 @@
+"""One client's handling of a train or evaluate instruction, independent of Flower's message types.
+
+Flow of a train instruction (DESIGN.md): load data and the encrypted personal state → build the model
+→ load the shared tensors (exact key set) and the personal ones → budget check BEFORE training →
+DP-SGD over every trainable tensor with the persisted accountant → save state atomically → return ONLY
+the shared tensors, taken from the unwrapped module, and scalar metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from client.state import PersonalState, StateStore
+from client.training import DPPlan, evaluate, sample_rate, steps_per_epoch, train
+from common import protocol as P
+from common.config import Config
+from common.data import ClientData, label_names, load_client_data, majority_baseline_accuracy
+from common.errors import PrivacyBudgetExhausted, StateError
+from common.features import Features, encode
+from common.model import Backbone, PersonalModel, get_backbone
+from common.params import get_arrays, nbytes, set_arrays
+from common.privacy import calibrate_sigma, compose, epsilon
+from common.split import split_names
+
+log = logging.getLogger("flwr")
+Arrays = dict[str, np.ndarray]
+Metrics = dict[str, float | int]
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """Who this client is and where it keeps its state."""
+
+    partition_id: int
+    num_partitions: int
+    state_dir: Path
+    run_id: int
+    data_path: str | None = None
+    key_file: str | None = None
+
+
+@dataclass
+class _Session:
+    data: ClientData
+    backbone: Backbone
+    model: PersonalModel
+    roles: dict[str, list[str]]
+    train: Features
+    test: Features
+    store: StateStore
+    state: PersonalState
+
+
+def _seed(*parts: int) -> int:
+    """A process-independent seed (Python's hash() of tuples is salted per process)."""
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+
+def _open(cfg: Config, node: NodeInfo, shared: Arrays) -> _Session:
+    data = load_client_data(cfg.task, node.partition_id, node.num_partitions, node.data_path)
+    backbone = get_backbone(cfg, len(label_names(cfg.task)))
+    model = backbone.new_model()
+    roles = split_names([n for n, _ in model.named_parameters()], cfg.personalization.mode)
+    store = StateStore(node.state_dir, node.key_file)
+    state = store.load() or PersonalState(meta={"mode": cfg.personalization.mode, "model": backbone.fingerprint})
+    if state.meta.get("model") not in (None, backbone.fingerprint):
+        raise StateError(
+            f"personal state in {node.state_dir} was made for another model/adapter configuration "
+            f"({state.meta.get('model')} != {backbone.fingerprint}); use a new client.state-root"
+        )
+    set_arrays(model, shared, roles["shared"])
+    if state.tensors:
+        set_arrays(model, state.tensors, roles["personal"])
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in roles["shared"] or name in roles["personal"])
+    train_f = encode(backbone, data.train_texts, data.train_labels, cfg.task.max_length)
+    test_f = encode(backbone, data.test_texts, data.test_labels, cfg.task.max_length)
+    return _Session(data, backbone, model, roles, train_f, test_f, store, state)
+
+
+def _plan(cfg: Config, s: _Session, node: NodeInfo, steps: int) -> DPPlan:
+    """σ for this run: calibrated once per run against the client's whole history, then reused."""
+    n = len(s.train)
+    q = sample_rate(n, cfg.train.batch_size)
+    delta = cfg.dp.delta or 1.0 / n
+    plan = s.state.run_plan
+    if plan.get("run_id") == node.run_id and plan.get("sample_rate") == q and plan.get("delta") == delta:
+        return DPPlan(float(plan["sigma"]), q, delta)
+    if cfg.dp.noise_multiplier > 0:
+        sigma = cfg.dp.noise_multiplier
+    else:
+        spe = steps_per_epoch(n, cfg.train.batch_size)
+        planned = cfg.fed.num_rounds * cfg.train.local_epochs * spe
+        if cfg.personalization.mode == "fedavg-ft":
+            planned += cfg.personalization.finetune_epochs * spe
+        sigma = calibrate_sigma(
+            budget=cfg.dp.epsilon, delta=delta, sample_rate=q, steps=planned, history=s.state.history,
+            accountant=cfg.dp.accountant,
+        )
+    s.state.run_plan = {"run_id": node.run_id, "sigma": sigma, "sample_rate": q, "delta": delta}
+    return DPPlan(sigma, q, delta)
+
+
+def _check_budget(cfg: Config, s: _Session, plan: DPPlan, steps: int) -> None:
+    spent = epsilon(s.state.history, plan.delta, cfg.dp.accountant)
+    after = epsilon(compose(s.state.history, plan.sigma, plan.sample_rate, steps), plan.delta, cfg.dp.accountant)
+    if after > cfg.dp.epsilon * (1 + 1e-9):
+        raise PrivacyBudgetExhausted(
+            f"privacy budget exhausted: ε={spent:.3f} now, {after:.3f} after {steps} more steps ≥ budget "
+            f"{cfg.dp.epsilon} (δ={plan.delta:.2e}); this client trains no more"
+        )
+
+
+def _local_train(cfg: Config, s: _Session, node: NodeInfo, epochs: int, seed: int) -> tuple[float, int, DPPlan | None]:
+    steps = epochs * steps_per_epoch(len(s.train), cfg.train.batch_size)
+    plan = None
+    if cfg.dp.enabled:
+        plan = _plan(cfg, s, node, steps)
+        _check_budget(cfg, s, plan, steps)
+    out = train(s.model, s.train, cfg, epochs=epochs, plan=plan, history=s.state.history, seed=seed)
+    s.state.history = out.history
+    return out.loss, out.steps, plan
+
+
+def _privacy_metrics(cfg: Config, s: _Session, plan: DPPlan | None, steps: int) -> Metrics:
+    if plan is None:  # not private: no ε to report
+        return {P.STEPS: steps}
+    return {
+        P.EPSILON: epsilon(s.state.history, plan.delta, cfg.dp.accountant),
+        P.DELTA: plan.delta,
+        P.SIGMA: plan.sigma,
+        P.SAMPLE_RATE: plan.sample_rate,
+        P.STEPS: steps,
+        P.TOTAL_STEPS: sum(e[2] for e in s.state.history),
+    }
+
+
+def _save(s: _Session) -> None:
+    s.state.tensors = get_arrays(s.model, s.roles["personal"])
+    s.store.save(s.state)
+
+
+def run_train(cfg: Config, node: NodeInfo, shared: Arrays, server_round: int) -> tuple[Arrays, Metrics]:
+    """Handle one train instruction; returns (shared arrays to send, metrics)."""
+    s = _open(cfg, node, shared)
+    acc_before, _ = evaluate(s.model, s.test)
+    seed = _seed(cfg.task.seed, node.partition_id, server_round, s.state.rounds_trained)
+    loss, steps, plan = _local_train(cfg, s, node, cfg.train.local_epochs, seed)
+    acc_after, _ = evaluate(s.model, s.test)
+    s.state.rounds_trained += 1
+    s.state.examples_seen += len(s.train)
+    _save(s)
+    out = get_arrays(s.model, s.roles["shared"])
+    delta_norm = float(np.sqrt(sum(float(np.sum((out[k] - shared[k]) ** 2)) for k in out))) if out else 0.0
+    metrics: Metrics = {
+        P.NUM_EXAMPLES: len(s.train),
+        P.PARTITION_ID: node.partition_id,
+        P.LOSS: loss,
+        P.ACC_BEFORE: acc_before,
+        P.ACC_AFTER: acc_after,
+        P.MAJORITY_ACC: majority_baseline_accuracy(s.data),
+        P.BYTES_UP: nbytes(out),
+        P.UPDATE_NORM: delta_norm,
+    }
+    metrics.update(_privacy_metrics(cfg, s, plan, steps))
+    return out, metrics
+
+
+def run_evaluate(cfg: Config, node: NodeInfo, shared: Arrays, final_round: bool) -> Metrics:
+    """Evaluate latest shared tensors + this client's personal part on its own test split.
+
+    In ``fedavg-ft`` the final evaluation first fine-tunes a copy locally (under DP, accounted).
+    """
+    s = _open(cfg, node, shared)
+    plan = None
+    steps = 0
+    if cfg.personalization.mode == "fedavg-ft" and final_round and cfg.personalization.finetune_epochs > 0:
+        seed = _seed(cfg.task.seed, node.partition_id, -1, s.state.rounds_trained)
+        _, steps, plan = _local_train(cfg, s, node, cfg.personalization.finetune_epochs, seed)
+        s.store.save(s.state)  # the fine-tuned copy is not kept, the privacy spend is
+    acc, loss = evaluate(s.model, s.test)
+    metrics: Metrics = {
+        P.NUM_EXAMPLES: len(s.test),
+        P.PARTITION_ID: node.partition_id,
+        P.EVAL_ACC: acc,
+        P.EVAL_LOSS: loss,
+        P.MAJORITY_ACC: majority_baseline_accuracy(s.data),
+    }
+    if cfg.dp.enabled and s.state.run_plan:
+        delta = float(s.state.run_plan["delta"])
+        metrics[P.EPSILON] = epsilon(s.state.history, delta, cfg.dp.accountant)
+    if plan is not None:
+        metrics.update(_privacy_metrics(cfg, s, plan, steps))
+    return metrics

@@ -1,0 +1,174 @@
+"""Local training: DP-SGD with Opacus over every trainable tensor (LoRA and head), or plain SGD.
+
+The accountant is never fresh: the client's persisted history is restored into the PrivacyEngine before
+``make_private`` and read back after training, so ε composes across rounds and runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.config import Config
+from common.errors import DataError
+from common.features import Features
+from common.params import unwrap
+from common.privacy import History
+
+logging.getLogger("flwr").propagate = False
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """Noise and sampling for this client's DP-SGD steps."""
+
+    sigma: float
+    sample_rate: float
+    delta: float
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What one call of :func:`train` did."""
+
+    loss: float
+    steps: int
+    history: History
+    seconds: float
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Batches per epoch (Opacus's Poisson sampler uses sample rate 1 / this)."""
+    return max(1, -(-num_examples // batch_size))
+
+
+def sample_rate(num_examples: int, batch_size: int) -> float:
+    """Poisson sampling rate q used by Opacus for this data size and expected batch size."""
+    return 1.0 / steps_per_epoch(num_examples, batch_size)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, feats: Features, batch: int = 128) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model`` on ``feats``."""
+    was_training = model.training
+    model.eval()
+    correct, loss, n = 0, 0.0, len(feats)
+    for i in range(0, n, batch):
+        h, m, y = feats.batch(slice(i, i + batch))
+        logits = model(h, m)
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(-1) == y).sum())
+    model.train(was_training)
+    return correct / max(n, 1), loss / max(n, 1)
+
+
+def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.")]
+    groups = [g for g in ({"params": lora, "lr": cfg.train.lr_lora}, {"params": head, "lr": cfg.train.lr_head}) if g["params"]]
+    if not groups:
+        raise DataError("nothing to train: the personalization mode left no trainable parameter")
+    if cfg.train.optimizer == "adam":
+        return torch.optim.Adam(groups)
+    return torch.optim.SGD(groups, momentum=cfg.train.momentum)
+
+
+def train(
+    model: nn.Module, feats: Features, cfg: Config, *, epochs: int, plan: DPPlan | None, history: History,
+    seed: int,
+) -> TrainOutcome:
+    """Train ``model`` in place for ``epochs`` over ``feats``; DP-SGD when ``plan`` is given.
+
+    Returns the new accountant history (unchanged without DP) and the mean training loss.
+    """
+    if len(feats) < 2:
+        raise DataError(f"need at least 2 training examples, got {len(feats)}")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(seed)
+    model.train()
+    opt = _optimizer(model, cfg)
+    start = time.perf_counter()
+    if plan is None:
+        loss, steps = _train_plain(model, feats, opt, cfg.train.batch_size, epochs)
+        return TrainOutcome(loss, steps, list(history), time.perf_counter() - start)
+    loss, steps, new_history = _train_dp(model, feats, opt, cfg, epochs, plan, history)
+    return TrainOutcome(loss, steps, new_history, time.perf_counter() - start)
+
+
+def _train_plain(
+    model: nn.Module, feats: Features, opt: torch.optim.Optimizer, batch: int, epochs: int
+) -> tuple[float, int]:
+    total, steps = 0.0, 0
+    for _ in range(epochs):
+        for idx in torch.randperm(len(feats)).split(batch):
+            h, m, y = feats.batch(idx)
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(h, m), y)
+            loss.backward()
+            opt.step()
+            total, steps = total + loss.item(), steps + 1
+    return total / max(steps, 1), steps
+
+
+def _train_dp(
+    model: nn.Module, feats: Features, opt: torch.optim.Optimizer, cfg: Config, epochs: int, plan: DPPlan,
+    history: History,
+) -> tuple[float, int, History]:
+    from opacus import PrivacyEngine
+
+    engine = PrivacyEngine(accountant=cfg.dp.accountant)
+    engine.accountant.history = list(history)
+    loader = DataLoader(TensorDataset(torch.arange(len(feats))), batch_size=cfg.train.batch_size)
+    expected_q = sample_rate(len(feats), cfg.train.batch_size)
+    if abs(expected_q - plan.sample_rate) > 1e-12:
+        raise DataError(f"sample rate {plan.sample_rate} planned but the data gives {expected_q}")
+    ghost = cfg.dp.grad_sample_mode == "ghost"
+    kwargs = {"criterion": nn.CrossEntropyLoss(reduction="mean")} if ghost else {}
+    private = engine.make_private(
+        module=model,
+        optimizer=opt,
+        data_loader=loader,
+        noise_multiplier=plan.sigma,
+        max_grad_norm=cfg.dp.max_grad_norm,
+        poisson_sampling=True,
+        grad_sample_mode=cfg.dp.grad_sample_mode,
+        loss_reduction="mean" if ghost else "sum",
+        **kwargs,
+    )
+    if ghost:
+        dp_model, dp_opt, criterion, dp_loader = private
+    else:
+        dp_model, dp_opt, dp_loader = private
+        # Per-sample gradients of a SUM loss are the true per-example gradients, also for an empty
+        # Poisson batch; the optimizer then averages (Σ clipped + noise) over the expected batch size.
+        dp_opt.loss_reduction = "mean"
+    total, steps = 0.0, 0
+    try:
+        for _ in range(epochs):
+            for (idx,) in dp_loader:
+                h, m, y = feats.batch(idx)
+                dp_opt.zero_grad(set_to_none=True)
+                logits = dp_model(h, m)
+                if ghost:
+                    loss = criterion(logits, y)
+                    loss.backward()
+                    value = float(loss.item())
+                else:
+                    loss = F.cross_entropy(logits, y, reduction="sum")
+                    loss.backward()
+                    value = loss.item() / max(len(y), 1)
+                dp_opt.step()
+                total, steps = total + value, steps + 1
+    finally:
+        if hasattr(dp_model, "_close"):
+            dp_model._close()
+    if unwrap(dp_model) is not model:
+        raise RuntimeError("Opacus returned a different module than it was given")
+    return total / max(steps, 1), steps, [tuple(e) for e in engine.accountant.history]  # type: ignore[misc]

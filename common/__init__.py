@@ -1,0 +1,1 @@
+"""Code shared by the fedpers client and server (imports neither side)."""

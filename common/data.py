@@ -1,0 +1,338 @@
+"""Per-client text classification data: tweets (Dirichlet label skew), news (per-user interests), file.
+
+Every client gets its own train and test split drawn from the same (its own) distribution. Everything is
+seeded by ``task.seed`` and the partition id, so the same configuration gives the same split in every
+process. Loaded corpora and partitionings are cached per process (many clients load in one process).
+A single-class shard is allowed: it trains, and its majority baseline is then 1.0.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+import re
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.assets import ensure
+from common.config import TaskConfig
+from common.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+TWEET_LABELS = ("negative", "neutral", "positive")
+NEWS_LABELS = ("not-liked", "liked")
+NEWS_BODY_CHARS = 600
+_Table = tuple[tuple[str, ...], np.ndarray, "tuple[str, ...] | None"]  # texts, labels, users (or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientData:
+    """One client's train and test split (labels are read-only int64 arrays)."""
+
+    train_texts: tuple[str, ...]
+    train_labels: np.ndarray
+    test_texts: tuple[str, ...]
+    test_labels: np.ndarray
+    label_names: tuple[str, ...]
+    user: str
+
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            labels = np.array(getattr(self, f"{split}_labels"), dtype=np.int64).reshape(-1)
+            labels.flags.writeable = False
+            object.__setattr__(self, f"{split}_labels", labels)
+            if len(labels) != len(getattr(self, f"{split}_texts")):
+                raise DataError(f"{self.user}: {split} texts and labels differ in length")
+            if labels.size and (labels.min() < 0 or labels.max() >= len(self.label_names)):
+                raise DataError(f"{self.user}: {split} labels outside 0..{len(self.label_names) - 1}")
+
+
+def label_names(task: TaskConfig) -> tuple[str, ...]:
+    """The class names of ``task.dataset`` (read from ``task.labels`` for "file"), without loading data."""
+    if task.dataset == "tweets":
+        return TWEET_LABELS
+    if task.dataset == "news":
+        return NEWS_LABELS
+    if task.dataset != "file":
+        raise ConfigError(f"unknown task.dataset {task.dataset!r}; allowed: tweets, news, file")
+    names = tuple(n.strip() for n in task.labels.split(",") if n.strip())
+    if not names:
+        raise ConfigError(
+            "task.labels must list the label names for task.dataset = 'file', e.g. task.labels = \"neg,pos\""
+        )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"task.labels lists a label twice: {task.labels!r}")
+    return names
+
+
+def load_client_data(
+    task: TaskConfig, partition_id: int, num_partitions: int, data_path: str | None = None
+) -> ClientData:
+    """Load client ``partition_id`` of ``num_partitions`` (``data_path`` overrides ``task.data_path``)."""
+    if num_partitions < 1 or not 0 <= partition_id < num_partitions:
+        raise ConfigError(f"partition_id {partition_id} must be in [0, num_partitions={num_partitions})")
+    names = label_names(task)
+    if task.dataset == "news":
+        return _news_client(task, partition_id)
+    if task.dataset == "tweets":
+        source: tuple[Any, ...] = ("tweets", str(ensure("tweets")))
+    else:
+        path = Path(data_path or task.data_path).expanduser()
+        if not str(data_path or task.data_path).strip():
+            raise ConfigError("task.data-path must name a CSV or JSONL file when task.dataset = 'file'")
+        if not path.is_file():
+            raise DataError(f"data file {path} does not exist (task.data-path)")
+        st = path.stat()
+        source = ("file", str(path.resolve()), st.st_mtime_ns, st.st_size, names)
+    texts, labels, users = _load_source(source)
+    where = source[1]
+    if users is not None:
+        unique = sorted(set(users))
+        if partition_id >= len(unique):
+            raise DataError(
+                f"client {partition_id} has no user in {where}: the file has {len(unique)} users "
+                f"(partition ids 0..{len(unique) - 1})"
+            )
+        user = unique[partition_id]
+        shard = np.array([i for i, u in enumerate(users) if u == user], dtype=np.int64)
+    else:
+        user = f"client-{partition_id}"
+        shard = _dirichlet(source, num_partitions, task.dirichlet_alpha, task.seed)[partition_id]
+    return _split(texts, labels, shard, task, partition_id, names, user, where)
+
+
+def majority_baseline_accuracy(data: ClientData) -> float:
+    """Test accuracy of always predicting the client's own majority train label (ties: lowest index)."""
+    if len(data.test_labels) == 0 or len(data.train_labels) == 0:
+        raise DataError(f"{data.user}: the majority baseline needs train and test examples")
+    majority = int(np.bincount(data.train_labels, minlength=len(data.label_names)).argmax())
+    return float(np.mean(data.test_labels == majority))
+
+
+def _split(texts: tuple[str, ...], labels: np.ndarray, shard: np.ndarray, task: TaskConfig,
+           partition_id: int, names: tuple[str, ...], user: str, where: str) -> ClientData:
+    """Seeded draw of up to train_size + test_size examples from the shard, split train/test."""
+    if len(shard) == 0:
+        raise DataError(f"client {partition_id} has no examples in {where}")
+    rng = np.random.default_rng([task.seed, partition_id])
+    picked = shard[rng.permutation(len(shard))]
+    want = task.train_size + task.test_size
+    if len(picked) >= want:
+        n_train, n_test = task.train_size, task.test_size
+    else:  # too small: split proportionally train_size:test_size, at least one test example
+        n_test = max(1, round(len(picked) * task.test_size / want))
+        n_train = len(picked) - n_test
+    if n_train < 2:
+        raise DataError(
+            f"client {partition_id} ({user}) has only {len(shard)} examples in {where}: fewer than 2 "
+            "training examples after holding out its test split (needs at least 3)"
+        )
+    tr, te = picked[:n_train], picked[n_train:n_train + n_test]
+    return ClientData(tuple(texts[i] for i in tr), labels[tr], tuple(texts[i] for i in te), labels[te],
+                      names, user)
+
+
+@lru_cache(maxsize=8)
+def _dirichlet(
+    source: tuple[Any, ...], num_partitions: int, alpha: float, seed: int
+) -> tuple[np.ndarray, ...]:
+    """Indices of every partition under flwr-datasets' Dirichlet label-skew partitioner."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    labels = _load_source(source)[1]
+    n, where = len(labels), source[1]
+    if n < num_partitions:
+        raise DataError(
+            f"client {num_partitions - 1} has no examples in {where}: {n} examples cannot be split "
+            f"across {num_partitions} clients"
+        )
+    if n < 3 * num_partitions:
+        raise DataError(f"{n} examples in {where} are too few for {num_partitions} clients (3 per client)")
+    if num_partitions == 1:
+        return (np.arange(n, dtype=np.int64),)
+    # Arrow format: columns come back as Arrow arrays (fast), not row by row.
+    ds = Dataset.from_dict({"label": labels.tolist(), "idx": list(range(n))}).with_format("arrow")
+    preferred = min(10, max(3, n // (2 * num_partitions)))
+    error: ValueError | None = None
+    for min_size in dict.fromkeys((preferred, 3)):  # fall back to the bare minimum (2 train + 1 test)
+        partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
+                                           alpha=alpha, seed=seed, min_partition_size=min_size)
+        partitioner.dataset = ds
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return tuple(partitioner.load_partition(p)["idx"].to_numpy().astype(np.int64)
+                             for p in range(num_partitions))
+        except ValueError as exc:
+            error = exc
+    raise DataError(
+        f"cannot split {where} across {num_partitions} clients with dirichlet_alpha={alpha} so that every "
+        f"client gets at least 3 examples: {error} (raise task.dirichlet-alpha or use fewer clients)"
+    ) from error
+
+
+@lru_cache(maxsize=4)
+def _load_source(source: tuple[Any, ...]) -> _Table:
+    """(texts, int64 labels, users or None) of the tweets corpus or a user file."""
+    if source[0] == "tweets":  # exact duplicate tweets are dropped (first kept): no train/test leakage
+        with open(source[1], encoding="latin-1", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        index = {n: i for i, n in enumerate(TWEET_LABELS)}
+        unique: dict[str, int] = {}
+        for r in rows:
+            text = (r.get("text") or "").strip()
+            if text and r.get("sentiment") in index:
+                unique.setdefault(text, index[r["sentiment"]])
+        return tuple(unique), np.fromiter(unique.values(), dtype=np.int64, count=len(unique)), None
+    return _read_file(Path(source[1]), source[4])
+
+
+@lru_cache(maxsize=2)
+def _news_corpus(root: str) -> tuple[tuple[str, ...], tuple[str, ...], np.ndarray]:
+    """(topics, texts, topic index per text) of the BBC corpus: title + start of the body."""
+    topics = tuple(sorted(p.name for p in Path(root).iterdir() if p.is_dir()))
+    texts: dict[str, int] = {}  # text -> topic; the corpus repeats some articles: keep the first
+    for t, topic in enumerate(topics):
+        for f in sorted((Path(root) / topic).glob("*.txt")):
+            raw = f.read_bytes()
+            try:
+                content = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                content = raw.decode("latin-1")
+            title, _, body = content.strip().partition("\n")
+            body = re.sub(r"\s+", " ", body).strip()
+            if len(body) > NEWS_BODY_CHARS:
+                body = body[:NEWS_BODY_CHARS].rsplit(" ", 1)[0]
+            texts.setdefault(f"{title.strip()}. {body}", t)
+    if len(topics) < 2 or not texts:
+        raise DataError(f"the news corpus at {root} has no topic folders with articles")
+    return topics, tuple(texts), np.fromiter(texts.values(), dtype=np.int64, count=len(texts))
+
+
+def _news_client(task: TaskConfig, partition_id: int) -> ClientData:
+    """User ``partition_id`` likes ``task.topics_liked`` random topics; label = article topic is liked."""
+    root = ensure("news")
+    topics, texts, topic_ids = _news_corpus(str(root))
+    if task.topics_liked >= len(topics):
+        raise ConfigError(f"task.topics-liked = {task.topics_liked} must be below the {len(topics)} topics")
+    rng = np.random.default_rng([task.seed, partition_id, 7])
+    liked = rng.choice(len(topics), size=task.topics_liked, replace=False)
+    labels = np.isin(topic_ids, liked).astype(np.int64)
+    shard = rng.choice(len(texts), size=min(len(texts), task.train_size + task.test_size), replace=False)
+    return _split(texts, labels, shard, task, partition_id, NEWS_LABELS, f"client-{partition_id}", str(root))
+
+
+def _read_file(path: Path, names: tuple[str, ...]) -> _Table:
+    """Read a CSV (header row) or JSONL/JSON file with text, label and optional user."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read data file {path}: {exc}") from exc
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"data file {path} is not UTF-8 text (line {line}); save it as UTF-8") from exc
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        records = _csv_records(content, path)
+    elif suffix in (".jsonl", ".json"):
+        records = _json_records(content, path)
+    else:
+        raise DataError(f"data file {path} must end in .csv, .jsonl or .json (got {suffix or 'no suffix'!r})")
+    has_user = any("user" in rec for _, rec in records)
+    texts, labels, users, skipped = [], [], [], 0
+    for loc, rec in records:
+        missing = [k for k in ("text", "label") + (("user",) if has_user else ()) if rec.get(k) is None]
+        if missing:
+            raise DataError(f"{path} {loc} lacks field(s) {', '.join(map(repr, missing))}")
+        text = rec["text"]
+        if not isinstance(text, str):
+            raise DataError(f"{path} {loc}: text must be a string, got {text!r}")
+        if not text.strip():
+            skipped += 1
+            continue
+        texts.append(text.strip())
+        labels.append(_label(rec["label"], names, path, loc))
+        if has_user:
+            user = str(rec["user"]).strip()
+            if not user:
+                raise DataError(f"{path} {loc}: the user is empty")
+            users.append(user)
+    if skipped:
+        log.warning("%s: skipped %d rows with empty text", path, skipped)
+    if not texts:
+        raise DataError(f"data file {path} has no examples ({skipped} rows with empty text skipped)")
+    return tuple(texts), np.array(labels, dtype=np.int64), tuple(users) if has_user else None
+
+
+def _csv_records(content: str, path: Path) -> list[tuple[str, dict[str, Any]]]:
+    reader = csv.DictReader(io.StringIO(content, newline=""))
+    if not reader.fieldnames:
+        raise DataError(f"data file {path} is empty (expected a header row: text,label[,user])")
+    reader.fieldnames = [f.strip() for f in reader.fieldnames]
+    missing = [c for c in ("text", "label") if c not in reader.fieldnames]
+    if missing:
+        raise DataError(
+            f"data file {path} lacks column(s) {', '.join(map(repr, missing))}; the header has "
+            f"{', '.join(map(repr, reader.fieldnames))} (expected text, label and optionally user)"
+        )
+    records = []
+    try:
+        for row in reader:
+            records.append((f"line {reader.line_num}", {k: v for k, v in row.items() if k is not None}))
+    except csv.Error as exc:
+        raise DataError(f"{path} line {reader.line_num} is not valid CSV: {exc}") from exc
+    return records
+
+
+def _json_records(content: str, path: Path) -> list[tuple[str, dict[str, Any]]]:
+    if path.suffix.lower() == ".json" and content.lstrip().startswith("["):
+        try:
+            items = json.loads(content)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {exc.lineno} is not valid JSON: {exc.msg}") from exc
+        pairs = [(f"item {i}", obj) for i, obj in enumerate(items, 1)]
+    else:
+        pairs = []
+        for n, line in enumerate(content.splitlines(), 1):
+            if line.strip():
+                try:
+                    pairs.append((f"line {n}", json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path} line {n} is not valid JSON: {exc.msg}") from exc
+    for loc, obj in pairs:
+        if not isinstance(obj, dict):
+            raise DataError(f"{path} {loc} must be a JSON object with text and label, got {obj!r:.60}")
+    return pairs
+
+
+def _label(value: Any, names: tuple[str, ...], path: Path, loc: str) -> int:
+    """A label name (matched first) or an integer index into ``names``."""
+    index: int | None = None
+    if isinstance(value, str):
+        v = value.strip()
+        if v in names:
+            return names.index(v)
+        if re.fullmatch(r"[+-]?\d+", v):
+            index = int(v)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        index = value
+    elif isinstance(value, float) and value.is_integer():
+        index = int(value)
+    if index is not None and 0 <= index < len(names):
+        return index
+    raise DataError(
+        f"{path} {loc}: unknown label {value!r}; allowed: {', '.join(names)} "
+        f"(or their indices 0..{len(names) - 1}; see task.labels)"
+    )

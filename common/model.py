@@ -1,0 +1,178 @@
+"""The classifier: a frozen pretrained encoder, PEFT LoRA on its top layers, and a personal head.
+
+The encoder is cut in two at ``model.frozen-layers``:
+
+* :class:`FrozenPrefix` — embeddings and the bottom layers, no LoRA, always ``no_grad`` and in eval mode.
+  Its output depends on no trainable parameter, so a client computes it once per example and caches it
+  (exact, not an approximation).
+* :class:`PersonalModel` — the top layers wrapped by ``peft.get_peft_model`` (the shared LoRA adapters),
+  mean pooling, and the classification ``head``, kept OUTSIDE the PeftModel so PEFT never puts it into
+  an adapter state dict. This is the only module Opacus ever sees.
+
+Every node builds the same frozen base (pretrained weights, or a seeded random init for ``tiny``) and
+the same initial adapters and head (seeded with ``model.seed``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from torch import nn
+from transformers import BertConfig, BertModel, PreTrainedTokenizerBase
+from transformers.masking_utils import create_bidirectional_mask
+
+from common.config import Config
+from common.errors import ModelError
+from common.tokenizer import load_tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+
+
+class FrozenPrefix(nn.Module):
+    """Embeddings and the bottom encoder layers (no LoRA, never trained)."""
+
+    def __init__(self, bert: BertModel, num_layers: int) -> None:
+        super().__init__()
+        self.config = bert.config
+        self.embeddings = bert.embeddings
+        self.layers = nn.ModuleList(list(bert.encoder.layer[:num_layers]))
+        self.requires_grad_(False)
+        self.eval()
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states after the frozen layers, shape (batch, tokens, hidden)."""
+        hidden = self.embeddings(input_ids=input_ids)
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        for layer in self.layers:
+            out = layer(hidden, attention_mask=mask)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+
+class _TopLayers(nn.Module):
+    """The encoder layers that carry LoRA (a plain container PEFT can wrap)."""
+
+    def __init__(self, bert: BertModel, first: int) -> None:
+        super().__init__()
+        self.config = bert.config
+        self.layers = nn.ModuleList(list(bert.encoder.layer[first:]))
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        for layer in self.layers:
+            out = layer(hidden, attention_mask=mask)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+
+class PersonalModel(nn.Module):
+    """Top layers with LoRA (``body``, a PeftModel) + mean pooling + the personal ``head``."""
+
+    def __init__(self, body: nn.Module, hidden_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(hidden_size, num_classes)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits from cached prefix features and their attention mask."""
+        out = self.body(hidden, attention_mask)
+        weights = attention_mask.unsqueeze(-1).to(out.dtype)
+        pooled = (out * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return self.head(pooled)
+
+
+@dataclass
+class Backbone:
+    """Everything a node needs to build personal models for one configuration."""
+
+    tokenizer: PreTrainedTokenizerBase
+    prefix: FrozenPrefix
+    template: PersonalModel
+    total_params: int
+    fingerprint: str
+
+    def new_model(self) -> PersonalModel:
+        """A fresh copy of the seeded initial model (frozen weights shared in memory are copied too)."""
+        model = copy.deepcopy(self.template)
+        model.train()
+        return model
+
+
+def _load_bert(cfg: Config) -> BertModel:
+    if cfg.model.name == "tiny":
+        tok = load_tokenizer("tiny")
+        torch.manual_seed(cfg.model.seed + 12345)
+        config = BertConfig(vocab_size=tok.vocab_size, max_position_embeddings=512, **TINY)
+        bert = BertModel(config, add_pooling_layer=False)
+    else:
+        from common.assets import asset_path
+
+        bert = BertModel.from_pretrained(str(asset_path("minilm")), add_pooling_layer=False)
+    # Dropout in the frozen encoder would make cached features random; DP noise regularises enough.
+    bert.config.hidden_dropout_prob = 0.0
+    for module in bert.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return bert
+
+
+def build_backbone(cfg: Config, num_classes: int) -> Backbone:
+    """Build the frozen prefix and the seeded initial PersonalModel for ``cfg``."""
+    if num_classes < 2:
+        raise ModelError(f"a classifier needs at least 2 classes, got {num_classes}")
+    bert = _load_bert(cfg)
+    n_layers = bert.config.num_hidden_layers
+    k = cfg.model.frozen_layers
+    if k >= n_layers:
+        raise ModelError(
+            f"model.frozen-layers = {k} leaves no layer for LoRA: the {cfg.model.name} encoder has "
+            f"{n_layers} layers; use 0..{n_layers - 1}"
+        )
+    total = sum(p.numel() for p in bert.parameters())
+    bert.requires_grad_(False)
+    prefix = FrozenPrefix(bert, k)
+    top = _TopLayers(bert, k)
+    names = {n.rsplit(".", 1)[-1] for n, m in top.named_modules() if isinstance(m, nn.Linear)}
+    missing = [t for t in cfg.lora.targets if t not in names]
+    if missing or not cfg.lora.targets:
+        raise ModelError(
+            f"lora.target-modules {cfg.lora.target_modules!r}: {missing or 'empty'} not found; "
+            f"linear layers of this encoder: {', '.join(sorted(names))}"
+        )
+    torch.manual_seed(cfg.model.seed)
+    peft_cfg = PeftLoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.targets),
+        bias="none",
+    )
+    body = get_peft_model(top, peft_cfg)
+    template = PersonalModel(body, bert.config.hidden_size, num_classes)
+    total += sum(p.numel() for n, p in template.named_parameters() if "lora_" in n or n.startswith("head."))
+    fp = hashlib.sha256(repr((cfg.model, cfg.lora, num_classes)).encode()).hexdigest()[:16]
+    tokenizer = load_tokenizer(cfg.model.name)
+    return Backbone(tokenizer=tokenizer, prefix=prefix, template=template, total_params=total, fingerprint=fp)
+
+
+_CACHE: dict[tuple[object, ...], Backbone] = {}
+_LOCK = threading.Lock()
+
+
+def get_backbone(cfg: Config, num_classes: int) -> Backbone:
+    """A per-process cached :func:`build_backbone` (the frozen base is read-only, so it is shared)."""
+    key = (cfg.model, cfg.lora, num_classes)
+    with _LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = build_backbone(cfg, num_classes)
+        return _CACHE[key]

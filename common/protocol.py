@@ -1,0 +1,32 @@
+"""Names of records and metric keys exchanged between server and clients (one place)."""
+
+from __future__ import annotations
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+# Config keys sent by the server.
+SERVER_ROUND = "server-round"
+FINAL_ROUND = "final-round"
+
+# Metric keys sent back by clients (scalars only).
+NUM_EXAMPLES = "num-examples"
+PARTITION_ID = "partition-id"
+LOSS = "train-loss"
+ACC_BEFORE = "acc-before"
+ACC_AFTER = "acc-after"
+EVAL_ACC = "eval-acc"
+EVAL_LOSS = "eval-loss"
+EPSILON = "epsilon"
+DELTA = "delta"
+SIGMA = "sigma"
+SAMPLE_RATE = "sample-rate"
+STEPS = "steps"
+TOTAL_STEPS = "total-steps"
+MAJORITY_ACC = "majority-acc"
+BYTES_UP = "bytes-up"
+TRAIN_SECONDS = "train-seconds"
+UPDATE_NORM = "update-norm"
+
+PRIVACY_KEYS = (EPSILON, DELTA, SIGMA, SAMPLE_RATE, STEPS, TOTAL_STEPS)

@@ -1,0 +1,71 @@
+"""The shared / personal / frozen split of trainable parameters, as a rule over parameter names.
+
+Every personalization mode is a configuration of one rule, not a fork of the code:
+
+==========  ===================  ============================  ================
+mode        shared (sent)        personal (stays on device)    frozen extra
+==========  ===================  ============================  ================
+fedper      LoRA A and B         head                          -
+local       -                    LoRA A and B, head            -
+fedavg      LoRA A and B, head   -                             -
+fedavg-ft   LoRA A and B, head   - (fine-tuned copy at eval)   -
+fedsa       LoRA A               LoRA B, head                  -
+ffa         LoRA B               head                          LoRA A (seeded)
+==========  ===================  ============================  ================
+
+Backbone weights are always frozen and never leave the model builder.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Literal
+
+from common.config import MODES
+from common.errors import ConfigError
+
+Role = Literal["shared", "personal", "frozen"]
+
+_LORA_A = re.compile(r"(^|\.)lora_A\.")
+_LORA_B = re.compile(r"(^|\.)lora_B\.")
+_HEAD = re.compile(r"^head\.")
+
+
+def param_kind(name: str) -> Literal["lora_a", "lora_b", "head", "base"]:
+    """Classify a parameter name of a PersonalModel."""
+    if _LORA_A.search(name):
+        return "lora_a"
+    if _LORA_B.search(name):
+        return "lora_b"
+    if _HEAD.search(name):
+        return "head"
+    return "base"
+
+
+_RULES: dict[str, dict[str, Role]] = {
+    "fedper": {"lora_a": "shared", "lora_b": "shared", "head": "personal"},
+    "local": {"lora_a": "personal", "lora_b": "personal", "head": "personal"},
+    "fedavg": {"lora_a": "shared", "lora_b": "shared", "head": "shared"},
+    "fedavg-ft": {"lora_a": "shared", "lora_b": "shared", "head": "shared"},
+    "fedsa": {"lora_a": "shared", "lora_b": "personal", "head": "personal"},
+    "ffa": {"lora_a": "frozen", "lora_b": "shared", "head": "personal"},
+}
+
+
+def role_of(name: str, mode: str) -> Role:
+    """The role of one parameter under a personalization mode."""
+    if mode not in _RULES:
+        raise ConfigError(f"unknown personalization mode {mode!r}; allowed: {', '.join(MODES)}")
+    kind = param_kind(name)
+    return "frozen" if kind == "base" else _RULES[mode][kind]
+
+
+def split_names(names: Iterable[str], mode: str) -> dict[Role, list[str]]:
+    """Group parameter names by role (each list sorted, so both sides agree on the order)."""
+    out: dict[Role, list[str]] = {"shared": [], "personal": [], "frozen": []}
+    for name in names:
+        out[role_of(name, mode)].append(name)
+    for key in out:
+        out[key].sort()
+    return out

@@ -1,0 +1,1 @@
+"""The fedpers server side: ServerApp, strategy hooks, reply validation, ledger, checkpoints, report."""

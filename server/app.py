@@ -1,0 +1,101 @@
+"""The Flower ServerApp (thin): builds the initial shared tensors, resumes, runs the strategy, reports."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import Config
+from common.data import label_names
+from common.fileio import write_json_atomic
+from common.model import get_backbone
+from common.params import get_arrays, shapes_of, to_record
+from common.runs import run_dir
+from common.split import split_names
+from server import checkpoint
+from server.ledger import Ledger
+from server.recorder import Recorder
+from server.report import write_report
+from server.strategy import FedpersStrategy
+
+logging.getLogger("flwr").propagate = False
+
+
+def run_federation(cfg: Config, grid: Grid, run_id: int) -> Path:
+    """Run (or resume) the federation described by ``cfg``; returns the run folder."""
+    out = run_dir(cfg, run_id)
+    out.mkdir(parents=True, exist_ok=True)
+    flat = cfg.to_run_config()
+    backbone = get_backbone(cfg, len(label_names(cfg.task)))
+    template = backbone.template
+    roles = split_names([n for n, _ in template.named_parameters()], cfg.personalization.mode)
+    arrays = get_arrays(template, roles["shared"])
+    done = 0
+    ckpt = checkpoint.load(out / "checkpoint") if cfg.output.resume else None
+    if ckpt is not None:
+        checkpoint.check_compatible(ckpt, flat)
+        arrays, done = ckpt.arrays, ckpt.server_round
+        log(INFO, "resuming from the checkpoint of round %d in %s", done, out)
+    write_json_atomic(out / "config.json", {"run_config": flat, "run_id": run_id, "resumed_after_round": done,
+                                            "versions": checkpoint.versions()})
+    model_bytes = backbone.total_params * 4
+    ledger = Ledger(out / "ledger.json", meta={"delta_rule": "1/n_train per client" if not cfg.dp.delta else
+                                               cfg.dp.delta, "accountant": cfg.dp.accountant,
+                                               "budget": cfg.dp.epsilon, "dp": cfg.dp.enabled,
+                                               "neighbouring": "add/remove one example (sample-level)",
+                                               "sampling": "Poisson"})
+    recorder = Recorder(out, cfg.fed.num_rounds)
+    remaining = cfg.fed.num_rounds - done
+    if remaining > 0:
+        min_nodes = cfg.fed.min_clients
+        strategy = FedpersStrategy(
+            expected=shapes_of(template, roles["shared"]),
+            personal=set(roles["personal"]) | set(n for n in roles["frozen"] if "lora_" in n or n.startswith("head.")),
+            ledger=ledger,
+            recorder=recorder,
+            checkpoint_dir=str(out / "checkpoint"),
+            run_config=flat,
+            total_rounds=cfg.fed.num_rounds,
+            round_offset=done,
+            max_update_norm=cfg.fed.max_update_norm,
+            fraction_train=cfg.fed.fraction_train,
+            fraction_evaluate=cfg.fed.fraction_evaluate,
+            min_train_nodes=min_nodes,
+            min_evaluate_nodes=min_nodes if cfg.fed.fraction_evaluate > 0 else 0,
+            min_available_nodes=min_nodes,
+        )
+        strategy.start(
+            grid=grid,
+            initial_arrays=to_record(arrays),
+            num_rounds=remaining,
+            timeout=cfg.fed.round_timeout,
+            train_config=ConfigRecord({"num-rounds": cfg.fed.num_rounds}),
+            evaluate_config=ConfigRecord({"num-rounds": cfg.fed.num_rounds}),
+        )
+    write_report(out, cfg, recorder, ledger, shared_bytes=sum(a.nbytes for a in arrays.values()),
+                 model_bytes=model_bytes)
+    log(INFO, "run written to %s", out)
+    return out
+
+
+def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose configuration is ``context.run_config`` on top of ``overrides``."""
+    base = dict(overrides or {})
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = Config.from_run_config({**base, **dict(context.run_config)})
+        run_federation(cfg, grid, context.run_id)
+
+    return server_app
+
+
+app = make_server_app()

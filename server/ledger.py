@@ -1,0 +1,52 @@
+"""The server's privacy ledger: per client, per round, what each client reports it spent.
+
+Entries hold the client's own accountant numbers (ε, δ, σ, q, steps) exactly as reported, so an auditor
+can recompute ε from (σ, q, steps) with an independent accountant. Refusals are recorded with reasons.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from common import protocol as P
+from common.fileio import write_json_atomic
+
+
+class Ledger:
+    """Append-only list of privacy entries, saved atomically as ``ledger.json``."""
+
+    def __init__(self, path: str | Path, meta: Mapping[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.meta = dict(meta or {})
+        self.entries: list[dict[str, Any]] = []
+        if self.path.exists():
+            data = json.loads(self.path.read_text())
+            self.entries = list(data.get("entries", []))
+            self.meta = {**data.get("meta", {}), **self.meta}
+
+    def record(self, server_round: int, node_id: int, status: str, metrics: Mapping[str, Any], reason: str = "") -> None:
+        """Add one client's report for a round (status: accepted, rejected, refused)."""
+        entry: dict[str, Any] = {"round": server_round, "node_id": node_id, "status": status}
+        if P.PARTITION_ID in metrics:
+            entry["client"] = int(metrics[P.PARTITION_ID])
+        for key in P.PRIVACY_KEYS:
+            if key in metrics:
+                entry[key] = metrics[key]
+        if reason:
+            entry["reason"] = reason
+        self.entries.append(entry)
+
+    def latest_by_client(self) -> dict[int, dict[str, Any]]:
+        """The last entry carrying ε for each client."""
+        out: dict[int, dict[str, Any]] = {}
+        for e in self.entries:
+            if "client" in e and P.EPSILON in e:
+                out[int(e["client"])] = e
+        return out
+
+    def save(self) -> None:
+        """Write the ledger atomically."""
+        write_json_atomic(self.path, {"meta": self.meta, "entries": self.entries})

@@ -1,0 +1,111 @@
+"""Per-round and per-client metrics of a run: ``metrics.jsonl`` (a line per round) and the client table."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import protocol as P
+
+# Called with each finished round's summary (the simulate command shows progress with it).
+ROUND_LISTENERS: list[Callable[[dict[str, Any]], None]] = []
+
+
+def distribution(values: list[float], prefix: str) -> dict[str, float]:
+    """mean, median and 10th percentile of ``values`` under ``prefix``."""
+    if not values:
+        return {}
+    arr = np.asarray(values, dtype=np.float64)
+    return {f"{prefix}-mean": float(arr.mean()), f"{prefix}-median": float(np.median(arr)),
+            f"{prefix}-p10": float(np.percentile(arr, 10))}
+
+
+class Recorder:
+    """Collects replies of the current round and keeps the latest state of every client."""
+
+    def __init__(self, run_dir: str | Path, total_rounds: int) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.total_rounds = total_rounds
+        self.clients: dict[int, dict[str, Any]] = {}
+        self.eps_history: dict[int, list[tuple[int, float]]] = {}
+        self.rounds: list[dict[str, Any]] = []
+        if self.path.exists():  # resumed run: keep the earlier rounds
+            self.rounds = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        self._train: list[dict[str, Any]] = []
+        self._eval: list[dict[str, Any]] = []
+        self._rejected: list[str] = []
+        self._refused: list[str] = []
+
+    def _client(self, node: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        cid = int(metrics.get(P.PARTITION_ID, node))
+        row = self.clients.setdefault(cid, {"client": cid, "node_id": node})
+        return row
+
+    def train_reply(self, rnd: int, node: int, metrics: dict[str, Any], norm: float) -> None:
+        """An accepted train reply."""
+        self._train.append({**metrics, P.UPDATE_NORM: norm})
+        row = self._client(node, metrics)
+        for key in (P.NUM_EXAMPLES, P.ACC_BEFORE, P.ACC_AFTER, P.MAJORITY_ACC, P.EPSILON, P.DELTA, P.SIGMA,
+                    P.BYTES_UP, P.TOTAL_STEPS):
+            if key in metrics:
+                row[key] = metrics[key]
+        row["rounds"] = row.get("rounds", 0) + 1
+        if P.EPSILON in metrics:
+            self.eps_history.setdefault(row["client"], []).append((rnd, float(metrics[P.EPSILON])))
+
+    def eval_reply(self, rnd: int, node: int, metrics: dict[str, Any]) -> None:
+        """A personalized evaluation reply."""
+        self._eval.append(metrics)
+        row = self._client(node, metrics)
+        row[P.EVAL_ACC] = metrics.get(P.EVAL_ACC)
+        row["test-examples"] = metrics.get(P.NUM_EXAMPLES)
+        row[P.MAJORITY_ACC] = metrics.get(P.MAJORITY_ACC, row.get(P.MAJORITY_ACC))
+        if P.EPSILON in metrics:
+            row[P.EPSILON] = metrics[P.EPSILON]
+
+    def rejection(self, rnd: int, node: int, reason: str) -> None:
+        """A reply dropped by validation."""
+        self._rejected.append(f"node {node}: {reason}")
+
+    def refusal(self, rnd: int, node: int, reason: str) -> None:
+        """A client that replied with an error (budget exhausted, damaged state, ...)."""
+        self._refused.append(f"node {node}: {reason}")
+
+    def train_summary(self, rnd: int) -> dict[str, float]:
+        """Aggregated train metrics of the round so far."""
+        out: dict[str, float] = {"accepted": float(len(self._train)), "rejected": float(len(self._rejected)),
+                                 "refused": float(len(self._refused))}
+        for key in (P.ACC_BEFORE, P.ACC_AFTER, P.LOSS):
+            vals = [float(m[key]) for m in self._train if key in m]
+            if vals:
+                out[f"{key}-mean"] = float(np.mean(vals))
+        eps = [float(m[P.EPSILON]) for m in self._train if P.EPSILON in m]
+        if eps:
+            out["epsilon-max"] = max(eps)
+        ups = [float(m[P.BYTES_UP]) for m in self._train if P.BYTES_UP in m]
+        if ups:
+            out["bytes-up-per-client"] = float(np.mean(ups))
+        return out
+
+    def end_round(self, rnd: int, seconds: float) -> dict[str, float]:
+        """Write the round's line to metrics.jsonl and reset; returns the evaluation summary."""
+        line: dict[str, Any] = {"round": rnd, "seconds": seconds, **self.train_summary(rnd)}
+        accs = [float(m[P.EVAL_ACC]) for m in self._eval if P.EVAL_ACC in m]
+        summary = distribution(accs, "eval-acc")
+        line.update(summary)
+        if self._rejected:
+            line["rejections"] = self._rejected
+        if self._refused:
+            line["refusals"] = self._refused
+        self.rounds.append(line)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        for listener in list(ROUND_LISTENERS):
+            listener({**line, "total_rounds": self.total_rounds})
+        self._train, self._eval, self._rejected, self._refused = [], [], [], []
+        return summary

@@ -1,0 +1,120 @@
+"""End-of-run outputs: ``clients.csv``, ``report.md`` and PNG plots in the run folder."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import protocol as P
+from common.config import Config
+from common.fileio import write_bytes_atomic, write_json_atomic
+from server.ledger import Ledger
+from server.recorder import Recorder, distribution
+
+COLUMNS = ("client", "num-examples", "test-examples", P.MAJORITY_ACC, P.ACC_BEFORE, P.ACC_AFTER, P.EVAL_ACC,
+           P.EPSILON, P.DELTA, P.SIGMA, P.TOTAL_STEPS, P.BYTES_UP, "rounds")
+
+
+def summarize(recorder: Recorder, shared_bytes: int, model_bytes: int) -> dict[str, Any]:
+    """The run's headline numbers (also used by the --compare table)."""
+    rows = list(recorder.clients.values())
+    acc = [float(r[P.EVAL_ACC]) for r in rows if r.get(P.EVAL_ACC) is not None]
+    maj = [float(r[P.MAJORITY_ACC]) for r in rows if r.get(P.MAJORITY_ACC) is not None]
+    eps = [float(r[P.EPSILON]) for r in rows if r.get(P.EPSILON) is not None]
+    ups = [float(r[P.BYTES_UP]) for r in rows if r.get(P.BYTES_UP) is not None]
+    out: dict[str, Any] = {"clients": len(rows), "rounds": len(recorder.rounds)}
+    out.update(distribution(acc, "acc"))
+    out.update(distribution(maj, "majority"))
+    if eps:
+        out.update({"epsilon-max": max(eps), "epsilon-mean": float(np.mean(eps))})
+    out["bytes-up-per-client-round"] = float(np.mean(ups)) if ups else float(shared_bytes)
+    out["shared-bytes"] = shared_bytes
+    out["model-bytes"] = model_bytes
+    out["shared-fraction"] = shared_bytes / model_bytes if model_bytes else 0.0
+    out["seconds"] = float(sum(r.get("seconds", 0.0) for r in recorder.rounds))
+    return out
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in sorted(rows, key=lambda r: r["client"]):
+            writer.writerow({k: row.get(k, "") for k in COLUMNS})
+
+
+def _plots(out: Path, recorder: Recorder) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    rows = sorted(recorder.clients.values(), key=lambda r: r["client"])
+    if rows:
+        fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.35), 3.5))
+        x = np.arange(len(rows))
+        for offset, key, label in ((-0.27, P.MAJORITY_ACC, "own majority label"),
+                                   (0.0, P.ACC_BEFORE, "before local training (last round)"),
+                                   (0.27, P.EVAL_ACC, "personalized (final)")):
+            ax.bar(x + offset, [float(r.get(key) or 0) for r in rows], width=0.27, label=label)
+        ax.set_xticks(x, [str(r["client"]) for r in rows], fontsize=7)
+        ax.set_xlabel("client")
+        ax.set_ylabel("test accuracy")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / "accuracy_per_client.png", dpi=110)
+        plt.close(fig)
+        files.append("accuracy_per_client.png")
+    if recorder.eps_history:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for cid, pts in sorted(recorder.eps_history.items()):
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", linewidth=1, label=str(cid))
+        ax.set_xlabel("round")
+        ax.set_ylabel("ε spent (client accountant)")
+        fig.tight_layout()
+        fig.savefig(out / "epsilon_per_client.png", dpi=110)
+        plt.close(fig)
+        files.append("epsilon_per_client.png")
+    return files
+
+
+def write_report(
+    out: Path, cfg: Config, recorder: Recorder, ledger: Ledger, *, shared_bytes: int, model_bytes: int
+) -> dict[str, Any]:
+    """Write clients.csv, plots and report.md; return the summary."""
+    _write_csv(out / "clients.csv", list(recorder.clients.values()))
+    plots = _plots(out, recorder)
+    s = summarize(recorder, shared_bytes, model_bytes)
+    lines = [
+        f"# fedpers run: {cfg.personalization.mode} on {cfg.task.dataset}",
+        "",
+        f"- clients: {s['clients']}, rounds: {s['rounds']}, model: {cfg.model.name} "
+        f"(LoRA r={cfg.lora.r} on {cfg.lora.target_modules}, top layers from {cfg.model.frozen_layers})",
+        f"- DP: {'on' if cfg.dp.enabled else 'off'}"
+        + (f", budget ε={cfg.dp.epsilon} per client, δ={'1/n_train' if not cfg.dp.delta else cfg.dp.delta}, "
+           f"{cfg.dp.accountant.upper()} accountant, clip {cfg.dp.max_grad_norm}" if cfg.dp.enabled else ""),
+        f"- shared payload per client per round: {s['bytes-up-per-client-round']:.0f} bytes up "
+        f"({100 * s['shared-fraction']:.3f} % of the model's {model_bytes / 1e6:.1f} MB)",
+        "",
+        "| per-client test accuracy | mean | median | p10 |",
+        "|---|---|---|---|",
+    ]
+    for label, key in (("personalized (final)", "acc"), ("own majority label", "majority")):
+        if f"{key}-mean" in s:
+            lines.append(f"| {label} | {s[f'{key}-mean']:.3f} | {s[f'{key}-median']:.3f} | {s[f'{key}-p10']:.3f} |")
+    if "epsilon-max" in s:
+        lines += ["", f"ε spent per client: max {s['epsilon-max']:.3f}, mean {s['epsilon-mean']:.3f} "
+                      f"(budget {cfg.dp.epsilon})"]
+    refused = [e for e in ledger.entries if e["status"] != "accepted"]
+    if refused:
+        lines += ["", f"{len(refused)} replies refused or rejected (see ledger.json)."]
+    lines += ["", "Files: config.json, metrics.jsonl, clients.csv, ledger.json, " + ", ".join(plots), ""]
+    write_bytes_atomic(out / "report.md", "\n".join(lines).encode())
+    write_json_atomic(out / "summary.json", {"mode": cfg.personalization.mode, "dp": cfg.dp.enabled, **s})
+    return s

@@ -1,0 +1,141 @@
+"""FedpersStrategy: Flower's Message-API FedAvg with fedpers hooks (never a copy of ``start()``).
+
+Hooks add: reply validation (a personal key is logged as a privacy violation), weighted aggregation of
+the shared tensors only, the privacy ledger, a checkpoint per round, per-round metrics, and a round
+offset so a resumed run continues its numbering.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common import protocol as P
+from common.params import from_record, to_record
+from server import checkpoint
+from server.ledger import Ledger
+from server.recorder import Recorder
+from server.validation import PrivacyViolation, validate_reply, weighted_average
+
+
+class FedpersStrategy(FedAvg):
+    """FedAvg over the shared tensors, with validation, ledger, checkpoints and metrics."""
+
+    def __init__(
+        self,
+        *,
+        expected: dict[str, tuple[int, ...]],
+        personal: set[str],
+        ledger: Ledger,
+        recorder: Recorder,
+        checkpoint_dir: str,
+        run_config: dict[str, Any],
+        total_rounds: int,
+        round_offset: int = 0,
+        max_update_norm: float = 0.0,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        super().__init__(arrayrecord_key=P.ARRAYS, configrecord_key=P.CONFIG, **fedavg_kwargs)
+        self.expected = expected
+        self.personal = personal
+        self.ledger = ledger
+        self.recorder = recorder
+        self.checkpoint_dir = checkpoint_dir
+        self.run_config = run_config
+        self.total_rounds = total_rounds
+        self.offset = round_offset
+        self.max_update_norm = max_update_norm
+        self.current: dict[str, np.ndarray] = {}
+        self._round_start = time.perf_counter()
+
+    # -- train ------------------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember the current global tensors and number the round past any resumed ones."""
+        self._round_start = time.perf_counter()
+        self.current = from_record(arrays)
+        return super().configure_train(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate every reply, drop bad ones with a logged reason, average the rest."""
+        rnd = server_round + self.offset
+        accepted: list[tuple[dict[str, np.ndarray], float]] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                reason = msg.error.reason
+                log(WARNING, "round %d: node %d refused or failed: %s", rnd, node, reason)
+                self.ledger.record(rnd, node, "refused", {}, reason)
+                self.recorder.refusal(rnd, node, reason)
+                continue
+            metrics = dict(next(iter(msg.content.metric_records.values()), MetricRecord()))
+            record = msg.content.array_records.get(P.ARRAYS)
+            try:
+                if record is None or len(msg.content.array_records) != 1:
+                    raise ValueError(f"reply must carry exactly one ArrayRecord named '{P.ARRAYS}'")
+                arrays = from_record(record)
+                norm = validate_reply(
+                    arrays, metrics, expected=self.expected, personal=self.personal,
+                    current=self.current, max_update_norm=self.max_update_norm,
+                )
+            except PrivacyViolation as exc:
+                log(WARNING, "round %d: PRIVACY VIOLATION by node %d, reply dropped: %s", rnd, node, exc)
+                self.ledger.record(rnd, node, "rejected", metrics, f"privacy violation: {exc}")
+                self.recorder.rejection(rnd, node, f"privacy violation: {exc}")
+                continue
+            except Exception as exc:  # noqa: BLE001 - any malformed reply is dropped, never aggregated
+                log(WARNING, "round %d: reply of node %d rejected: %s", rnd, node, exc)
+                self.ledger.record(rnd, node, "rejected", metrics, str(exc))
+                self.recorder.rejection(rnd, node, str(exc))
+                continue
+            accepted.append((arrays, float(metrics[P.NUM_EXAMPLES])))
+            self.ledger.record(rnd, node, "accepted", metrics)
+            self.recorder.train_reply(rnd, node, metrics, norm)
+        log(INFO, "round %d: aggregating %d valid replies", rnd, len(accepted))
+        new = weighted_average(accepted, sorted(self.expected)) if accepted else None
+        arrays_out = to_record(new) if new is not None else None
+        self.ledger.save()
+        checkpoint.save(
+            self.checkpoint_dir,
+            checkpoint.Checkpoint(rnd, new if new is not None else self.current, self.run_config),
+        )
+        if new is not None:
+            self.current = new
+        metrics_out = self.recorder.train_summary(rnd)
+        if self.fraction_evaluate == 0.0:
+            self.recorder.end_round(rnd, time.perf_counter() - self._round_start)
+        return arrays_out, MetricRecord(metrics_out) if metrics_out else None
+
+    # -- evaluate ---------------------------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flag the final round (fedavg-ft fine-tunes before its last evaluation)."""
+        config[P.FINAL_ROUND] = server_round + self.offset >= self.total_rounds
+        return super().configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Record each client's personalized test accuracy; return the weighted mean."""
+        rnd = server_round + self.offset
+        for msg in replies:
+            if msg.has_error():
+                self.recorder.refusal(rnd, msg.metadata.src_node_id, msg.error.reason)
+                continue
+            metrics = dict(next(iter(msg.content.metric_records.values()), MetricRecord()))
+            self.recorder.eval_reply(rnd, msg.metadata.src_node_id, metrics)
+            if P.STEPS in metrics and P.EPSILON in metrics:  # fedavg-ft spent budget while fine-tuning
+                self.ledger.record(rnd, msg.metadata.src_node_id, "finetune", metrics)
+        self.ledger.save()
+        summary = self.recorder.end_round(rnd, time.perf_counter() - self._round_start)
+        return MetricRecord(summary) if summary else None

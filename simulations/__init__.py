@@ -1,0 +1,1 @@
+"""Local federated simulations, comparisons and benchmarks."""

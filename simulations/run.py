@@ -1,0 +1,96 @@
+"""Local federated simulations on Flower's simulation engine (the same ServerApp/ClientApp as ``flwr run``).
+
+A simulation config is a TOML file with a ``[simulation]`` table (engine settings) and a ``[run-config]``
+table (dotted keys of ``[tool.flwr.app.config]``; anything not given takes the pyproject default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.config import Config, ConfigError, load_overrides_toml, validate_keys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+SIM_KEYS = {"num-clients", "client-cpus", "compare"}
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    """Engine settings of a simulation (not part of the app's run config)."""
+
+    num_clients: int = 4
+    client_cpus: float = 1.0
+    compare: tuple[str, ...] = ()
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def load_settings(path: str | Path | None, sets: dict[str, Any] | None = None) -> SimSettings:
+    """Read a simulation TOML (or none) plus ``--set`` overrides into SimSettings."""
+    sim: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
+    if path is not None:
+        with Path(path).open("rb") as fh:
+            sim = tomllib.load(fh).get("simulation", {})
+        overrides = load_overrides_toml(path)
+        unknown = set(sim) - SIM_KEYS
+        if unknown:
+            raise ConfigError(f"unknown [simulation] keys {sorted(unknown)} in {path}; allowed: {sorted(SIM_KEYS)}")
+    overrides.update(validate_keys(sets or {}))
+    Config.from_run_config(overrides)  # validate early, before any engine starts
+    num = int(sim.get("num-clients", 4))
+    if num < 1:
+        raise ConfigError("[simulation] num-clients must be ≥ 1")
+    compare = tuple(sim.get("compare", ()))
+    return SimSettings(num, float(sim.get("client-cpus", 1.0)), compare, overrides)
+
+
+def new_run_id(prefix: str) -> str:
+    """A sortable, unique run folder name."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
+
+
+def simulate(settings: SimSettings, run_dir: Path, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run one federation in-process on Flower's simulation engine; returns the run summary."""
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+    from common.assets import ensure
+    from server import recorder
+    from server.app import make_server_app
+
+    cfg = Config.from_run_config(settings.overrides)
+    for name in ("tweets", "news") if cfg.task.dataset != "file" else ():
+        ensure(name)
+    if cfg.model.name == "minilm":
+        ensure("minilm")
+    overrides = {**settings.overrides, "output.run-dir": str(run_dir)}
+    if cfg.fed.min_clients > settings.num_clients:
+        overrides["fed.min-clients"] = settings.num_clients
+    if cfg.train.threads == 0:
+        overrides["train.threads"] = max(1, int(settings.client_cpus))
+    if on_round:
+        recorder.ROUND_LISTENERS.append(on_round)
+    try:
+        run_simulation(
+            server_app=make_server_app(overrides),
+            client_app=make_client_app(overrides),
+            num_supernodes=settings.num_clients,
+            backend_config={"client_resources": {"num_cpus": settings.client_cpus, "num_gpus": 0.0},
+                            "init_args": {"num_cpus": max(os.cpu_count() or 1, int(settings.client_cpus))}},
+        )
+    finally:
+        if on_round:
+            recorder.ROUND_LISTENERS.remove(on_round)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
+    return json.loads(summary_path.read_text())
