@@ -3,6 +3,7 @@
 Every client gets its own train and test split drawn from the same (its own) distribution. Everything is
 seeded by ``task.seed`` and the partition id, so the same configuration gives the same split in every
 process. Loaded corpora and partitionings are cached per process (many clients load in one process).
+Exact duplicate texts are dropped from the bundled corpora (tweets, news) so train and test never share one.
 A single-class shard is allowed: it trains, and its majority baseline is then 1.0.
 """
 
@@ -79,15 +80,18 @@ def load_client_data(
     """Load client ``partition_id`` of ``num_partitions`` (``data_path`` overrides ``task.data_path``)."""
     if num_partitions < 1 or not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition_id {partition_id} must be in [0, num_partitions={num_partitions})")
+    if task.seed < 0:
+        raise ConfigError(f"task.seed must be a non-negative integer, got {task.seed}")
     names = label_names(task)
     if task.dataset == "news":
         return _news_client(task, partition_id)
     if task.dataset == "tweets":
         source: tuple[Any, ...] = ("tweets", str(ensure("tweets")))
     else:
-        path = Path(data_path or task.data_path).expanduser()
-        if not str(data_path or task.data_path).strip():
+        raw_path = (data_path or task.data_path).strip()
+        if not raw_path:
             raise ConfigError("task.data-path must name a CSV or JSONL file when task.dataset = 'file'")
+        path = Path(raw_path).expanduser()
         if not path.is_file():
             raise DataError(f"data file {path} does not exist (task.data-path)")
         st = path.stat()
