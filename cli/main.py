@@ -34,13 +34,17 @@ def assets_list() -> None:
     table = Table("asset", "package", "cached", "size", "path")
     for row in status():
         size = f"{row['size_bytes'] / 1e6:.1f} MB" if row["cached"] else "-"
-        table.add_row(row["name"], row["requirement"], "yes" if row["cached"] else "no", size, str(row["path"]))
+        table.add_row(
+            row["name"], row["requirement"], "yes" if row["cached"] else "no", size, str(row["path"])
+        )
     Console().print(table)
 
 
 @assets_app.command("fetch")
-def assets_fetch(names: list[str] = typer.Argument(None, help="assets to fetch (default: minilm tweets news)"),
-                 force: bool = typer.Option(False, help="download again even if cached")) -> None:
+def assets_fetch(
+    names: list[str] = typer.Argument(None, help="assets to fetch (default: minilm tweets news)"),
+    force: bool = typer.Option(False, help="download again even if cached"),
+) -> None:
     """Download, verify (sha256) and unpack assets into the cache."""
     from common.assets import fetch
 
@@ -56,7 +60,9 @@ def assets_fetch(names: list[str] = typer.Argument(None, help="assets to fetch (
 def simulate(
     config: Path = typer.Option(None, "--config", "-c", help="simulation TOML (simulations/configs/*.toml)"),
     set_: list[str] = typer.Option(None, "--set", help="override a run-config key: --set dp.epsilon=3"),
-    compare: str = typer.Option("", help="comma-separated modes to run side by side, e.g. fedper,local,fedavg"),
+    compare: str = typer.Option(
+        "", help="comma-separated modes to run side by side, e.g. fedper,local,fedavg"
+    ),
     run_dir: Path = typer.Option(None, help="output folder (default runs/<config>-<time>)"),
     clients: int = typer.Option(0, help="number of simulated clients (default: from the config)"),
 ) -> None:
@@ -66,7 +72,8 @@ def simulate(
     from common.config import parse_set_options
     from simulations.compare import compare as run_compare
     from simulations.compare import table
-    from simulations.run import load_settings, new_run_id, simulate as run_sim
+    from simulations.run import load_settings, new_run_id
+    from simulations.run import simulate as run_sim
 
     try:
         settings = load_settings(config, parse_set_options(set_ or []))
@@ -77,10 +84,18 @@ def simulate(
     modes = tuple(m.strip() for m in compare.split(",") if m.strip()) or settings.compare
     out = run_dir or Path("runs") / new_run_id(config.stem if config else "sim")
     out.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]fedpers simulate[/] → {out}  ({settings.num_clients} clients"
-                  f"{', modes ' + ', '.join(modes) if modes else ''})")
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[info]}"), console=console) as progress:
+    console.print(
+        f"[bold]fedpers simulate[/] → {out}  ({settings.num_clients} clients"
+        f"{', modes ' + ', '.join(modes) if modes else ''})"
+    )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+    ) as progress:
         tasks: dict[str, Any] = {}
 
         def on_round(mode: str, line: dict[str, Any]) -> None:

@@ -25,7 +25,9 @@ def node_info(cfg: Config, context: Context) -> NodeInfo:
     """Partition, state folder and data path of this node (node_config wins over defaults)."""
     nc = context.node_config
     pid = int(nc.get("partition-id", 0))
-    state_dir = Path(str(nc["state-dir"])) if nc.get("state-dir") else client_state_dir(cfg, context.run_id, pid)
+    state_dir = (
+        Path(str(nc["state-dir"])) if nc.get("state-dir") else client_state_dir(cfg, context.run_id, pid)
+    )
     return NodeInfo(
         partition_id=pid,
         num_partitions=int(nc.get("num-partitions", 1)),
@@ -48,13 +50,14 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         cfg = _cfg(context)
         shared = from_record(msg.content.array_records.get(P.ARRAYS, ArrayRecord()))
-        server_round = int(msg.content.config_records[P.CONFIG].get(P.SERVER_ROUND, 0))
+        server_round = int(msg.content.config_records[P.CONFIG].get(P.SERVER_ROUND, 0))  # type: ignore[arg-type]
         try:
             arrays, metrics = run_train(cfg, node_info(cfg, context), shared, server_round)
         except FedpersError as exc:
             logging.getLogger("flwr").warning("client refused to train: %s", exc)
             return Message(Error(code=ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-        content = RecordDict({P.ARRAYS: to_record(arrays), P.METRICS: MetricRecord(metrics)})
+        record = MetricRecord(metrics)  # type: ignore[arg-type]
+        content = RecordDict({P.ARRAYS: to_record(arrays), P.METRICS: record})
         return Message(content=content, reply_to=msg)
 
     @client_app.evaluate()
@@ -63,10 +66,13 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         shared = from_record(msg.content.array_records.get(P.ARRAYS, ArrayRecord()))
         config = msg.content.config_records.get(P.CONFIG, ConfigRecord())
         try:
-            metrics = run_evaluate(cfg, node_info(cfg, context), shared, bool(config.get(P.FINAL_ROUND, False)))
+            metrics = run_evaluate(
+                cfg, node_info(cfg, context), shared, bool(config.get(P.FINAL_ROUND, False))
+            )
         except FedpersError as exc:
             return Message(Error(code=ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-        return Message(content=RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
+        record = MetricRecord(metrics)  # type: ignore[arg-type]
+        return Message(content=RecordDict({P.METRICS: record}), reply_to=msg)
 
     return client_app
 

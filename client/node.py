@@ -25,7 +25,7 @@ from common.features import Features, encode
 from common.model import Backbone, PersonalModel, get_backbone
 from common.params import get_arrays, nbytes, set_arrays
 from common.privacy import calibrate_sigma, compose, epsilon
-from common.split import split_names
+from common.split import Role, split_names
 
 log = logging.getLogger("flwr")
 Arrays = dict[str, np.ndarray]
@@ -49,7 +49,7 @@ class _Session:
     data: ClientData
     backbone: Backbone
     model: PersonalModel
-    roles: dict[str, list[str]]
+    roles: dict[Role, list[str]]
     train: Features
     test: Features
     store: StateStore
@@ -67,7 +67,9 @@ def _open(cfg: Config, node: NodeInfo, shared: Arrays) -> _Session:
     model = backbone.new_model()
     roles = split_names([n for n, _ in model.named_parameters()], cfg.personalization.mode)
     store = StateStore(node.state_dir, node.key_file)
-    state = store.load() or PersonalState(meta={"mode": cfg.personalization.mode, "model": backbone.fingerprint})
+    state = store.load() or PersonalState(
+        meta={"mode": cfg.personalization.mode, "model": backbone.fingerprint}
+    )
     if state.meta.get("model") not in (None, backbone.fingerprint):
         raise StateError(
             f"personal state in {node.state_dir} was made for another model/adapter configuration "
@@ -99,7 +101,11 @@ def _plan(cfg: Config, s: _Session, node: NodeInfo, steps: int) -> DPPlan:
         if cfg.personalization.mode == "fedavg-ft":
             planned += cfg.personalization.finetune_epochs * spe
         sigma = calibrate_sigma(
-            budget=cfg.dp.epsilon, delta=delta, sample_rate=q, steps=planned, history=s.state.history,
+            budget=cfg.dp.epsilon,
+            delta=delta,
+            sample_rate=q,
+            steps=planned,
+            history=s.state.history,
             accountant=cfg.dp.accountant,
         )
     s.state.run_plan = {"run_id": node.run_id, "sigma": sigma, "sample_rate": q, "delta": delta}
@@ -108,7 +114,9 @@ def _plan(cfg: Config, s: _Session, node: NodeInfo, steps: int) -> DPPlan:
 
 def _check_budget(cfg: Config, s: _Session, plan: DPPlan, steps: int) -> None:
     spent = epsilon(s.state.history, plan.delta, cfg.dp.accountant)
-    after = epsilon(compose(s.state.history, plan.sigma, plan.sample_rate, steps), plan.delta, cfg.dp.accountant)
+    after = epsilon(
+        compose(s.state.history, plan.sigma, plan.sample_rate, steps), plan.delta, cfg.dp.accountant
+    )
     if after > cfg.dp.epsilon * (1 + 1e-9):
         raise PrivacyBudgetExhausted(
             f"privacy budget exhausted: ε={spent:.3f} now, {after:.3f} after {steps} more steps ≥ budget "
@@ -116,7 +124,9 @@ def _check_budget(cfg: Config, s: _Session, plan: DPPlan, steps: int) -> None:
         )
 
 
-def _local_train(cfg: Config, s: _Session, node: NodeInfo, epochs: int, seed: int) -> tuple[float, int, DPPlan | None]:
+def _local_train(
+    cfg: Config, s: _Session, node: NodeInfo, epochs: int, seed: int
+) -> tuple[float, int, DPPlan | None]:
     steps = epochs * steps_per_epoch(len(s.train), cfg.train.batch_size)
     plan = None
     if cfg.dp.enabled:

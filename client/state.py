@@ -134,7 +134,7 @@ class StateStore:
             }
         ).encode()
         buf = io.BytesIO()
-        np.savez(buf, **{f"t{i}": np.ascontiguousarray(state.tensors[n]) for i, n in enumerate(names)})
+        np.savez(buf, **{f"t{i}": np.ascontiguousarray(state.tensors[n]) for i, n in enumerate(names)})  # type: ignore[arg-type]
         plain = struct.pack(">Q", len(header)) + header + buf.getvalue()
         nonce = secrets.token_bytes(12)
         blob = MAGIC + nonce + self._aead.encrypt(nonce, plain, MAGIC)

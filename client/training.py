@@ -71,7 +71,11 @@ def evaluate(model: nn.Module, feats: Features, batch: int = 128) -> tuple[float
 def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     lora = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
     head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.")]
-    groups = [g for g in ({"params": lora, "lr": cfg.train.lr_lora}, {"params": head, "lr": cfg.train.lr_head}) if g["params"]]
+    groups = [
+        g
+        for g in ({"params": lora, "lr": cfg.train.lr_lora}, {"params": head, "lr": cfg.train.lr_head})
+        if g["params"]
+    ]
     if not groups:
         raise DataError("nothing to train: the personalization mode left no trainable parameter")
     if cfg.train.optimizer == "adam":
@@ -80,7 +84,13 @@ def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 
 def train(
-    model: nn.Module, feats: Features, cfg: Config, *, epochs: int, plan: DPPlan | None, history: History,
+    model: nn.Module,
+    feats: Features,
+    cfg: Config,
+    *,
+    epochs: int,
+    plan: DPPlan | None,
+    history: History,
     seed: int,
 ) -> TrainOutcome:
     """Train ``model`` in place for ``epochs`` over ``feats``; DP-SGD when ``plan`` is given.
@@ -118,7 +128,12 @@ def _train_plain(
 
 
 def _train_dp(
-    model: nn.Module, feats: Features, opt: torch.optim.Optimizer, cfg: Config, epochs: int, plan: DPPlan,
+    model: nn.Module,
+    feats: Features,
+    opt: torch.optim.Optimizer,
+    cfg: Config,
+    epochs: int,
+    plan: DPPlan,
     history: History,
 ) -> tuple[float, int, History]:
     from opacus import PrivacyEngine

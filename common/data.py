@@ -121,8 +121,16 @@ def majority_baseline_accuracy(data: ClientData) -> float:
     return float(np.mean(data.test_labels == majority))
 
 
-def _split(texts: tuple[str, ...], labels: np.ndarray, shard: np.ndarray, task: TaskConfig,
-           partition_id: int, names: tuple[str, ...], user: str, where: str) -> ClientData:
+def _split(
+    texts: tuple[str, ...],
+    labels: np.ndarray,
+    shard: np.ndarray,
+    task: TaskConfig,
+    partition_id: int,
+    names: tuple[str, ...],
+    user: str,
+    where: str,
+) -> ClientData:
     """Seeded draw of up to train_size + test_size examples from the shard, split train/test."""
     if len(shard) == 0:
         raise DataError(f"client {partition_id} has no examples in {where}")
@@ -139,9 +147,10 @@ def _split(texts: tuple[str, ...], labels: np.ndarray, shard: np.ndarray, task: 
             f"client {partition_id} ({user}) has only {len(shard)} examples in {where}: fewer than 2 "
             "training examples after holding out its test split (needs at least 3)"
         )
-    tr, te = picked[:n_train], picked[n_train:n_train + n_test]
-    return ClientData(tuple(texts[i] for i in tr), labels[tr], tuple(texts[i] for i in te), labels[te],
-                      names, user)
+    tr, te = picked[:n_train], picked[n_train : n_train + n_test]
+    return ClientData(
+        tuple(texts[i] for i in tr), labels[tr], tuple(texts[i] for i in te), labels[te], names, user
+    )
 
 
 @lru_cache(maxsize=8)
@@ -168,14 +177,21 @@ def _dirichlet(
     preferred = min(10, max(3, n // (2 * num_partitions)))
     error: ValueError | None = None
     for min_size in dict.fromkeys((preferred, 3)):  # fall back to the bare minimum (2 train + 1 test)
-        partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
-                                           alpha=alpha, seed=seed, min_partition_size=min_size)
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            seed=seed,
+            min_partition_size=min_size,
+        )
         partitioner.dataset = ds
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return tuple(partitioner.load_partition(p)["idx"].to_numpy().astype(np.int64)
-                             for p in range(num_partitions))
+                return tuple(
+                    partitioner.load_partition(p)["idx"].to_numpy().astype(np.int64)
+                    for p in range(num_partitions)
+                )
         except ValueError as exc:
             error = exc
     raise DataError(

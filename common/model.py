@@ -52,7 +52,9 @@ class FrozenPrefix(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Hidden states after the frozen layers, shape (batch, tokens, hidden)."""
         hidden = self.embeddings(input_ids=input_ids)
-        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask
+        )
         for layer in self.layers:
             out = layer(hidden, attention_mask=mask)
             hidden = out[0] if isinstance(out, tuple) else out
@@ -68,7 +70,9 @@ class _TopLayers(nn.Module):
         self.layers = nn.ModuleList(list(bert.encoder.layer[first:]))
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask
+        )
         for layer in self.layers:
             out = layer(hidden, attention_mask=mask)
             hidden = out[0] if isinstance(out, tuple) else out
@@ -112,7 +116,7 @@ def _load_bert(cfg: Config) -> BertModel:
     if cfg.model.name == "tiny":
         tok = load_tokenizer("tiny")
         torch.manual_seed(cfg.model.seed + 12345)
-        config = BertConfig(vocab_size=tok.vocab_size, max_position_embeddings=512, **TINY)
+        config = BertConfig(vocab_size=tok.vocab_size, max_position_embeddings=512, **TINY)  # type: ignore[arg-type]
         bert = BertModel(config, add_pooling_layer=False)
     else:
         from common.assets import asset_path
@@ -152,7 +156,7 @@ def build_backbone(cfg: Config, num_classes: int) -> Backbone:
     torch.manual_seed(cfg.model.seed)
     peft_cfg = PeftLoraConfig(
         r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
+        lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # PEFT accepts floats
         lora_dropout=cfg.lora.dropout,
         target_modules=list(cfg.lora.targets),
         bias="none",

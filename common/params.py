@@ -33,7 +33,7 @@ def get_arrays(model: nn.Module, names: Iterable[str]) -> dict[str, np.ndarray]:
 def check_arrays(
     arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], what: str = "shared tensors"
 ) -> None:
-    """Raise ParameterError unless ``arrays`` has exactly the expected keys, shapes, float dtype, finite values."""
+    """Raise ParameterError unless ``arrays`` has exactly the expected keys and shapes, float, finite."""
     got, want = set(arrays), set(expected)
     if got != want:
         extra, missing = sorted(got - want), sorted(want - got)

@@ -56,7 +56,13 @@ def epsilon(history: History, delta: float, accountant: str) -> float:
 
 
 def calibrate_sigma(
-    *, budget: float, delta: float, sample_rate: float, steps: int, history: History, accountant: str,
+    *,
+    budget: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    history: History,
+    accountant: str,
     tolerance: float = 0.005,
 ) -> float:
     """Smallest σ (within ``tolerance`` relative) so that history + ``steps`` at σ stays within budget."""

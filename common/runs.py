@@ -14,5 +14,9 @@ def run_dir(cfg: Config, run_id: int) -> Path:
 
 def client_state_dir(cfg: Config, run_id: int, partition_id: int) -> Path:
     """A simulated client's state folder: under ``client.state-root`` or the run folder."""
-    root = Path(cfg.client.state_root).expanduser() if cfg.client.state_root else run_dir(cfg, run_id) / "clients"
+    root = (
+        Path(cfg.client.state_root).expanduser()
+        if cfg.client.state_root
+        else run_dir(cfg, run_id) / "clients"
+    )
     return root / f"client-{partition_id:04d}"

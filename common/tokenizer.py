@@ -54,8 +54,12 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
             if not path.is_file():
                 _train_tiny(path)
         return PreTrainedTokenizerFast(
-            tokenizer_file=str(path), pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-            sep_token="[SEP]", mask_token="[MASK]",
+            tokenizer_file=str(path),
+            pad_token="[PAD]",
+            unk_token="[UNK]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
         )
     from transformers import AutoTokenizer
 

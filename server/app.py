@@ -43,21 +43,35 @@ def run_federation(cfg: Config, grid: Grid, run_id: int) -> Path:
         checkpoint.check_compatible(ckpt, flat)
         arrays, done = ckpt.arrays, ckpt.server_round
         log(INFO, "resuming from the checkpoint of round %d in %s", done, out)
-    write_json_atomic(out / "config.json", {"run_config": flat, "run_id": run_id, "resumed_after_round": done,
-                                            "versions": checkpoint.versions()})
+    write_json_atomic(
+        out / "config.json",
+        {
+            "run_config": flat,
+            "run_id": run_id,
+            "resumed_after_round": done,
+            "versions": checkpoint.versions(),
+        },
+    )
     model_bytes = backbone.total_params * 4
-    ledger = Ledger(out / "ledger.json", meta={"delta_rule": "1/n_train per client" if not cfg.dp.delta else
-                                               cfg.dp.delta, "accountant": cfg.dp.accountant,
-                                               "budget": cfg.dp.epsilon, "dp": cfg.dp.enabled,
-                                               "neighbouring": "add/remove one example (sample-level)",
-                                               "sampling": "Poisson"})
+    ledger = Ledger(
+        out / "ledger.json",
+        meta={
+            "delta_rule": "1/n_train per client" if not cfg.dp.delta else cfg.dp.delta,
+            "accountant": cfg.dp.accountant,
+            "budget": cfg.dp.epsilon,
+            "dp": cfg.dp.enabled,
+            "neighbouring": "add/remove one example (sample-level)",
+            "sampling": "Poisson",
+        },
+    )
     recorder = Recorder(out, cfg.fed.num_rounds)
     remaining = cfg.fed.num_rounds - done
     if remaining > 0:
         min_nodes = cfg.fed.min_clients
         strategy = FedpersStrategy(
             expected=shapes_of(template, roles["shared"]),
-            personal=set(roles["personal"]) | set(n for n in roles["frozen"] if "lora_" in n or n.startswith("head.")),
+            personal=set(roles["personal"])
+            | set(n for n in roles["frozen"] if "lora_" in n or n.startswith("head.")),
             ledger=ledger,
             recorder=recorder,
             checkpoint_dir=str(out / "checkpoint"),
@@ -79,8 +93,14 @@ def run_federation(cfg: Config, grid: Grid, run_id: int) -> Path:
             train_config=ConfigRecord({"num-rounds": cfg.fed.num_rounds}),
             evaluate_config=ConfigRecord({"num-rounds": cfg.fed.num_rounds}),
         )
-    write_report(out, cfg, recorder, ledger, shared_bytes=sum(a.nbytes for a in arrays.values()),
-                 model_bytes=model_bytes)
+    write_report(
+        out,
+        cfg,
+        recorder,
+        ledger,
+        shared_bytes=sum(a.nbytes for a in arrays.values()),
+        model_bytes=model_bytes,
+    )
     log(INFO, "run written to %s", out)
     return out
 

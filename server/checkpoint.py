@@ -44,12 +44,16 @@ def save(folder: str | Path, ckpt: Checkpoint) -> None:
     """Write ``arrays.npz`` then ``checkpoint.json`` (the JSON names the round; written last)."""
     folder = Path(folder)
     buf = io.BytesIO()
-    np.savez(buf, **{f"a{i}": ckpt.arrays[k] for i, k in enumerate(sorted(ckpt.arrays))})
+    np.savez(buf, **{f"a{i}": ckpt.arrays[k] for i, k in enumerate(sorted(ckpt.arrays))})  # type: ignore[arg-type]
     write_bytes_atomic(folder / f"arrays-{ckpt.server_round:04d}.npz", buf.getvalue())
     write_json_atomic(
         folder / "checkpoint.json",
-        {"round": ckpt.server_round, "names": sorted(ckpt.arrays), "run_config": ckpt.run_config,
-         "versions": versions()},
+        {
+            "round": ckpt.server_round,
+            "names": sorted(ckpt.arrays),
+            "run_config": ckpt.run_config,
+            "versions": versions(),
+        },
     )
     for old in folder.glob("arrays-*.npz"):
         if old.name != f"arrays-{ckpt.server_round:04d}.npz":
@@ -70,7 +74,8 @@ def load(folder: str | Path) -> Checkpoint | None:
 def check_compatible(ckpt: Checkpoint, run_config: dict[str, Any]) -> None:
     """Refuse to resume a checkpoint made with a different configuration."""
     diff = sorted(
-        k for k in set(ckpt.run_config) | set(run_config)
+        k
+        for k in set(ckpt.run_config) | set(run_config)
         if k not in RESUMABLE_KEYS and ckpt.run_config.get(k) != run_config.get(k)
     )
     if diff:

@@ -27,7 +27,9 @@ class Ledger:
             self.entries = list(data.get("entries", []))
             self.meta = {**data.get("meta", {}), **self.meta}
 
-    def record(self, server_round: int, node_id: int, status: str, metrics: Mapping[str, Any], reason: str = "") -> None:
+    def record(
+        self, server_round: int, node_id: int, status: str, metrics: Mapping[str, Any], reason: str = ""
+    ) -> None:
         """Add one client's report for a round (status: accepted, rejected, refused)."""
         entry: dict[str, Any] = {"round": server_round, "node_id": node_id, "status": status}
         if P.PARTITION_ID in metrics:

@@ -20,8 +20,11 @@ def distribution(values: list[float], prefix: str) -> dict[str, float]:
     if not values:
         return {}
     arr = np.asarray(values, dtype=np.float64)
-    return {f"{prefix}-mean": float(arr.mean()), f"{prefix}-median": float(np.median(arr)),
-            f"{prefix}-p10": float(np.percentile(arr, 10))}
+    return {
+        f"{prefix}-mean": float(arr.mean()),
+        f"{prefix}-median": float(np.median(arr)),
+        f"{prefix}-p10": float(np.percentile(arr, 10)),
+    }
 
 
 class Recorder:
@@ -49,8 +52,17 @@ class Recorder:
         """An accepted train reply."""
         self._train.append({**metrics, P.UPDATE_NORM: norm})
         row = self._client(node, metrics)
-        for key in (P.NUM_EXAMPLES, P.ACC_BEFORE, P.ACC_AFTER, P.MAJORITY_ACC, P.EPSILON, P.DELTA, P.SIGMA,
-                    P.BYTES_UP, P.TOTAL_STEPS):
+        for key in (
+            P.NUM_EXAMPLES,
+            P.ACC_BEFORE,
+            P.ACC_AFTER,
+            P.MAJORITY_ACC,
+            P.EPSILON,
+            P.DELTA,
+            P.SIGMA,
+            P.BYTES_UP,
+            P.TOTAL_STEPS,
+        ):
             if key in metrics:
                 row[key] = metrics[key]
         row["rounds"] = row.get("rounds", 0) + 1
@@ -77,8 +89,11 @@ class Recorder:
 
     def train_summary(self, rnd: int) -> dict[str, float]:
         """Aggregated train metrics of the round so far."""
-        out: dict[str, float] = {"accepted": float(len(self._train)), "rejected": float(len(self._rejected)),
-                                 "refused": float(len(self._refused))}
+        out: dict[str, float] = {
+            "accepted": float(len(self._train)),
+            "rejected": float(len(self._rejected)),
+            "refused": float(len(self._refused)),
+        }
         for key in (P.ACC_BEFORE, P.ACC_AFTER, P.LOSS):
             vals = [float(m[key]) for m in self._train if key in m]
             if vals:

@@ -14,8 +14,21 @@ from common.fileio import write_bytes_atomic, write_json_atomic
 from server.ledger import Ledger
 from server.recorder import Recorder, distribution
 
-COLUMNS = ("client", "num-examples", "test-examples", P.MAJORITY_ACC, P.ACC_BEFORE, P.ACC_AFTER, P.EVAL_ACC,
-           P.EPSILON, P.DELTA, P.SIGMA, P.TOTAL_STEPS, P.BYTES_UP, "rounds")
+COLUMNS = (
+    "client",
+    "num-examples",
+    "test-examples",
+    P.MAJORITY_ACC,
+    P.ACC_BEFORE,
+    P.ACC_AFTER,
+    P.EVAL_ACC,
+    P.EPSILON,
+    P.DELTA,
+    P.SIGMA,
+    P.TOTAL_STEPS,
+    P.BYTES_UP,
+    "rounds",
+)
 
 
 def summarize(recorder: Recorder, shared_bytes: int, model_bytes: int) -> dict[str, Any]:
@@ -58,9 +71,11 @@ def _plots(out: Path, recorder: Recorder) -> list[str]:
     if rows:
         fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.35), 3.5))
         x = np.arange(len(rows))
-        for offset, key, label in ((-0.27, P.MAJORITY_ACC, "own majority label"),
-                                   (0.0, P.ACC_BEFORE, "before local training (last round)"),
-                                   (0.27, P.EVAL_ACC, "personalized (final)")):
+        for offset, key, label in (
+            (-0.27, P.MAJORITY_ACC, "own majority label"),
+            (0.0, P.ACC_BEFORE, "before local training (last round)"),
+            (0.27, P.EVAL_ACC, "personalized (final)"),
+        ):
             ax.bar(x + offset, [float(r.get(key) or 0) for r in rows], width=0.27, label=label)
         ax.set_xticks(x, [str(r["client"]) for r in rows], fontsize=7)
         ax.set_xlabel("client")
@@ -97,8 +112,12 @@ def write_report(
         f"- clients: {s['clients']}, rounds: {s['rounds']}, model: {cfg.model.name} "
         f"(LoRA r={cfg.lora.r} on {cfg.lora.target_modules}, top layers from {cfg.model.frozen_layers})",
         f"- DP: {'on' if cfg.dp.enabled else 'off'}"
-        + (f", budget ε={cfg.dp.epsilon} per client, δ={'1/n_train' if not cfg.dp.delta else cfg.dp.delta}, "
-           f"{cfg.dp.accountant.upper()} accountant, clip {cfg.dp.max_grad_norm}" if cfg.dp.enabled else ""),
+        + (
+            f", budget ε={cfg.dp.epsilon} per client, δ={'1/n_train' if not cfg.dp.delta else cfg.dp.delta}, "
+            f"{cfg.dp.accountant.upper()} accountant, clip {cfg.dp.max_grad_norm}"
+            if cfg.dp.enabled
+            else ""
+        ),
         f"- shared payload per client per round: {s['bytes-up-per-client-round']:.0f} bytes up "
         f"({100 * s['shared-fraction']:.3f} % of the model's {model_bytes / 1e6:.1f} MB)",
         "",
@@ -107,10 +126,15 @@ def write_report(
     ]
     for label, key in (("personalized (final)", "acc"), ("own majority label", "majority")):
         if f"{key}-mean" in s:
-            lines.append(f"| {label} | {s[f'{key}-mean']:.3f} | {s[f'{key}-median']:.3f} | {s[f'{key}-p10']:.3f} |")
+            lines.append(
+                f"| {label} | {s[f'{key}-mean']:.3f} | {s[f'{key}-median']:.3f} | {s[f'{key}-p10']:.3f} |"
+            )
     if "epsilon-max" in s:
-        lines += ["", f"ε spent per client: max {s['epsilon-max']:.3f}, mean {s['epsilon-mean']:.3f} "
-                      f"(budget {cfg.dp.epsilon})"]
+        lines += [
+            "",
+            f"ε spent per client: max {s['epsilon-max']:.3f}, mean {s['epsilon-mean']:.3f} "
+            f"(budget {cfg.dp.epsilon})",
+        ]
     refused = [e for e in ledger.entries if e["status"] != "accepted"]
     if refused:
         lines += ["", f"{len(refused)} replies refused or rejected (see ledger.json)."]

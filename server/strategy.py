@@ -74,7 +74,7 @@ class FedpersStrategy(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                reason = msg.error.reason
+                reason = str(msg.error.reason)
                 log(WARNING, "round %d: node %d refused or failed: %s", rnd, node, reason)
                 self.ledger.record(rnd, node, "refused", {}, reason)
                 self.recorder.refusal(rnd, node, reason)
@@ -86,8 +86,12 @@ class FedpersStrategy(FedAvg):
                     raise ValueError(f"reply must carry exactly one ArrayRecord named '{P.ARRAYS}'")
                 arrays = from_record(record)
                 norm = validate_reply(
-                    arrays, metrics, expected=self.expected, personal=self.personal,
-                    current=self.current, max_update_norm=self.max_update_norm,
+                    arrays,
+                    metrics,
+                    expected=self.expected,
+                    personal=self.personal,
+                    current=self.current,
+                    max_update_norm=self.max_update_norm,
                 )
             except PrivacyViolation as exc:
                 log(WARNING, "round %d: PRIVACY VIOLATION by node %d, reply dropped: %s", rnd, node, exc)
@@ -99,7 +103,7 @@ class FedpersStrategy(FedAvg):
                 self.ledger.record(rnd, node, "rejected", metrics, str(exc))
                 self.recorder.rejection(rnd, node, str(exc))
                 continue
-            accepted.append((arrays, float(metrics[P.NUM_EXAMPLES])))
+            accepted.append((arrays, float(metrics[P.NUM_EXAMPLES])))  # type: ignore[arg-type]
             self.ledger.record(rnd, node, "accepted", metrics)
             self.recorder.train_reply(rnd, node, metrics, norm)
         log(INFO, "round %d: aggregating %d valid replies", rnd, len(accepted))
@@ -115,7 +119,7 @@ class FedpersStrategy(FedAvg):
         metrics_out = self.recorder.train_summary(rnd)
         if self.fraction_evaluate == 0.0:
             self.recorder.end_round(rnd, time.perf_counter() - self._round_start)
-        return arrays_out, MetricRecord(metrics_out) if metrics_out else None
+        return arrays_out, MetricRecord(dict(metrics_out)) if metrics_out else None  # type: ignore[arg-type]
 
     # -- evaluate ---------------------------------------------------------------------------------
     def configure_evaluate(
@@ -130,7 +134,7 @@ class FedpersStrategy(FedAvg):
         rnd = server_round + self.offset
         for msg in replies:
             if msg.has_error():
-                self.recorder.refusal(rnd, msg.metadata.src_node_id, msg.error.reason)
+                self.recorder.refusal(rnd, msg.metadata.src_node_id, str(msg.error.reason))
                 continue
             metrics = dict(next(iter(msg.content.metric_records.values()), MetricRecord()))
             self.recorder.eval_reply(rnd, msg.metadata.src_node_id, metrics)
@@ -138,4 +142,4 @@ class FedpersStrategy(FedAvg):
                 self.ledger.record(rnd, msg.metadata.src_node_id, "finetune", metrics)
         self.ledger.save()
         summary = self.recorder.end_round(rnd, time.perf_counter() - self._round_start)
-        return MetricRecord(summary) if summary else None
+        return MetricRecord(dict(summary)) if summary else None  # type: ignore[arg-type]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +18,7 @@ class PrivacyViolation(ParameterError):
 
 def validate_reply(
     arrays: Mapping[str, np.ndarray],
-    metrics: Mapping[str, float | int],
+    metrics: Mapping[str, Any],
     *,
     expected: Mapping[str, tuple[int, ...]],
     personal: set[str],
@@ -36,14 +37,16 @@ def validate_reply(
     n = metrics.get(P.NUM_EXAMPLES)
     if not isinstance(n, (int, float)) or not np.isfinite(n) or n <= 0:
         raise ParameterError(f"reply has no positive '{P.NUM_EXAMPLES}' metric (got {n!r})")
-    norm = float(np.sqrt(sum(float(np.sum((arrays[k].astype(np.float64) - current[k]) ** 2)) for k in arrays)))
+    norm = float(
+        np.sqrt(sum(float(np.sum((arrays[k].astype(np.float64) - current[k]) ** 2)) for k in arrays))
+    )
     if max_update_norm > 0 and norm > max_update_norm:
         raise ParameterError(f"update norm {norm:.3g} exceeds fed.max-update-norm {max_update_norm:.3g}")
     return norm
 
 
 def weighted_average(
-    replies: list[tuple[Mapping[str, np.ndarray], float]], names: list[str]
+    replies: Sequence[tuple[Mapping[str, np.ndarray], float]], names: list[str]
 ) -> dict[str, np.ndarray]:
     """Σ wᵢ·xᵢ / Σ wᵢ per tensor, in float64, returned as float32."""
     total = sum(w for _, w in replies)

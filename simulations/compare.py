@@ -12,7 +12,9 @@ from simulations.run import SimSettings, simulate
 
 
 def compare(
-    settings: SimSettings, modes: tuple[str, ...], run_dir: Path,
+    settings: SimSettings,
+    modes: tuple[str, ...],
+    run_dir: Path,
     on_round: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Simulate each mode into ``run_dir/<mode>`` and write ``compare.md`` / ``compare.json``."""
@@ -24,9 +26,15 @@ def compare(
         rows.append({"mode": mode, **summary})
     if rows and "majority-mean" in rows[0]:
         base = rows[0]
-        rows.append({"mode": "own-majority (trivial)", "acc-mean": base["majority-mean"],
-                     "acc-median": base["majority-median"], "acc-p10": base["majority-p10"],
-                     "bytes-up-per-client-round": 0.0})
+        rows.append(
+            {
+                "mode": "own-majority (trivial)",
+                "acc-mean": base["majority-mean"],
+                "acc-median": base["majority-median"],
+                "acc-p10": base["majority-p10"],
+                "bytes-up-per-client-round": 0.0,
+            }
+        )
     write_json_atomic(run_dir / "compare.json", rows)
     write_bytes_atomic(run_dir / "compare.md", table(rows).encode())
     return rows
@@ -34,12 +42,17 @@ def compare(
 
 def table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of compare rows."""
-    out = ["| mode | acc mean | acc median | acc p10 | ε max | bytes up / client / round | seconds |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        "| mode | acc mean | acc median | acc p10 | ε max | bytes up / client / round | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    nan = float("nan")
     for r in rows:
         eps = f"{r['epsilon-max']:.2f}" if "epsilon-max" in r else "–"
         secs = f"{r['seconds']:.0f}" if "seconds" in r else "–"
-        out.append(f"| {r['mode']} | {r.get('acc-mean', float('nan')):.3f} | {r.get('acc-median', float('nan')):.3f} "
-                   f"| {r.get('acc-p10', float('nan')):.3f} | {eps} | {r.get('bytes-up-per-client-round', 0):.0f} "
-                   f"| {secs} |")
+        out.append(
+            f"| {r['mode']} | {r.get('acc-mean', nan):.3f} | {r.get('acc-median', nan):.3f} "
+            f"| {r.get('acc-p10', nan):.3f} | {eps} | {r.get('bytes-up-per-client-round', 0):.0f} "
+            f"| {secs} |"
+        )
     return "\n".join(out) + "\n"

@@ -43,7 +43,9 @@ def load_settings(path: str | Path | None, sets: dict[str, Any] | None = None) -
         overrides = load_overrides_toml(path)
         unknown = set(sim) - SIM_KEYS
         if unknown:
-            raise ConfigError(f"unknown [simulation] keys {sorted(unknown)} in {path}; allowed: {sorted(SIM_KEYS)}")
+            raise ConfigError(
+                f"unknown [simulation] keys {sorted(unknown)} in {path}; allowed: {sorted(SIM_KEYS)}"
+            )
     overrides.update(validate_keys(sets or {}))
     Config.from_run_config(overrides)  # validate early, before any engine starts
     num = int(sim.get("num-clients", 4))
@@ -58,7 +60,9 @@ def new_run_id(prefix: str) -> str:
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
 
 
-def simulate(settings: SimSettings, run_dir: Path, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def simulate(
+    settings: SimSettings, run_dir: Path, on_round: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
     """Run one federation in-process on Flower's simulation engine; returns the run summary."""
     from flwr.simulation import run_simulation
 
@@ -84,8 +88,10 @@ def simulate(settings: SimSettings, run_dir: Path, on_round: Callable[[dict[str,
             server_app=make_server_app(overrides),
             client_app=make_client_app(overrides),
             num_supernodes=settings.num_clients,
-            backend_config={"client_resources": {"num_cpus": settings.client_cpus, "num_gpus": 0.0},
-                            "init_args": {"num_cpus": max(os.cpu_count() or 1, int(settings.client_cpus))}},
+            backend_config={
+                "client_resources": {"num_cpus": settings.client_cpus, "num_gpus": 0.0},
+                "init_args": {"num_cpus": max(os.cpu_count() or 1, int(settings.client_cpus))},
+            },
         )
     finally:
         if on_round:

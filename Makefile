@@ -1,0 +1,36 @@
+# Two commands for a new user:  `make demo` (set up + run the demo)  and  `make test` (set up + run the tests).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test lint assets clean
+
+setup: $(VENV)/.installed
+
+# torch first (the pinned CPU build on the reference machine); the project accepts a range, so a GPU user
+# can install their own CUDA build first (make TORCH="torch==2.x.y+cu12z" setup, or pip install it).
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+assets: setup
+	$(BIN)/fedpers assets fetch
+
+demo: assets
+	FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 $(BIN)/fedpers simulate --config simulations/configs/demo.toml
+
+test: setup
+	$(BIN)/fedpers assets fetch tweets news
+	$(PY) -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy common client server simulations cli
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
