@@ -64,7 +64,7 @@ def encode(
     feats = Features(
         hidden=torch.cat(parts).contiguous(),
         mask=enc["attention_mask"].long(),
-        labels=torch.as_tensor(np.asarray(labels, dtype=np.int64)),
+        labels=torch.tensor(np.array(labels, dtype=np.int64)),
     )
     with _LOCK:
         _CACHE[key] = feats

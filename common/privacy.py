@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 
 from opacus.accountants import create_accountant
 
@@ -65,7 +66,45 @@ def calibrate_sigma(
     accountant: str,
     tolerance: float = 0.005,
 ) -> float:
-    """Smallest σ (within ``tolerance`` relative) so that history + ``steps`` at σ stays within budget."""
+    """Smallest σ (within ``tolerance`` relative) so that history + ``steps`` at σ stays within budget.
+
+    Results are memoised per process: clients with the same data size share one calibration.
+    """
+    return _calibrate(budget, delta, sample_rate, steps, tuple(history), accountant, tolerance)
+
+
+@lru_cache(maxsize=256)
+def _calibrate(
+    budget: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    history_t: tuple[Entry, ...],
+    accountant: str,
+    tolerance: float,
+) -> float:
+    history = list(history_t)
+    return _search(
+        budget=budget,
+        delta=delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        history=history,
+        accountant=accountant,
+        tolerance=tolerance,
+    )
+
+
+def _search(
+    *,
+    budget: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    history: History,
+    accountant: str,
+    tolerance: float = 0.005,
+) -> float:
     spent = epsilon(history, delta, accountant)
     if spent >= budget:
         raise PrivacyBudgetExhausted(
