@@ -85,8 +85,12 @@ def _open(cfg: Config, node: NodeInfo, shared: Arrays) -> _Session:
     return _Session(data, backbone, model, roles, train_f, test_f, store, state)
 
 
-def _plan(cfg: Config, s: _Session, node: NodeInfo, steps: int) -> DPPlan:
-    """σ for this run: calibrated once per run against the client's whole history, then reused."""
+def _plan(cfg: Config, s: _Session, node: NodeInfo, rounds_left: int) -> DPPlan:
+    """σ for this run: calibrated once per run against the client's whole history, then reused.
+
+    The plan covers the rounds left in this run (all of them for a client that joins at round 1, fewer
+    for a resumed run or a late joiner), assuming the client is sampled in every one of them.
+    """
     n = len(s.train)
     q = sample_rate(n, cfg.train.batch_size)
     delta = cfg.dp.delta or 1.0 / n
@@ -97,7 +101,7 @@ def _plan(cfg: Config, s: _Session, node: NodeInfo, steps: int) -> DPPlan:
         sigma = cfg.dp.noise_multiplier
     else:
         spe = steps_per_epoch(n, cfg.train.batch_size)
-        planned = cfg.fed.num_rounds * cfg.train.local_epochs * spe
+        planned = rounds_left * cfg.train.local_epochs * spe
         if cfg.personalization.mode == "fedavg-ft":
             planned += cfg.personalization.finetune_epochs * spe
         sigma = calibrate_sigma(
@@ -125,12 +129,12 @@ def _check_budget(cfg: Config, s: _Session, plan: DPPlan, steps: int) -> None:
 
 
 def _local_train(
-    cfg: Config, s: _Session, node: NodeInfo, epochs: int, seed: int
+    cfg: Config, s: _Session, node: NodeInfo, epochs: int, seed: int, rounds_left: int
 ) -> tuple[float, int, DPPlan | None]:
     steps = epochs * steps_per_epoch(len(s.train), cfg.train.batch_size)
     plan = None
     if cfg.dp.enabled:
-        plan = _plan(cfg, s, node, steps)
+        plan = _plan(cfg, s, node, rounds_left)
         _check_budget(cfg, s, plan, steps)
     out = train(s.model, s.train, cfg, epochs=epochs, plan=plan, history=s.state.history, seed=seed)
     s.state.history = out.history
@@ -160,7 +164,8 @@ def run_train(cfg: Config, node: NodeInfo, shared: Arrays, server_round: int) ->
     s = _open(cfg, node, shared)
     acc_before, _ = evaluate(s.model, s.test)
     seed = _seed(cfg.task.seed, node.partition_id, server_round, s.state.rounds_trained)
-    loss, steps, plan = _local_train(cfg, s, node, cfg.train.local_epochs, seed)
+    rounds_left = max(1, cfg.fed.num_rounds - server_round + 1) if server_round > 0 else cfg.fed.num_rounds
+    loss, steps, plan = _local_train(cfg, s, node, cfg.train.local_epochs, seed, rounds_left)
     acc_after, _ = evaluate(s.model, s.test)
     s.state.rounds_trained += 1
     s.state.examples_seen += len(s.train)
@@ -191,7 +196,7 @@ def run_evaluate(cfg: Config, node: NodeInfo, shared: Arrays, final_round: bool)
     steps = 0
     if cfg.personalization.mode == "fedavg-ft" and final_round and cfg.personalization.finetune_epochs > 0:
         seed = _seed(cfg.task.seed, node.partition_id, -1, s.state.rounds_trained)
-        _, steps, plan = _local_train(cfg, s, node, cfg.personalization.finetune_epochs, seed)
+        _, steps, plan = _local_train(cfg, s, node, cfg.personalization.finetune_epochs, seed, 0)
         s.store.save(s.state)  # the fine-tuned copy is not kept, the privacy spend is
     acc, loss = evaluate(s.model, s.test)
     metrics: Metrics = {

@@ -64,7 +64,7 @@ def run_federation(cfg: Config, grid: Grid, run_id: int) -> Path:
             "sampling": "Poisson",
         },
     )
-    recorder = Recorder(out, cfg.fed.num_rounds)
+    recorder = Recorder(out, cfg.fed.num_rounds, resume=ckpt is not None)
     remaining = cfg.fed.num_rounds - done
     if remaining > 0:
         min_nodes = cfg.fed.min_clients

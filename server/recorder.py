@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from common import protocol as P
+from common.fileio import write_json_atomic
 
 # Called with each finished round's summary (the simulate command shows progress with it).
 ROUND_LISTENERS: list[Callable[[dict[str, Any]], None]] = []
@@ -30,14 +31,22 @@ def distribution(values: list[float], prefix: str) -> dict[str, float]:
 class Recorder:
     """Collects replies of the current round and keeps the latest state of every client."""
 
-    def __init__(self, run_dir: str | Path, total_rounds: int) -> None:
+    def __init__(self, run_dir: str | Path, total_rounds: int, resume: bool = True) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.state_path = Path(run_dir) / "recorder-state.json"
         self.total_rounds = total_rounds
         self.clients: dict[int, dict[str, Any]] = {}
         self.eps_history: dict[int, list[tuple[int, float]]] = {}
         self.rounds: list[dict[str, Any]] = []
-        if self.path.exists():  # resumed run: keep the earlier rounds
+        if resume and self.path.exists():  # resumed run: keep the earlier rounds and client rows
             self.rounds = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            if self.state_path.exists():
+                saved = json.loads(self.state_path.read_text())
+                self.clients = {int(k): v for k, v in saved["clients"].items()}
+                self.eps_history = {int(k): [tuple(p) for p in v] for k, v in saved["eps_history"].items()}
+        else:  # a fresh start in this folder
+            self.path.unlink(missing_ok=True)
+            self.state_path.unlink(missing_ok=True)
         self._train: list[dict[str, Any]] = []
         self._eval: list[dict[str, Any]] = []
         self._rejected: list[str] = []
@@ -120,6 +129,7 @@ class Recorder:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
+        write_json_atomic(self.state_path, {"clients": self.clients, "eps_history": self.eps_history})
         for listener in list(ROUND_LISTENERS):
             listener({**line, "total_rounds": self.total_rounds})
         self._train, self._eval, self._rejected, self._refused = [], [], [], []

@@ -82,6 +82,10 @@ class FedpersStrategy(FedAvg):
             metrics = dict(next(iter(msg.content.metric_records.values()), MetricRecord()))
             record = msg.content.array_records.get(P.ARRAYS)
             try:
+                for other in msg.content.array_records.values():
+                    leaked = sorted(set(other.keys()) & self.personal)
+                    if leaked:
+                        raise PrivacyViolation(f"reply carries personal tensors {leaked[:3]}")
                 if record is None or len(msg.content.array_records) != 1:
                     raise ValueError(f"reply must carry exactly one ArrayRecord named '{P.ARRAYS}'")
                 arrays = from_record(record)
@@ -117,8 +121,6 @@ class FedpersStrategy(FedAvg):
         if new is not None:
             self.current = new
         metrics_out = self.recorder.train_summary(rnd)
-        if self.fraction_evaluate == 0.0:
-            self.recorder.end_round(rnd, time.perf_counter() - self._round_start)
         return arrays_out, MetricRecord(dict(metrics_out)) if metrics_out else None  # type: ignore[arg-type]
 
     # -- evaluate ---------------------------------------------------------------------------------

@@ -31,8 +31,12 @@ TINY: dict[str, Any] = {
 # The simulations: 3 label-skewed clients; a fixed σ so that a resumed 3rd round still fits the budget
 # (σ calibrated to the budget would leave nothing for a resumed round). ε after 2 / 3 rounds ≈ 4.5 / 5.8.
 SIM_CLIENTS = 3
-SIM_OVERRIDES: dict[str, Any] = {**TINY, "task.dirichlet-alpha": 0.3, "dp.noise-multiplier": 0.7,
-                                 "dp.epsilon": 6.0}
+SIM_OVERRIDES: dict[str, Any] = {
+    **TINY,
+    "task.dirichlet-alpha": 0.3,
+    "dp.noise-multiplier": 0.7,
+    "dp.epsilon": 6.0,
+}
 
 
 @pytest.fixture
@@ -58,10 +62,17 @@ class LocalGrid(Grid):
     def run(self) -> Any:  # pragma: no cover - not used by the strategy
         raise NotImplementedError
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:  # pragma: no cover - not used
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id,
-                       ttl=ttl)
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:  # pragma: no cover - not used
+        return Message(
+            content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl
+        )
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
@@ -78,8 +89,13 @@ class LocalGrid(Grid):
         out = []
         for msg in messages:
             node = msg.metadata.dst_node_id
-            ctx = Context(run_id=self.run_id, node_id=node, state=RecordDict(), run_config={},
-                          node_config={"partition-id": self.nodes[node], "num-partitions": len(self.nodes)})
+            ctx = Context(
+                run_id=self.run_id,
+                node_id=node,
+                state=RecordDict(),
+                run_config={},
+                node_config={"partition-id": self.nodes[node], "num-partitions": len(self.nodes)},
+            )
             out.append(self.app(msg, ctx))
         self.replies += out
         return out

@@ -35,9 +35,12 @@ def _flat(**dotted: object) -> dict[str, object]:
 
 def _arrays(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"body.layer.lora_B.default.weight": rng.normal(size=(64, 8)).astype(np.float32),
-            "body.layer.lora_A.default.weight": rng.normal(size=(8, 64)).astype(np.float32),
-            "a.scalar": np.array(3.5, np.float32), "head.bias": rng.normal(size=3).astype(np.float32)}
+    return {
+        "body.layer.lora_B.default.weight": rng.normal(size=(64, 8)).astype(np.float32),
+        "body.layer.lora_A.default.weight": rng.normal(size=(8, 64)).astype(np.float32),
+        "a.scalar": np.array(3.5, np.float32),
+        "head.bias": rng.normal(size=3).astype(np.float32),
+    }
 
 
 # --- save / load ----------------------------------------------------------------------------------
@@ -72,8 +75,9 @@ def test_only_the_latest_arrays_are_kept(tmp_path: Path) -> None:
     np.testing.assert_array_equal(loaded.arrays["head.bias"], _arrays(2)["head.bias"])
 
 
-def test_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_save_leaves_the_previous_checkpoint_loadable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     checkpoint.save(tmp_path, checkpoint.Checkpoint(1, _arrays(1), _flat()))
 
     def disk_full(*_args: object, **_kwargs: object) -> None:
@@ -89,8 +93,15 @@ def test_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path: Path
 
 
 # --- compatibility --------------------------------------------------------------------------------
-@pytest.mark.parametrize("change", [{"fed.num-rounds": 9}, {"output.resume": False},
-                                    {"fed.round-timeout": 60.0}, {"fed.fraction-evaluate": 0.5}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"fed.num-rounds": 9},
+        {"output.resume": False},
+        {"fed.round-timeout": 60.0},
+        {"fed.fraction-evaluate": 0.5},
+    ],
+)
 def test_check_compatible_allows_resumable_changes(tmp_path: Path, change: dict[str, object]) -> None:
     checkpoint.save(tmp_path, checkpoint.Checkpoint(1, _arrays(), _flat()))
     loaded = checkpoint.load(tmp_path)
@@ -98,10 +109,15 @@ def test_check_compatible_allows_resumable_changes(tmp_path: Path, change: dict[
     checkpoint.check_compatible(loaded, _flat(**change))
 
 
-@pytest.mark.parametrize(("change", "key"), [({"personalization.mode": "fedsa"}, "personalization.mode"),
-                                              ({"model.name": "minilm"}, "model.name"),
-                                              ({"dp.epsilon": 3.0}, "dp.epsilon"),
-                                              ({"lora.r": 4}, "lora.r")])
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"personalization.mode": "fedsa"}, "personalization.mode"),
+        ({"model.name": "minilm"}, "model.name"),
+        ({"dp.epsilon": 3.0}, "dp.epsilon"),
+        ({"lora.r": 4}, "lora.r"),
+    ],
+)
 def test_check_compatible_refuses_another_configuration(
     tmp_path: Path, change: dict[str, object], key: str
 ) -> None:
@@ -129,8 +145,10 @@ def test_ledger_and_recorder_keep_earlier_rounds(tmp_path: Path) -> None:
 
 def test_resume_refuses_a_checkpoint_of_another_mode(tmp_path: Path, task_identity: None) -> None:
     first = {**TINY, "output.run-dir": str(tmp_path)}
-    checkpoint.save(tmp_path / "checkpoint", checkpoint.Checkpoint(1, _arrays(), Config.from_run_config(first)
-                                                                   .to_run_config()))
+    checkpoint.save(
+        tmp_path / "checkpoint",
+        checkpoint.Checkpoint(1, _arrays(), Config.from_run_config(first).to_run_config()),
+    )
     other = {**first, "personalization.mode": "fedsa"}
     grid = LocalGrid(make_client_app(other), 2)
     with pytest.raises(ConfigError, match="personalization.mode"):
@@ -152,12 +170,14 @@ def test_resume_of_a_finished_run_sends_nothing(tmp_path: Path, task_identity: N
     assert loaded is not None and loaded.server_round == 2
 
 
-@pytest.mark.xfail(strict=True, reason="bug: output.resume=false does not start over: server/recorder.py "
-                   "Recorder.__init__ always reloads metrics.jsonl, so the old run's rounds stay in the "
-                   "new run")
 def test_resume_false_starts_over(tmp_path: Path, task_identity: None) -> None:
-    overrides = {**TINY, "fed.num-rounds": 1, "dp.noise-multiplier": 1.0, "train.threads": 1,
-                 "output.run-dir": str(tmp_path)}
+    overrides = {
+        **TINY,
+        "fed.num-rounds": 1,
+        "dp.noise-multiplier": 1.0,
+        "train.threads": 1,
+        "output.run-dir": str(tmp_path),
+    }
     run_federation(Config.from_run_config(overrides), LocalGrid(make_client_app(overrides), 2), 7)
     again = {**overrides, "output.resume": False}
     run_federation(Config.from_run_config(again), LocalGrid(make_client_app(again), 2, run_id=8), 8)
@@ -220,13 +240,14 @@ def test_resumed_clients_keep_composing_their_epsilon(sim_fresh: SimRun, sim_res
         own = epsilon(state.history, last[P.DELTA], "prv")
         assert own == pytest.approx(last[P.EPSILON], rel=1e-6)
         # one accountant over all 3 rounds, not a fresh one per run
-        whole = epsilon([(SIM_OVERRIDES["dp.noise-multiplier"], last[P.SAMPLE_RATE], last[P.TOTAL_STEPS])],
-                        last[P.DELTA], "prv")
+        whole = epsilon(
+            [(SIM_OVERRIDES["dp.noise-multiplier"], last[P.SAMPLE_RATE], last[P.TOTAL_STEPS])],
+            last[P.DELTA],
+            "prv",
+        )
         assert own == pytest.approx(whole, rel=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: after a resume clients.csv counts only the resumed run's rounds "
-                   "(server/recorder.py reloads metrics.jsonl but not the per-client table)")
 def test_resumed_clients_csv_counts_every_round(sim_resumed: SimRun) -> None:
     assert sim_resumed.snapshot is not None
     with (sim_resumed.snapshot / "clients.csv").open() as fh:

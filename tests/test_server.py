@@ -85,8 +85,11 @@ def make_strategy(model: Model, folder: Path, **kwargs: Any) -> FedpersStrategy:
 
 
 def instruction(node: int) -> Message:
-    return Message(RecordDict({P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1})}), dst_node_id=node,
-                   message_type=MessageType.TRAIN)
+    return Message(
+        RecordDict({P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1})}),
+        dst_node_id=node,
+        message_type=MessageType.TRAIN,
+    )
 
 
 def reply(
@@ -104,20 +107,33 @@ def reply(
 
 
 def client_metrics(pid: int, n: int) -> dict[str, Any]:
-    return {P.NUM_EXAMPLES: n, P.PARTITION_ID: pid, P.EPSILON: 1.5 + pid, P.DELTA: 1.0 / n,
-            P.SIGMA: 0.9 + pid / 10, P.SAMPLE_RATE: 0.25, P.STEPS: 4, P.TOTAL_STEPS: 4 * (pid + 1),
-            P.ACC_BEFORE: 0.4, P.ACC_AFTER: 0.5}
+    return {
+        P.NUM_EXAMPLES: n,
+        P.PARTITION_ID: pid,
+        P.EPSILON: 1.5 + pid,
+        P.DELTA: 1.0 / n,
+        P.SIGMA: 0.9 + pid / 10,
+        P.SAMPLE_RATE: 0.25,
+        P.STEPS: 4,
+        P.TOTAL_STEPS: 4 * (pid + 1),
+        P.ACC_BEFORE: 0.4,
+        P.ACC_AFTER: 0.5,
+    }
 
 
 def good_updates(model: Model, seed: int = 0) -> list[Arrays]:
     rng = np.random.default_rng(seed)
-    return [{k: (v + rng.normal(0, 0.01, v.shape)).astype(np.float32) for k, v in model.initial.items()}
-            for _ in WEIGHTS]
+    return [
+        {k: (v + rng.normal(0, 0.01, v.shape)).astype(np.float32) for k, v in model.initial.items()}
+        for _ in WEIGHTS
+    ]
 
 
 def good_replies(model: Model) -> list[Message]:
-    return [reply(100 + i, arrays, client_metrics(i, w))
-            for i, (arrays, w) in enumerate(zip(good_updates(model), WEIGHTS, strict=True))]
+    return [
+        reply(100 + i, arrays, client_metrics(i, w))
+        for i, (arrays, w) in enumerate(zip(good_updates(model), WEIGHTS, strict=True))
+    ]
 
 
 def by_hand(updates: list[Arrays], weights: tuple[int, ...]) -> Arrays:
@@ -148,15 +164,20 @@ def test_weighted_average_of_one_is_identity_and_weights_are_relative() -> None:
     a = {"x": rng.normal(size=(3, 4)).astype(np.float32)}
     b = {"x": rng.normal(size=(3, 4)).astype(np.float32)}
     np.testing.assert_array_equal(weighted_average([(a, 7.0)], ["x"])["x"], a["x"])
-    np.testing.assert_allclose(weighted_average([(a, 1.0), (b, 1.0)], ["x"])["x"],
-                               weighted_average([(a, 50.0), (b, 50.0)], ["x"])["x"], rtol=1e-6)
-    np.testing.assert_allclose(weighted_average([(a, 1.0), (b, 1.0)], ["x"])["x"], (a["x"] + b["x"]) / 2,
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        weighted_average([(a, 1.0), (b, 1.0)], ["x"])["x"],
+        weighted_average([(a, 50.0), (b, 50.0)], ["x"])["x"],
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        weighted_average([(a, 1.0), (b, 1.0)], ["x"])["x"], (a["x"] + b["x"]) / 2, rtol=1e-6, atol=1e-7
+    )
 
 
 # --- aggregation of good replies ------------------------------------------------------------------
-def test_good_replies_are_averaged_by_hand(model: Model, tmp_path: Path, task_identity: None,
-                                           flwr_log: pytest.LogCaptureFixture) -> None:
+def test_good_replies_are_averaged_by_hand(
+    model: Model, tmp_path: Path, task_identity: None, flwr_log: pytest.LogCaptureFixture
+) -> None:
     strategy = make_strategy(model, tmp_path)
     arrays, metrics = strategy.aggregate_train(1, good_replies(model))
     assert arrays is not None and metrics is not None
@@ -334,8 +355,6 @@ def test_bad_reply_is_dropped_with_reason_and_leaves_the_aggregate_unchanged(
     assert line["rejections"] == [f"node 666: {entry['reason']}"]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a personal tensor in a second ArrayRecord is dropped but logged "
-                   "as a malformed reply, not as a privacy violation (server/strategy.py aggregate_train)")
 def test_personal_tensor_in_any_record_is_reported_as_privacy_violation(
     model: Model, tmp_path: Path, task_identity: None
 ) -> None:
@@ -419,14 +438,17 @@ def test_update_norm_bound_is_inclusive_and_zero_disables_it(model: Model) -> No
 
 
 # --- the whole server loop in-process (real ClientApp, no Ray) ------------------------------------
-@pytest.mark.xfail(strict=True, reason="bug: with fed.fraction-evaluate = 0 every round is written twice to "
-                   "metrics.jsonl (server/strategy.py: aggregate_train ends the round, and Flower still "
-                   "calls aggregate_evaluate(round, []), which ends it again)")
 def test_fraction_evaluate_zero_writes_one_metrics_line_per_round(
     tmp_path: Path, task_identity: None
 ) -> None:
-    overrides = {**TINY, "fed.num-rounds": 1, "fed.fraction-evaluate": 0.0, "dp.noise-multiplier": 1.0,
-                 "train.threads": 1, "output.run-dir": str(tmp_path)}
+    overrides = {
+        **TINY,
+        "fed.num-rounds": 1,
+        "fed.fraction-evaluate": 0.0,
+        "dp.noise-multiplier": 1.0,
+        "train.threads": 1,
+        "output.run-dir": str(tmp_path),
+    }
     grid = LocalGrid(make_client_app(overrides), 2)
     run_federation(Config.from_run_config(overrides), grid, 7)
     assert len(grid.replies) == 2 and all(r.has_content() for r in grid.replies)  # it trained, no evaluation

@@ -87,9 +87,18 @@ def test_server_sends_only_the_shared_tensors(sim_fresh: SimRun, roles: dict[str
 def test_run_folder_has_every_output(sim_fresh: SimRun) -> None:
     out = sim_fresh.snapshot
     assert out is not None
-    for name in ("config.json", "metrics.jsonl", "clients.csv", "ledger.json", "report.md", "summary.json",
-                 "accuracy_per_client.png", "epsilon_per_client.png", "checkpoint/checkpoint.json",
-                 f"checkpoint/arrays-{ROUNDS:04d}.npz"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "clients.csv",
+        "ledger.json",
+        "report.md",
+        "summary.json",
+        "accuracy_per_client.png",
+        "epsilon_per_client.png",
+        "checkpoint/checkpoint.json",
+        f"checkpoint/arrays-{ROUNDS:04d}.npz",
+    ):
         assert (out / name).is_file(), name
         assert (out / name).stat().st_size > 0, name
     for i in range(SIM_CLIENTS):
@@ -201,16 +210,21 @@ def test_cli_rejects_unknown_key_in_config_file(tmp_path: Path) -> None:
 
 def test_cli_rejects_unknown_simulation_key(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
-    config.write_text('[simulation]\nnum-clientz = 2\n')
+    config.write_text("[simulation]\nnum-clientz = 2\n")
     code, text = _invoke("simulate", "--config", str(config), "--run-dir", str(tmp_path / "never"))
     assert code != 0
     assert "num-clientz" in text
     assert not (tmp_path / "never").exists()
 
 
-@pytest.mark.parametrize(("option", "named"), [("dp.epsilonn=3", "dp.epsilonn"),
-                                               ("dp.epsilon=-1", "dp.epsilon"),
-                                               ("personalization.mode=fedprox", "personalization.mode")])
+@pytest.mark.parametrize(
+    ("option", "named"),
+    [
+        ("dp.epsilonn=3", "dp.epsilonn"),
+        ("dp.epsilon=-1", "dp.epsilon"),
+        ("personalization.mode=fedprox", "personalization.mode"),
+    ],
+)
 def test_cli_rejects_bad_set_option(tmp_path: Path, option: str, named: str) -> None:
     code, text = _invoke("simulate", "--set", option, "--run-dir", str(tmp_path / "never"))
     assert code != 0
