@@ -117,11 +117,11 @@ def _plan(cfg: Config, s: _Session, node: NodeInfo, rounds_left: int) -> DPPlan:
 
 
 def _check_budget(cfg: Config, s: _Session, plan: DPPlan, steps: int) -> None:
-    spent = epsilon(s.state.history, plan.delta, cfg.dp.accountant)
     after = epsilon(
         compose(s.state.history, plan.sigma, plan.sample_rate, steps), plan.delta, cfg.dp.accountant
     )
     if after > cfg.dp.epsilon * (1 + 1e-9):
+        spent = epsilon(s.state.history, plan.delta, cfg.dp.accountant)
         raise PrivacyBudgetExhausted(
             f"privacy budget exhausted: ε={spent:.3f} now, {after:.3f} after {steps} more steps ≥ budget "
             f"{cfg.dp.epsilon} (δ={plan.delta:.2e}); this client trains no more"

@@ -48,11 +48,16 @@ def compose(history: History, sigma: float, sample_rate: float, steps: int) -> H
 
 def epsilon(history: History, delta: float, accountant: str) -> float:
     """ε at ``delta`` of a whole history under the ``rdp`` or ``prv`` accountant (0 when empty)."""
-    hist = [e for e in history if e[2] > 0]
+    hist = tuple(e for e in history if e[2] > 0)
     if not hist:
         return 0.0
+    return _epsilon(hist, delta, accountant)
+
+
+@lru_cache(maxsize=1024)
+def _epsilon(history: tuple[Entry, ...], delta: float, accountant: str) -> float:
     acc = create_accountant(mechanism=accountant)
-    acc.history = list(hist)
+    acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))
 
 
