@@ -168,8 +168,12 @@ def _train_dp(
     try:
         for _ in range(epochs):
             for (idx,) in dp_loader:
-                h, m, y = feats.batch(idx)
                 dp_opt.zero_grad(set_to_none=True)
+                if len(idx) == 0:  # an empty Poisson batch is still a step: noise only, accounted
+                    _empty_step(dp_opt, ghost)
+                    steps += 1
+                    continue
+                h, m, y = feats.batch(idx)
                 logits = dp_model(h, m)
                 if ghost:
                     loss = criterion(logits, y)
@@ -187,3 +191,13 @@ def _train_dp(
     if unwrap(dp_model) is not model:
         raise RuntimeError("Opacus returned a different module than it was given")
     return total / max(steps, 1), steps, [tuple(e) for e in engine.accountant.history]  # type: ignore[misc]
+
+
+def _empty_step(optimizer: torch.optim.Optimizer, ghost: bool) -> None:
+    """Take a DP step on an empty batch: zero per-sample gradients, then Opacus adds the noise."""
+    for p in optimizer.params:  # type: ignore[attr-defined]
+        if ghost:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    optimizer.step()

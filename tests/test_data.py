@@ -49,6 +49,7 @@ def _user_rows(users: dict[str, int]) -> list[tuple[object, ...]]:
 
 # --- label names ------------------------------------------------------------------------------------------
 
+
 def test_label_names() -> None:
     assert label_names(_task(dataset="tweets")) == ("negative", "neutral", "positive")
     assert label_names(_task(dataset="news")) == ("not-liked", "liked")
@@ -58,6 +59,7 @@ def test_label_names() -> None:
 
 
 # --- tweets -----------------------------------------------------------------------------------------------
+
 
 def test_tweets_sizes_deterministic_and_disjoint(tweets_ready: Path) -> None:
     task = _task(dataset="tweets", train_size=40, test_size=20, dirichlet_alpha=0.3, seed=1)
@@ -80,8 +82,9 @@ def test_tweets_sizes_deterministic_and_disjoint(tweets_ready: Path) -> None:
 def test_tweets_small_alpha_skews_labels(tweets_ready: Path) -> None:
     def mean_max_share(alpha: float) -> float:
         task = _task(dataset="tweets", train_size=60, test_size=20, dirichlet_alpha=alpha, seed=0)
-        shares = [np.bincount(load_client_data(task, p, 10).train_labels, minlength=3).max() / 60
-                  for p in range(10)]
+        shares = [
+            np.bincount(load_client_data(task, p, 10).train_labels, minlength=3).max() / 60 for p in range(10)
+        ]
         return float(np.mean(shares))
 
     skewed, iid = mean_max_share(0.1), mean_max_share(100.0)
@@ -95,13 +98,20 @@ def test_same_split_in_another_process(tweets_ready: Path) -> None:
         "d = load_client_data(t, 2, 4)\n"
         "print(repr((d.train_texts, d.test_texts, d.train_labels.tolist())))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONHASHSEED": "123"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "123"},
+    )
     d = load_client_data(_task(train_size=30, test_size=10), 2, 4)
     assert out.stdout.strip() == repr((d.train_texts, d.test_texts, d.train_labels.tolist()))
 
 
 # --- news -------------------------------------------------------------------------------------------------
+
 
 def test_news_same_article_different_labels(news_ready: Path) -> None:
     task = _task(dataset="news", train_size=800, test_size=200, topics_liked=2, seed=3)
@@ -111,8 +121,9 @@ def test_news_same_article_different_labels(news_ready: Path) -> None:
         assert (len(d.train_texts), len(d.test_texts)) == (800, 200) and d.user == f"client-{p}"
         assert not set(d.train_texts) & set(d.test_texts)
         assert set(np.unique(d.train_labels)) == {0, 1}
-        for text, label in zip(d.train_texts + d.test_texts, np.concatenate([d.train_labels, d.test_labels]),
-                               strict=True):
+        for text, label in zip(
+            d.train_texts + d.test_texts, np.concatenate([d.train_labels, d.test_labels]), strict=True
+        ):
             seen.setdefault(text, set()).add(int(label))
     assert sum(len(labels) == 2 for labels in seen.values()) > 50
     first = next(iter(seen))
@@ -120,6 +131,7 @@ def test_news_same_article_different_labels(news_ready: Path) -> None:
 
 
 # --- user files -------------------------------------------------------------------------------------------
+
 
 def test_csv_natural_users(tmp_path: Path) -> None:
     f = _write_csv(tmp_path / "d.csv", _user_rows({"carol": 8, "alice": 6, "bob": 12}))
@@ -136,13 +148,20 @@ def test_csv_natural_users(tmp_path: Path) -> None:
 
 def test_jsonl_natural_users_and_single_user(tmp_path: Path) -> None:
     f = tmp_path / "d.jsonl"
-    f.write_text("\n".join(json.dumps({"text": t, "label": lab, "user": u})
-                           for t, lab, u in _user_rows({"zed": 10})) + "\n\n", encoding="utf-8")
+    f.write_text(
+        "\n".join(json.dumps({"text": t, "label": lab, "user": u}) for t, lab, u in _user_rows({"zed": 10}))
+        + "\n\n",
+        encoding="utf-8",
+    )
     task = _task(dataset="file", labels="neg,pos", data_path=str(f), train_size=100, test_size=50)
     d = load_client_data(task, 0, 1)
     assert d.user == "zed" and len(d.train_texts) + len(d.test_texts) == 10 and len(d.test_texts) >= 1
-    labels = {t: int(lab) for t, lab in zip(d.train_texts + d.test_texts,
-                                            np.concatenate([d.train_labels, d.test_labels]), strict=True)}
+    labels = {
+        t: int(lab)
+        for t, lab in zip(
+            d.train_texts + d.test_texts, np.concatenate([d.train_labels, d.test_labels]), strict=True
+        )
+    }
     assert labels["zed says thing 0"] == 0 and labels["zed says thing 1"] == 1
     assert labels["zed says thing 2"] == 1 and labels["zed says thing 3"] == 0  # integer labels
 
@@ -199,8 +218,11 @@ def test_file_not_utf8_and_missing(tmp_path: Path) -> None:
 
 
 def test_empty_text_rows_are_skipped_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    f = _write_csv(tmp_path / "d.csv", [("a", "neg"), (" ", "neg"), ("b", "pos"), ("", "pos"), ("c", "pos")],
-                   header="text,label")
+    f = _write_csv(
+        tmp_path / "d.csv",
+        [("a", "neg"), (" ", "neg"), ("b", "pos"), ("", "pos"), ("c", "pos")],
+        header="text,label",
+    )
     with caplog.at_level(logging.WARNING, logger="common.data"):
         d = load_client_data(_task(dataset="file", labels="neg,pos"), 0, 1, data_path=str(f))
     assert len(d.train_texts) + len(d.test_texts) == 3
@@ -221,9 +243,16 @@ def test_empty_and_tiny_shards(tmp_path: Path) -> None:
 
 # --- baseline ---------------------------------------------------------------------------------------------
 
+
 def test_majority_baseline() -> None:
-    d = ClientData(("a", "b", "c", "d"), np.array([2, 2, 0, 1]), ("e", "f", "g", "h", "i"),
-                   np.array([2, 0, 2, 2, 1]), ("x", "y", "z"), "u")
+    d = ClientData(
+        ("a", "b", "c", "d"),
+        np.array([2, 2, 0, 1]),
+        ("e", "f", "g", "h", "i"),
+        np.array([2, 0, 2, 2, 1]),
+        ("x", "y", "z"),
+        "u",
+    )
     assert majority_baseline_accuracy(d) == pytest.approx(0.6)
     tie = dataclasses.replace(d, train_labels=np.array([1, 0, 0, 1]))
     assert majority_baseline_accuracy(tie) == pytest.approx(0.2)  # tie -> lowest label index (0)

@@ -71,8 +71,14 @@ def test_backbone_always_frozen(names: list[str], mode: str) -> None:
 
 @pytest.mark.parametrize(
     ("mode", "head_role"),
-    [("fedper", "personal"), ("fedsa", "personal"), ("ffa", "personal"), ("local", "personal"),
-     ("fedavg", "shared"), ("fedavg-ft", "shared")],
+    [
+        ("fedper", "personal"),
+        ("fedsa", "personal"),
+        ("ffa", "personal"),
+        ("local", "personal"),
+        ("fedavg", "shared"),
+        ("fedavg-ft", "shared"),
+    ],
 )
 def test_head_role(names: list[str], mode: str, head_role: str) -> None:
     split = split_names(names, mode)
