@@ -37,6 +37,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
 
 
+def run_layers(
+    layers: nn.ModuleList, config: BertConfig, hidden: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Run BERT encoder layers over ``hidden`` with a padding mask in the layout the model expects."""
+    mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
+    for layer in layers:
+        out = layer(hidden, attention_mask=mask)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
 class FrozenPrefix(nn.Module):
     """Embeddings and the bottom encoder layers (no LoRA, never trained)."""
 

@@ -89,27 +89,6 @@ def _calibrate(
     tolerance: float,
 ) -> float:
     history = list(history_t)
-    return _search(
-        budget=budget,
-        delta=delta,
-        sample_rate=sample_rate,
-        steps=steps,
-        history=history,
-        accountant=accountant,
-        tolerance=tolerance,
-    )
-
-
-def _search(
-    *,
-    budget: float,
-    delta: float,
-    sample_rate: float,
-    steps: int,
-    history: History,
-    accountant: str,
-    tolerance: float = 0.005,
-) -> float:
     spent = epsilon(history, delta, accountant)
     if spent >= budget:
         raise PrivacyBudgetExhausted(
