@@ -21,7 +21,7 @@ from common.errors import ConfigError
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
-MODES = ("fedper", "local", "fedavg", "fedavg-ft", "fedsa", "ffa")
+MODES = ("fedper", "local", "fedavg", "fedavg-ft", "fedsa", "ffa", "fedbias")
 
 
 def _choices(*values: str) -> dict[str, Any]:

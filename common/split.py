@@ -11,7 +11,12 @@ fedavg      LoRA A and B, head   -                             -
 fedavg-ft   LoRA A and B, head   - (fine-tuned copy at eval)   -
 fedsa       LoRA A               LoRA B, head                  -
 ffa         LoRA B               head                          LoRA A (seeded)
+fedbias     LoRA, head weights   head bias (the label prior)   -
 ==========  ===================  ============================  ================
+
+``fedbias`` fits label skew: what a label means is common to all users, so the classifier weights are
+learned by everyone (their DP noise averages out over clients), and only the per-class bias, which carries
+each user's label prior, stays personal.
 
 Backbone weights are always frozen and never leave the model builder.
 """
@@ -29,27 +34,31 @@ Role = Literal["shared", "personal", "frozen"]
 
 _LORA_A = re.compile(r"(^|\.)lora_A\.")
 _LORA_B = re.compile(r"(^|\.)lora_B\.")
+_HEAD_BIAS = re.compile(r"^head\.bias$")
 _HEAD = re.compile(r"^head\.")
 
 
-def param_kind(name: str) -> Literal["lora_a", "lora_b", "head", "base"]:
+def param_kind(name: str) -> Literal["lora_a", "lora_b", "head", "head_bias", "base"]:
     """Classify a parameter name of a PersonalModel."""
     if _LORA_A.search(name):
         return "lora_a"
     if _LORA_B.search(name):
         return "lora_b"
+    if _HEAD_BIAS.search(name):
+        return "head_bias"
     if _HEAD.search(name):
         return "head"
     return "base"
 
 
 _RULES: dict[str, dict[str, Role]] = {
-    "fedper": {"lora_a": "shared", "lora_b": "shared", "head": "personal"},
-    "local": {"lora_a": "personal", "lora_b": "personal", "head": "personal"},
-    "fedavg": {"lora_a": "shared", "lora_b": "shared", "head": "shared"},
-    "fedavg-ft": {"lora_a": "shared", "lora_b": "shared", "head": "shared"},
-    "fedsa": {"lora_a": "shared", "lora_b": "personal", "head": "personal"},
-    "ffa": {"lora_a": "frozen", "lora_b": "shared", "head": "personal"},
+    "fedper": {"lora_a": "shared", "lora_b": "shared", "head": "personal", "head_bias": "personal"},
+    "local": {"lora_a": "personal", "lora_b": "personal", "head": "personal", "head_bias": "personal"},
+    "fedavg": {"lora_a": "shared", "lora_b": "shared", "head": "shared", "head_bias": "shared"},
+    "fedavg-ft": {"lora_a": "shared", "lora_b": "shared", "head": "shared", "head_bias": "shared"},
+    "fedsa": {"lora_a": "shared", "lora_b": "personal", "head": "personal", "head_bias": "personal"},
+    "ffa": {"lora_a": "frozen", "lora_b": "shared", "head": "personal", "head_bias": "personal"},
+    "fedbias": {"lora_a": "shared", "lora_b": "shared", "head": "shared", "head_bias": "personal"},
 }
 
 

@@ -37,7 +37,9 @@ def run_sequential(
     names = split_names([n for n, _ in backbone.template.named_parameters()], cfg.personalization.mode)
     shared = get_arrays(backbone.template, names["shared"])
     run_id = int(time.time())
-    nodes = [NodeInfo(i, num_clients, out / "clients" / f"client-{i:04d}", run_id) for i in range(num_clients)]
+    nodes = [
+        NodeInfo(i, num_clients, out / "clients" / f"client-{i:04d}", run_id) for i in range(num_clients)
+    ]
     lines: list[dict[str, Any]] = []
     start = time.perf_counter()
     final: list[dict[str, Any]] = []

@@ -19,7 +19,7 @@ def names(request: pytest.FixtureRequest) -> list[str]:
     out = [n for n, _ in model.named_parameters()]
     # Sanity of the fixture itself: the model really has every kind of tensor.
     kinds = {param_kind(n) for n in out}
-    assert kinds == {"lora_a", "lora_b", "head", "base"}
+    assert kinds == {"lora_a", "lora_b", "head", "head_bias", "base"}
     return out
 
 
@@ -28,7 +28,8 @@ def _kind(names: list[str], kind: str) -> set[str]:
 
 
 def test_param_kind_on_real_names(names: list[str]) -> None:
-    assert _kind(names, "head") == {"head.weight", "head.bias"}
+    assert _kind(names, "head") == {"head.weight"}
+    assert _kind(names, "head_bias") == {"head.bias"}
     lora_a = _kind(names, "lora_a")
     lora_b = _kind(names, "lora_b")
     assert lora_a and all(".lora_A.default." in n for n in lora_a)
@@ -85,18 +86,25 @@ def test_head_role(names: list[str], mode: str, head_role: str) -> None:
     assert {"head.weight", "head.bias"} <= set(split[head_role])
 
 
+def test_fedbias_shares_head_weights_keeps_bias_personal(names: list[str]) -> None:
+    split = split_names(names, "fedbias")
+    assert "head.weight" in split["shared"] and "head.bias" in split["personal"]
+    assert split["personal"] == ["head.bias"]
+
+
 def test_modes_table_is_complete() -> None:
-    assert set(MODES) == {"fedper", "local", "fedavg", "fedavg-ft", "fedsa", "ffa"}
+    assert set(MODES) == {"fedper", "local", "fedavg", "fedavg-ft", "fedsa", "ffa", "fedbias"}
 
 
 EXPECTED = {
     # mode: (shared kinds, personal kinds, frozen kinds)
-    "fedper": ({"lora_a", "lora_b"}, {"head"}, {"base"}),
-    "local": (set(), {"lora_a", "lora_b", "head"}, {"base"}),
-    "fedavg": ({"lora_a", "lora_b", "head"}, set(), {"base"}),
-    "fedavg-ft": ({"lora_a", "lora_b", "head"}, set(), {"base"}),
-    "fedsa": ({"lora_a"}, {"lora_b", "head"}, {"base"}),
-    "ffa": ({"lora_b"}, {"head"}, {"base", "lora_a"}),
+    "fedper": ({"lora_a", "lora_b"}, {"head", "head_bias"}, {"base"}),
+    "local": (set(), {"lora_a", "lora_b", "head", "head_bias"}, {"base"}),
+    "fedavg": ({"lora_a", "lora_b", "head", "head_bias"}, set(), {"base"}),
+    "fedavg-ft": ({"lora_a", "lora_b", "head", "head_bias"}, set(), {"base"}),
+    "fedsa": ({"lora_a"}, {"lora_b", "head", "head_bias"}, {"base"}),
+    "ffa": ({"lora_b"}, {"head", "head_bias"}, {"base", "lora_a"}),
+    "fedbias": ({"lora_a", "lora_b", "head"}, {"head_bias"}, {"base"}),
 }
 
 
