@@ -7,6 +7,7 @@ The accountant is never fresh: the client's persisted history is restored into t
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -101,7 +102,10 @@ def train(
         raise DataError(f"need at least 2 training examples, got {len(feats)}")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(seed)
+    # DP randomness (Poisson sampling and noise) comes from fresh OS entropy, never from the configured seed:
+    # anyone who knows a seed could replay the sampling and subtract the noise. Only non-private training
+    # is reproducible from ``seed``. (Opacus's secure_mode with torchcsprng is the cryptographic option.)
+    torch.manual_seed(seed if plan is None else secrets.randbits(63))
     model.train()
     opt = _optimizer(model, cfg)
     start = time.perf_counter()

@@ -308,13 +308,24 @@ def test_dp_rejects_a_plan_with_another_sample_rate(setup: tuple[Config, Backbon
     assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
 
 
-def test_dp_train_is_reproducible_with_seed(setup: tuple[Config, Backbone, Features]) -> None:
+def test_dp_noise_is_not_replayable_from_the_seed(setup: tuple[Config, Backbone, Features]) -> None:
+    """Anyone knowing the configured seed must not be able to replay DP sampling and noise."""
     cfg, backbone, full = setup
     feats = Features(full.hidden[:40], full.mask[:40], full.labels[:40])
     q = sample_rate(len(feats), cfg.train.batch_size)
     a, b = backbone.new_model(), backbone.new_model()
     train(a, feats, cfg, epochs=1, plan=DPPlan(1.0, q, 1e-3), history=[], seed=11)
     train(b, feats, cfg, epochs=1, plan=DPPlan(1.0, q, 1e-3), history=[], seed=11)
+    assert not torch.equal(a.head.weight, b.head.weight)
+
+
+def test_plain_train_is_reproducible_with_seed(setup: tuple[Config, Backbone, Features]) -> None:
+    _, backbone, full = setup
+    cfg = _cfg(**{"dp.enabled": False})
+    feats = Features(full.hidden[:40], full.mask[:40], full.labels[:40])
+    a, b = backbone.new_model(), backbone.new_model()
+    train(a, feats, cfg, epochs=1, plan=None, history=[], seed=11)
+    train(b, feats, cfg, epochs=1, plan=None, history=[], seed=11)
     for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.equal(pa, pb), n
 
