@@ -7,9 +7,11 @@ The accountant is never fresh: the client's persisted history is restored into t
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import Config
-from common.errors import DataError
+from common.errors import ConfigError, DataError
 from common.features import Features
 from common.params import unwrap
 from common.privacy import History
@@ -149,13 +151,22 @@ def _train_dp(
     if abs(expected_q - plan.sample_rate) > 1e-12:
         raise DataError(f"sample rate {plan.sample_rate} planned but the data gives {expected_q}")
     ghost = cfg.dp.grad_sample_mode == "ghost"
-    kwargs = {"criterion": nn.CrossEntropyLoss(reduction="mean")} if ghost else {}
+    kwargs: dict[str, Any] = {"criterion": nn.CrossEntropyLoss(reduction="mean")} if ghost else {}
+    max_grad_norm: float | list[float] = cfg.dp.max_grad_norm
+    if cfg.dp.clipping == "per-tensor":
+        if ghost:
+            raise ConfigError("dp.clipping = 'per-tensor' needs dp.grad-sample-mode hooks or functorch")
+        # Each trainable tensor is clipped on its own to C/√k: the total sensitivity stays C (σ unchanged),
+        # but small-gradient tensors (LoRA) are no longer drowned by the head's larger gradient.
+        k = sum(1 for p in model.parameters() if p.requires_grad)
+        max_grad_norm = [cfg.dp.max_grad_norm / math.sqrt(k)] * k
+        kwargs["clipping"] = "per_layer"
     private = engine.make_private(
         module=model,
         optimizer=opt,
         data_loader=loader,
         noise_multiplier=plan.sigma,
-        max_grad_norm=cfg.dp.max_grad_norm,
+        max_grad_norm=max_grad_norm,
         poisson_sampling=True,
         grad_sample_mode=cfg.dp.grad_sample_mode,
         loss_reduction="mean" if ghost else "sum",

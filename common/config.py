@@ -100,6 +100,7 @@ class DPConfig:
     epsilon: float = dataclasses.field(metadata=_range(1e-3, None))
     delta: float = dataclasses.field(metadata=_range(0.0, 0.1))
     max_grad_norm: float = dataclasses.field(metadata=_range(1e-6, None))
+    clipping: str = dataclasses.field(metadata=_choices("flat", "per-tensor"))
     noise_multiplier: float = dataclasses.field(metadata=_range(0.0, None))
     accountant: str = dataclasses.field(metadata=_choices("prv", "rdp"))
     grad_sample_mode: str = dataclasses.field(metadata=_choices("hooks", "functorch", "ghost"))

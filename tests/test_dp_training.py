@@ -299,6 +299,37 @@ def test_dp_step_equals_clipped_mean_of_true_per_sample_gradients(
         )
 
 
+@pytest.mark.parametrize("gsm_mode", ["hooks", "functorch"])
+def test_per_tensor_clipping_clips_each_tensor_to_its_share(
+    setup: tuple[Config, Backbone, Features], gsm_mode: str
+) -> None:
+    """dp.clipping = per-tensor: each tensor of each example is clipped to C/sqrt(k) on its own."""
+    _, backbone, full = setup
+    n, clip = 12, 0.05
+    cfg = _cfg(
+        **{
+            "train.batch-size": n,
+            "dp.grad-sample-mode": gsm_mode,
+            "dp.max-grad-norm": clip,
+            "dp.clipping": "per-tensor",
+        }
+    )
+    feats = Features(full.hidden[:n], full.mask[:n], full.labels[:n])
+    h, m, y = feats.batch(slice(0, n))
+    ref = _reference_per_sample(_model(backbone), h, m, y)
+    share = clip / math.sqrt(len(ref))
+    model = _model(backbone)
+    before = {n_: p.detach().clone() for n_, p in model.named_parameters()}
+    train(model, feats, cfg, epochs=1, plan=DPPlan(0.0, 1.0, 1e-3), history=[], seed=0)
+    for name, p in _trainable(model).items():
+        g = ref[name]
+        norms = g.flatten(1).norm(dim=1)
+        factor = (share / (norms + 1e-6)).clamp(max=1.0)
+        lr = cfg.train.lr_head if name.startswith("head.") else cfg.train.lr_lora
+        expected = before[name] - lr * (g * factor.view(-1, *[1] * (g.dim() - 1))).sum(0) / n
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=1e-7)
+
+
 def test_dp_rejects_a_plan_with_another_sample_rate(setup: tuple[Config, Backbone, Features]) -> None:
     cfg, backbone, feats = setup
     model = backbone.new_model()
