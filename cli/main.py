@@ -16,7 +16,7 @@ from common.errors import FedpersError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated DP-LoRA personalization.")
-assets_app = typer.Typer(no_args_is_help=True, help="Offline model and data archives (from PyPI).")
+assets_app = typer.Typer(help="Offline model and data archives (from PyPI); alone, lists the cache.")
 app.add_typer(assets_app, name="assets")
 console = Console(stderr=True)
 
@@ -24,6 +24,13 @@ console = Console(stderr=True)
 def _fail(exc: Exception) -> None:
     console.print(f"[bold red]error:[/] {exc}")
     raise typer.Exit(2)
+
+
+@assets_app.callback(invoke_without_command=True)
+def assets_main(ctx: typer.Context) -> None:
+    """With no subcommand: show what is cached."""
+    if ctx.invoked_subcommand is None:
+        assets_list()
 
 
 @assets_app.command("list")

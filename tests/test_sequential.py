@@ -1,0 +1,32 @@
+"""The framework-free sequential runner drives the same client logic and aggregation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from client.state import StateStore
+from common.privacy import epsilon
+from simulations.sequential import run_sequential
+
+TINY = {
+    "model.name": "tiny",
+    "model.frozen-layers": 1,
+    "task.train-size": 40,
+    "task.test-size": 20,
+    "train.batch-size": 20,
+    "fed.num-rounds": 2,
+}
+
+
+def test_sequential_run_trains_every_client_and_composes_epsilon(tmp_path: Path) -> None:
+    lines: list[dict] = []
+    out = run_sequential(TINY, 3, tmp_path, on_round=lines.append)
+    assert [ln["round"] for ln in lines] == [1, 2]
+    assert out["mode"] == "fedper" and 0.0 <= out["acc-p10"] <= out["acc-mean"] <= 1.0
+    assert out["epsilon-max"] <= 8.0
+    for i in range(3):
+        state = StateStore(tmp_path / "clients" / f"client-{i:04d}").load()
+        assert state is not None and state.rounds_trained == 2
+        delta = float(state.run_plan["delta"])
+        assert epsilon(state.history, delta, "prv") <= 8.0 + 1e-9
+        assert sorted(state.tensors) == ["head.bias", "head.weight"]
