@@ -70,8 +70,7 @@ def run_federation(cfg: Config, grid: Grid, run_id: int) -> Path:
         min_nodes = cfg.fed.min_clients
         strategy = FedpersStrategy(
             expected=shapes_of(template, roles["shared"]),
-            personal=set(roles["personal"])
-            | set(n for n in roles["frozen"] if "lora_" in n or n.startswith("head.")),
+            personal=set(roles["personal"]),
             ledger=ledger,
             recorder=recorder,
             checkpoint_dir=str(out / "checkpoint"),
