@@ -72,6 +72,9 @@ def simulate(
     ),
     run_dir: Path = typer.Option(None, help="output folder (default runs/<config>-<time>)"),
     clients: int = typer.Option(0, help="number of simulated clients (default: from the config)"),
+    sequential: bool = typer.Option(
+        False, help="run the same client code in a plain loop, no Flower/Ray (quick sweeps, speed floor)"
+    ),
 ) -> None:
     """Run a local federation on Flower's simulation engine and write runs/<id>/."""
     from dataclasses import replace
@@ -115,7 +118,9 @@ def simulate(
             progress.update(tasks[mode], completed=line["round"], info=info)
 
         try:
-            if modes:
+            if sequential:
+                rows = _run_sequential(settings, modes, out, on_round)
+            elif modes:
                 rows = run_compare(settings, modes, out, on_round)
             else:
                 mode = settings.overrides.get("personalization.mode", "default")
@@ -123,7 +128,27 @@ def simulate(
         except FedpersError as exc:
             _fail(exc)
     Console().print(table(rows))
-    console.print(f"report: {out / (modes[0] if modes else '') / 'report.md'}")
+    report = out / (modes[0] if modes else "") / "report.md"
+    console.print(f"report: {report}" if report.exists() else f"outputs: {out}")
+
+
+def _run_sequential(settings: Any, modes: tuple[str, ...], out: Path, on_round: Any) -> list[dict[str, Any]]:
+    from common.config import Config
+    from common.fileio import write_json_atomic
+    from simulations.sequential import run_sequential
+
+    rows = []
+    for mode in modes or (str(settings.overrides.get("personalization.mode", "fedper")),):
+        over = {**settings.overrides, "personalization.mode": mode}
+        total = Config.from_run_config(over).fed.num_rounds
+
+        def show(line: dict[str, Any], m: str = mode, t: int = total) -> None:
+            on_round(m, {**line, "total_rounds": t})
+
+        summary = run_sequential(over, settings.num_clients, out / mode, on_round=show)
+        write_json_atomic(out / mode / "summary.json", summary)
+        rows.append(summary)
+    return rows
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from common import protocol as P
 from common.config import Config
 from common.data import label_names
 from common.model import get_backbone
-from common.params import get_arrays
+from common.params import get_arrays, nbytes
 from common.split import split_names
 from server.recorder import distribution
 from server.validation import weighted_average
@@ -63,6 +63,7 @@ def run_sequential(
     summary: dict[str, Any] = {"mode": cfg.personalization.mode, "seconds": time.perf_counter() - start}
     summary.update(distribution([float(e[P.EVAL_ACC]) for e in final], "acc"))
     summary.update(distribution([float(e[P.MAJORITY_ACC]) for e in final], "majority"))
+    summary["bytes-up-per-client-round"] = float(nbytes(shared))
     summary["rounds"] = lines
     summary["epsilon-max"] = float(np.max([ln.get("epsilon-max", 0.0) for ln in lines]))
     return summary
