@@ -27,12 +27,14 @@ from peft import get_peft_model
 from torch import nn
 from transformers import BertConfig, BertModel, PreTrainedTokenizerBase
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.utils import logging as hf_logging
 
 from common.config import Config
 from common.errors import ModelError
 from common.tokenizer import load_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+hf_logging.set_verbosity_error()  # the pooler weights MiniLM ships but we do not use are not news
 
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
 
