@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
-import json
 import logging
 import re
 import warnings
@@ -24,6 +22,7 @@ import numpy as np
 
 from common.assets import ensure
 from common.config import TaskConfig
+from common.datafile import Table, read_file
 from common.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -31,7 +30,6 @@ log = logging.getLogger(__name__)
 TWEET_LABELS = ("negative", "neutral", "positive")
 NEWS_LABELS = ("not-liked", "liked")
 NEWS_BODY_CHARS = 600
-_Table = tuple[tuple[str, ...], np.ndarray, "tuple[str, ...] | None"]  # texts, labels, users (or None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +199,7 @@ def _dirichlet(
 
 
 @lru_cache(maxsize=4)
-def _load_source(source: tuple[Any, ...]) -> _Table:
+def _load_source(source: tuple[Any, ...]) -> Table:
     """(texts, int64 labels, users or None) of the tweets corpus or a user file."""
     if source[0] == "tweets":  # exact duplicate tweets are dropped (first kept): no train/test leakage
         with open(source[1], encoding="latin-1", newline="") as fh:
@@ -213,7 +211,7 @@ def _load_source(source: tuple[Any, ...]) -> _Table:
             if text and r.get("sentiment") in index:
                 unique.setdefault(text, index[r["sentiment"]])
         return tuple(unique), np.fromiter(unique.values(), dtype=np.int64, count=len(unique)), None
-    return _read_file(Path(source[1]), source[4])
+    return read_file(Path(source[1]), source[4])
 
 
 @lru_cache(maxsize=2)
@@ -249,110 +247,3 @@ def _news_client(task: TaskConfig, partition_id: int) -> ClientData:
     labels = np.isin(topic_ids, liked).astype(np.int64)
     shard = rng.choice(len(texts), size=min(len(texts), task.train_size + task.test_size), replace=False)
     return _split(texts, labels, shard, task, partition_id, NEWS_LABELS, f"client-{partition_id}", str(root))
-
-
-def _read_file(path: Path, names: tuple[str, ...]) -> _Table:
-    """Read a CSV (header row) or JSONL/JSON file with text, label and optional user."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"cannot read data file {path}: {exc}") from exc
-    raw = raw.removeprefix(b"\xef\xbb\xbf")
-    try:
-        content = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"data file {path} is not UTF-8 text (line {line}); save it as UTF-8") from exc
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        records = _csv_records(content, path)
-    elif suffix in (".jsonl", ".json"):
-        records = _json_records(content, path)
-    else:
-        raise DataError(f"data file {path} must end in .csv, .jsonl or .json (got {suffix or 'no suffix'!r})")
-    has_user = any("user" in rec for _, rec in records)
-    texts, labels, users, skipped = [], [], [], 0
-    for loc, rec in records:
-        missing = [k for k in ("text", "label") + (("user",) if has_user else ()) if rec.get(k) is None]
-        if missing:
-            raise DataError(f"{path} {loc} lacks field(s) {', '.join(map(repr, missing))}")
-        text = rec["text"]
-        if not isinstance(text, str):
-            raise DataError(f"{path} {loc}: text must be a string, got {text!r}")
-        if not text.strip():
-            skipped += 1
-            continue
-        texts.append(text.strip())
-        labels.append(_label(rec["label"], names, path, loc))
-        if has_user:
-            user = str(rec["user"]).strip()
-            if not user:
-                raise DataError(f"{path} {loc}: the user is empty")
-            users.append(user)
-    if skipped:
-        log.warning("%s: skipped %d rows with empty text", path, skipped)
-    if not texts:
-        raise DataError(f"data file {path} has no examples ({skipped} rows with empty text skipped)")
-    return tuple(texts), np.array(labels, dtype=np.int64), tuple(users) if has_user else None
-
-
-def _csv_records(content: str, path: Path) -> list[tuple[str, dict[str, Any]]]:
-    reader = csv.DictReader(io.StringIO(content, newline=""))
-    if not reader.fieldnames:
-        raise DataError(f"data file {path} is empty (expected a header row: text,label[,user])")
-    reader.fieldnames = [f.strip() for f in reader.fieldnames]
-    missing = [c for c in ("text", "label") if c not in reader.fieldnames]
-    if missing:
-        raise DataError(
-            f"data file {path} lacks column(s) {', '.join(map(repr, missing))}; the header has "
-            f"{', '.join(map(repr, reader.fieldnames))} (expected text, label and optionally user)"
-        )
-    records = []
-    try:
-        for row in reader:
-            records.append((f"line {reader.line_num}", {k: v for k, v in row.items() if k is not None}))
-    except csv.Error as exc:
-        raise DataError(f"{path} line {reader.line_num} is not valid CSV: {exc}") from exc
-    return records
-
-
-def _json_records(content: str, path: Path) -> list[tuple[str, dict[str, Any]]]:
-    if path.suffix.lower() == ".json" and content.lstrip().startswith("["):
-        try:
-            items = json.loads(content)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} line {exc.lineno} is not valid JSON: {exc.msg}") from exc
-        pairs = [(f"item {i}", obj) for i, obj in enumerate(items, 1)]
-    else:
-        pairs = []
-        for n, line in enumerate(content.splitlines(), 1):
-            if line.strip():
-                try:
-                    pairs.append((f"line {n}", json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path} line {n} is not valid JSON: {exc.msg}") from exc
-    for loc, obj in pairs:
-        if not isinstance(obj, dict):
-            raise DataError(f"{path} {loc} must be a JSON object with text and label, got {obj!r:.60}")
-    return pairs
-
-
-def _label(value: Any, names: tuple[str, ...], path: Path, loc: str) -> int:
-    """A label name (matched first) or an integer index into ``names``."""
-    index: int | None = None
-    if isinstance(value, str):
-        v = value.strip()
-        if v in names:
-            return names.index(v)
-        if re.fullmatch(r"[+-]?\d+", v):
-            index = int(v)
-    elif isinstance(value, int) and not isinstance(value, bool):
-        index = value
-    elif isinstance(value, float) and value.is_integer():
-        index = int(value)
-    if index is not None and 0 <= index < len(names):
-        return index
-    raise DataError(
-        f"{path} {loc}: unknown label {value!r}; allowed: {', '.join(names)} "
-        f"(or their indices 0..{len(names) - 1}; see task.labels)"
-    )
