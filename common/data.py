@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import logging
 import re
 import warnings
 from functools import lru_cache
@@ -24,8 +23,6 @@ from common.assets import ensure
 from common.config import TaskConfig
 from common.datafile import Table, read_file
 from common.errors import ConfigError, DataError
-
-log = logging.getLogger(__name__)
 
 TWEET_LABELS = ("negative", "neutral", "positive")
 NEWS_LABELS = ("not-liked", "liked")
