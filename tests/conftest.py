@@ -7,17 +7,36 @@ test_checkpoint.py (the same run folder resumed for a 3rd round), so the whole s
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+
+from client.state import KEY_ENV
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """The tiny model is far faster on one thread (no sync cost, no fight with other processes)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _no_env_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests use key files unless they set the state key themselves."""
+    monkeypatch.delenv(KEY_ENV, raising=False)
+
 
 TINY: dict[str, Any] = {
     "model.name": "tiny",

@@ -8,7 +8,6 @@ accountant history returned by ``train`` is exactly what was run.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -35,15 +34,6 @@ BASE = {
 
 def _cfg(**over: object) -> Config:
     return Config.from_run_config({**BASE, **over})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The tiny model is far faster on one thread (no sync cost, no fight with other processes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from opacus.accountants import create_accountant
 
 from client.node import NodeInfo, run_evaluate, run_train
@@ -50,20 +48,6 @@ def _fresh_eps(sigma: float, q: float, steps: int, accountant: str, delta: float
     for _ in range(steps):
         acc.step(noise_multiplier=sigma, sample_rate=q)
     return float(acc.get_epsilon(delta=delta))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The tiny model is far faster on one thread (no sync cost, no fight with other processes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _no_env_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(KEY_ENV, raising=False)
 
 
 # --- pure accounting -------------------------------------------------------------------------------

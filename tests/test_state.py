@@ -6,7 +6,6 @@ import os
 import secrets
 import stat
 from collections import OrderedDict
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,20 +25,6 @@ from common.features import encode
 from common.model import get_backbone
 from common.params import get_arrays, set_arrays
 from common.split import split_names
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The tiny model is far faster on one thread (no sync cost, no fight with other processes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _no_env_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(KEY_ENV, raising=False)
 
 
 def _state() -> PersonalState:
