@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from client.state import PersonalState, StateStore
-from client.training import DPPlan, evaluate, sample_rate, steps_per_epoch, train
+from client.training import DPPlan, TrainOutcome, evaluate, sample_rate, steps_per_epoch, train
 from common import protocol as P
 from common.config import Config
 from common.data import ClientData, label_names, load_client_data, majority_baseline_accuracy
@@ -50,10 +50,19 @@ class _Session:
     backbone: Backbone
     model: PersonalModel
     roles: dict[Role, list[str]]
-    train: Features
-    test: Features
     store: StateStore
     state: PersonalState
+    max_length: int
+
+    @property
+    def train(self) -> Features:
+        """Training features (computed on first use: an evaluation without fine-tuning never needs them)."""
+        return encode(self.backbone, self.data.train_texts, self.data.train_labels, self.max_length)
+
+    @property
+    def test(self) -> Features:
+        """Test features (cached per process by common.features)."""
+        return encode(self.backbone, self.data.test_texts, self.data.test_labels, self.max_length)
 
 
 def _seed(*parts: int) -> int:
@@ -80,9 +89,7 @@ def _open(cfg: Config, node: NodeInfo, shared: Arrays) -> _Session:
         set_arrays(model, state.tensors, roles["personal"])
     for name, param in model.named_parameters():
         param.requires_grad_(name in roles["shared"] or name in roles["personal"])
-    train_f = encode(backbone, data.train_texts, data.train_labels, cfg.task.max_length)
-    test_f = encode(backbone, data.test_texts, data.test_labels, cfg.task.max_length)
-    return _Session(data, backbone, model, roles, train_f, test_f, store, state)
+    return _Session(data, backbone, model, roles, store, state, cfg.task.max_length)
 
 
 def _plan(cfg: Config, s: _Session, node: NodeInfo, rounds_left: int) -> DPPlan:
@@ -130,7 +137,7 @@ def _check_budget(cfg: Config, s: _Session, plan: DPPlan, steps: int) -> None:
 
 def _local_train(
     cfg: Config, s: _Session, node: NodeInfo, epochs: int, seed: int, rounds_left: int
-) -> tuple[float, int, DPPlan | None]:
+) -> tuple[TrainOutcome, DPPlan | None]:
     steps = epochs * steps_per_epoch(len(s.train), cfg.train.batch_size)
     plan = None
     if cfg.dp.enabled:
@@ -138,7 +145,7 @@ def _local_train(
         _check_budget(cfg, s, plan, steps)
     out = train(s.model, s.train, cfg, epochs=epochs, plan=plan, history=s.state.history, seed=seed)
     s.state.history = out.history
-    return out.loss, out.steps, plan
+    return out, plan
 
 
 def _privacy_metrics(cfg: Config, s: _Session, plan: DPPlan | None, steps: int) -> Metrics:
@@ -165,7 +172,7 @@ def run_train(cfg: Config, node: NodeInfo, shared: Arrays, server_round: int) ->
     acc_before, _ = evaluate(s.model, s.test)
     seed = _seed(cfg.task.seed, node.partition_id, server_round, s.state.rounds_trained)
     rounds_left = max(1, cfg.fed.num_rounds - server_round + 1) if server_round > 0 else cfg.fed.num_rounds
-    loss, steps, plan = _local_train(cfg, s, node, cfg.train.local_epochs, seed, rounds_left)
+    outcome, plan = _local_train(cfg, s, node, cfg.train.local_epochs, seed, rounds_left)
     acc_after, _ = evaluate(s.model, s.test)
     s.state.rounds_trained += 1
     s.state.examples_seen += len(s.train)
@@ -175,14 +182,15 @@ def run_train(cfg: Config, node: NodeInfo, shared: Arrays, server_round: int) ->
     metrics: Metrics = {
         P.NUM_EXAMPLES: len(s.train),
         P.PARTITION_ID: node.partition_id,
-        P.LOSS: loss,
+        P.LOSS: outcome.loss,
+        P.TRAIN_SECONDS: outcome.seconds,
         P.ACC_BEFORE: acc_before,
         P.ACC_AFTER: acc_after,
         P.MAJORITY_ACC: majority_baseline_accuracy(s.data),
         P.BYTES_UP: nbytes(out),
         P.UPDATE_NORM: delta_norm,
     }
-    metrics.update(_privacy_metrics(cfg, s, plan, steps))
+    metrics.update(_privacy_metrics(cfg, s, plan, outcome.steps))
     return out, metrics
 
 
@@ -196,7 +204,8 @@ def run_evaluate(cfg: Config, node: NodeInfo, shared: Arrays, final_round: bool)
     steps = 0
     if cfg.personalization.mode == "fedavg-ft" and final_round and cfg.personalization.finetune_epochs > 0:
         seed = _seed(cfg.task.seed, node.partition_id, -1, s.state.rounds_trained)
-        _, steps, plan = _local_train(cfg, s, node, cfg.personalization.finetune_epochs, seed, 0)
+        outcome, plan = _local_train(cfg, s, node, cfg.personalization.finetune_epochs, seed, 0)
+        steps = outcome.steps
         s.store.save(s.state)  # the fine-tuned copy is not kept, the privacy spend is
     acc, loss = evaluate(s.model, s.test)
     metrics: Metrics = {

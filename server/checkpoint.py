@@ -17,7 +17,13 @@ from common.fileio import write_bytes_atomic, write_json_atomic
 
 PACKAGES = ("flwr", "torch", "transformers", "peft", "opacus", "numpy")
 # Keys that may change between a run and its resumption.
-RESUMABLE_KEYS = ("fed.num-rounds", "fed.round-timeout", "output.resume", "fed.fraction-evaluate")
+RESUMABLE_KEYS = (
+    "fed.num-rounds",
+    "fed.round-timeout",
+    "output.resume",
+    "fed.fraction-evaluate",
+    "train.threads",
+)
 
 
 @dataclass

@@ -72,10 +72,10 @@ def simulate(
     from server.app import make_server_app
 
     cfg = Config.from_run_config(settings.overrides)
-    for name in ("tweets", "news") if cfg.task.dataset != "file" else ():
+    needed = {cfg.task.dataset} - {"file"}
+    needed.add("minilm" if cfg.model.name == "minilm" else "tweets")  # the tiny tokenizer trains on tweets
+    for name in sorted(needed):
         ensure(name)
-    if cfg.model.name == "minilm":
-        ensure("minilm")
     overrides = {**settings.overrides, "output.run-dir": str(run_dir)}
     if cfg.fed.min_clients > settings.num_clients:
         overrides["fed.min-clients"] = settings.num_clients

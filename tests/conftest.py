@@ -47,6 +47,16 @@ TINY: dict[str, Any] = {
     "fed.num-rounds": 2,
 }
 
+# Single-client training tests (DP, privacy accounting, state): 3 DP steps per round.
+TINY_TRAIN: dict[str, Any] = {
+    "model.name": "tiny",
+    "model.frozen-layers": 1,
+    "task.train-size": 60,
+    "task.test-size": 20,
+    "train.batch-size": 20,
+    "fed.num-rounds": 3,
+}
+
 # The simulations: 3 label-skewed clients; a fixed σ so that a resumed 3rd round still fits the budget
 # (σ calibrated to the budget would leave nothing for a resumed round). ε after 2 / 3 rounds ≈ 4.5 / 5.8.
 SIM_CLIENTS = 3

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_TRAIN
 from opacus import GradSampleModule, PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -22,14 +23,7 @@ from common.errors import DataError
 from common.features import Features, encode
 from common.model import Backbone, PersonalModel, get_backbone
 
-BASE = {
-    "model.name": "tiny",
-    "model.frozen-layers": 1,
-    "task.train-size": 60,
-    "task.test-size": 20,
-    "train.batch-size": 20,
-    "fed.num-rounds": 3,
-}
+BASE = dict(TINY_TRAIN)
 
 
 def _cfg(**over: object) -> Config:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_TRAIN
 from opacus.accountants import create_accountant
 
 from client.node import NodeInfo, run_evaluate, run_train
@@ -20,14 +21,7 @@ from common.params import get_arrays
 from common.privacy import calibrate_sigma, compose, epsilon, normalize
 from common.split import split_names
 
-BASE = {
-    "model.name": "tiny",
-    "model.frozen-layers": 1,
-    "task.train-size": 60,
-    "task.test-size": 20,
-    "train.batch-size": 20,
-    "fed.num-rounds": 3,
-}
+BASE = dict(TINY_TRAIN)
 N, Q, STEPS = 60, 1 / 3, 3  # train examples, sample rate, DP steps per round for BASE
 DELTA = 1 / N
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRAIN
 
 import common.features
 import common.model
@@ -231,12 +232,7 @@ def test_run_train_refuses_damaged_state(tmp_path: Path) -> None:
 # --- a client restart, every mode --------------------------------------------------------------------
 
 BASE = {
-    "model.name": "tiny",
-    "model.frozen-layers": 1,
-    "task.train-size": 60,
-    "task.test-size": 20,
-    "train.batch-size": 20,
-    "fed.num-rounds": 3,
+    **TINY_TRAIN,
     "dp.noise-multiplier": 1.0,  # fixed σ: no calibration, DP training still on
     "dp.accountant": "rdp",
 }

@@ -1,0 +1,34 @@
+"""Client-side work happens only where it is needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import TINY_TRAIN
+
+from client.node import NodeInfo, run_evaluate, run_train
+from common import features
+from common import protocol as P
+from common.config import Config
+from common.model import get_backbone
+from common.params import get_arrays
+from common.split import split_names
+
+
+def _shared(cfg: Config) -> dict:
+    template = get_backbone(cfg, 3).template
+    return get_arrays(template, split_names([n for n, _ in template.named_parameters()], "fedper")["shared"])
+
+
+def test_evaluate_encodes_only_the_test_split(tmp_path: Path) -> None:
+    cfg = Config.from_run_config(TINY_TRAIN)
+    features._CACHE.clear()
+    run_evaluate(cfg, NodeInfo(0, 4, tmp_path, run_id=1), _shared(cfg), final_round=False)
+    assert len(features._CACHE) == 1
+
+
+def test_train_reports_its_training_time(tmp_path: Path) -> None:
+    cfg = Config.from_run_config(TINY_TRAIN)
+    _, metrics = run_train(cfg, NodeInfo(0, 4, tmp_path, run_id=1), _shared(cfg), 1)
+    assert metrics[P.TRAIN_SECONDS] > 0
+    assert len(features._CACHE) >= 2
