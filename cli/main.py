@@ -151,6 +151,94 @@ def _run_sequential(settings: Any, modes: tuple[str, ...], out: Path, on_round: 
     return rows
 
 
+bench_app = typer.Typer(help="Benchmarks: each writes runs/bench-<name>-<time>/ and updates BENCHMARKS.md.")
+app.add_typer(bench_app, name="bench")
+
+
+def _split_csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _grid_progress(label: str) -> tuple[Progress, Any]:
+    progress = Progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    )
+    task = progress.add_task(label, total=None)
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    return progress, update
+
+
+@bench_app.command("list")
+def bench_list() -> None:
+    """Show the benchmarks."""
+    from simulations.bench.commands import bench_names
+
+    table = Table("benchmark", "measures")
+    for name, what in bench_names().items():
+        table.add_row(name, what)
+    Console().print(table)
+
+
+@bench_app.command("comm")
+def bench_comm_cmd(no_publish: bool = typer.Option(False, help="do not update BENCHMARKS.md")) -> None:
+    """Bytes up/down per client per round for every mode and LoRA rank 4/8/16."""
+    from simulations.bench.commands import bench_comm
+
+    try:
+        run, table = bench_comm(publish=not no_publish)
+    except FedpersError as exc:
+        _fail(exc)
+    print(table)
+    console.print(f"outputs: {run.dir}")
+
+
+@bench_app.command("tune")
+def bench_tune_cmd(
+    workers: int = typer.Option(2, help="worker processes (one thread each)"),
+    run_dir: Path = typer.Option(None, help="folder to resume"),
+) -> None:
+    """Choose learning rates on validation splits → simulations/configs/bench-tuned.toml."""
+    from simulations.bench.commands import bench_tune
+
+    progress, update = _grid_progress("tuning cells")
+    try:
+        with progress:
+            run, table = bench_tune(workers, run_dir, update)
+    except FedpersError as exc:
+        _fail(exc)
+    print(table)
+    console.print(f"outputs: {run.dir}")
+
+
+@bench_app.command("quality")
+def bench_quality_cmd(
+    settings: str = typer.Option("tweets-a0.3,tweets-a1.0,news", help="comma-separated settings"),
+    privacy: str = typer.Option("eps8,none,eps3,eps1", help="comma-separated privacy levels"),
+    modes: str = typer.Option("local,fedavg,fedavg-ft,fedper,fedsa,ffa", help="comma-separated modes"),
+    seeds: int = typer.Option(3, help="number of seeds (0..n-1)"),
+    workers: int = typer.Option(2, help="worker processes (one thread each)"),
+    run_dir: Path = typer.Option(None, help="folder of an earlier run to resume (finished cells are kept)"),
+    no_publish: bool = typer.Option(False, help="do not update BENCHMARKS.md"),
+) -> None:
+    """Per-client accuracy for every mode × privacy × seed (resumable)."""
+    from simulations.bench.commands import bench_quality
+
+    progress, update = _grid_progress("quality cells")
+    try:
+        with progress:
+            run, table = bench_quality(
+                _split_csv(settings), _split_csv(privacy), _split_csv(modes), list(range(seeds)),
+                workers, run_dir, update, publish=not no_publish,
+            )  # fmt: skip
+    except (FedpersError, ValueError) as exc:
+        _fail(exc)
+    print(table)
+    console.print(f"outputs: {run.dir}")
+
+
 def main() -> None:
     """Entry point with clean error exits."""
     try:

@@ -45,6 +45,8 @@ class TaskConfig:
     max_length: int = dataclasses.field(metadata=_range(8, 512))
     topics_liked: int = dataclasses.field(metadata=_range(1, 4))
     seed: int
+    evaluate_on: str = dataclasses.field(metadata=_choices("test", "validation"))
+    validation_fraction: float = dataclasses.field(metadata=_range(0.05, 0.5))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -143,6 +143,14 @@ def _split(
             "training examples after holding out its test split (needs at least 3)"
         )
     tr, te = picked[:n_train], picked[n_train : n_train + n_test]
+    if task.evaluate_on == "validation":  # tuning: evaluate on held-out train examples, never on test
+        n_val = max(1, round(n_train * task.validation_fraction))
+        if n_train - n_val < 2:
+            raise DataError(
+                f"client {partition_id} ({user}) has {n_train} training examples: too few to hold out "
+                f"a validation split of {task.validation_fraction:.0%} and keep 2 for training"
+            )
+        tr, te = tr[: n_train - n_val], tr[n_train - n_val :]
     return ClientData(
         tuple(texts[i] for i in tr), labels[tr], tuple(texts[i] for i in te), labels[te], names, user
     )

@@ -21,6 +21,7 @@ from common.data import label_names
 from common.model import get_backbone
 from common.params import get_arrays, nbytes
 from common.split import split_names
+from server.ledger import Ledger
 from server.recorder import distribution
 from server.validation import weighted_average
 
@@ -30,8 +31,15 @@ def run_sequential(
     num_clients: int,
     out: Path,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    evaluate_every: int = 1,
 ) -> dict[str, Any]:
-    """Run ``fed.num-rounds`` rounds over all clients; returns per-round lines and a final summary."""
+    """Run ``fed.num-rounds`` rounds over all clients; returns per-round lines and a final summary.
+
+    Clients are evaluated every ``evaluate_every`` rounds and always after the last one. Every train
+    reply's privacy report goes into ``out/ledger.json`` exactly as the server's ledger records it.
+    """
+    if evaluate_every < 1:
+        raise ValueError(f"evaluate_every must be >= 1, got {evaluate_every}")
     cfg = Config.from_run_config(dict(overrides))
     backbone = get_backbone(cfg, len(label_names(cfg.task)))
     names = split_names([n for n, _ in backbone.template.named_parameters()], cfg.personalization.mode)
@@ -40,30 +48,40 @@ def run_sequential(
     nodes = [
         NodeInfo(i, num_clients, out / "clients" / f"client-{i:04d}", run_id) for i in range(num_clients)
     ]
+    ledger = Ledger(out / "ledger.json", {"mode": cfg.personalization.mode, "runner": "sequential"})
     lines: list[dict[str, Any]] = []
     start = time.perf_counter()
     final: list[dict[str, Any]] = []
     for rnd in range(1, cfg.fed.num_rounds + 1):
         t0 = time.perf_counter()
         replies = [run_train(cfg, node, shared, rnd) for node in nodes]
+        for node, (_, metrics) in zip(nodes, replies, strict=True):
+            ledger.record(rnd, node.partition_id, "accepted", metrics)
+        ledger.save()
         if names["shared"]:
             shared = weighted_average([(a, float(m[P.NUM_EXAMPLES])) for a, m in replies], names["shared"])
         final_round = rnd == cfg.fed.num_rounds
-        evals = [run_evaluate(cfg, node, shared, final_round) for node in nodes]
-        line = {"round": rnd, "seconds": time.perf_counter() - t0}
+        line = {"round": rnd}
         line.update(distribution([float(m[P.ACC_AFTER]) for _, m in replies], "acc-after"))
-        line.update(distribution([float(e[P.EVAL_ACC]) for e in evals], "eval-acc"))
+        if final_round or rnd % evaluate_every == 0:
+            evals = [run_evaluate(cfg, node, shared, final_round) for node in nodes]
+            line.update(distribution([float(e[P.EVAL_ACC]) for e in evals], "eval-acc"))
+            final = evals
+        line["seconds"] = time.perf_counter() - t0
         eps = [float(m[P.EPSILON]) for _, m in replies if P.EPSILON in m]
         if eps:
             line["epsilon-max"] = max(eps)
         lines.append(line)
         if on_round:
             on_round(line)
-        final = evals
     summary: dict[str, Any] = {"mode": cfg.personalization.mode, "seconds": time.perf_counter() - start}
     summary.update(distribution([float(e[P.EVAL_ACC]) for e in final], "acc"))
     summary.update(distribution([float(e[P.MAJORITY_ACC]) for e in final], "majority"))
     summary["bytes-up-per-client-round"] = float(nbytes(shared))
+    summary["clients"] = [
+        {"client": int(e[P.PARTITION_ID]), "acc": float(e[P.EVAL_ACC]), "majority": float(e[P.MAJORITY_ACC])}
+        for e in final
+    ]
     summary["rounds"] = lines
     summary["epsilon-max"] = float(np.max([ln.get("epsilon-max", 0.0) for ln in lines]))
     return summary

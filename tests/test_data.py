@@ -258,3 +258,19 @@ def test_majority_baseline() -> None:
     assert majority_baseline_accuracy(tie) == pytest.approx(0.2)  # tie -> lowest label index (0)
     with pytest.raises(DataError, match="differ in length"):
         ClientData(("a",), np.array([0, 1]), (), np.array([]), ("x", "y"), "u")
+
+
+def test_validation_split_is_held_out_of_train_and_never_touches_test(tweets_ready: Path) -> None:
+    full = load_client_data(_task(train_size=50, test_size=20), 3, 10)
+    val = load_client_data(_task(train_size=50, test_size=20, evaluate_on="validation"), 3, 10)
+    assert len(val.train_texts) == 40 and len(val.test_texts) == 10
+    assert val.train_texts + val.test_texts == full.train_texts  # validation = the tail of train
+    assert not set(val.test_texts) & set(full.test_texts)
+
+
+def test_validation_split_too_small_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("text,label,user\na,neg,u\nb,pos,u\nc,neg,u\nd,pos,u\n")
+    task = _task(dataset="file", labels="neg,pos", evaluate_on="validation", validation_fraction=0.5)
+    with pytest.raises(DataError, match="validation split"):
+        load_client_data(task, 0, 1, str(path))

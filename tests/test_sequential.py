@@ -30,3 +30,16 @@ def test_sequential_run_trains_every_client_and_composes_epsilon(tmp_path: Path)
         delta = float(state.run_plan["delta"])
         assert epsilon(state.history, delta, "prv") <= 8.0 + 1e-9
         assert sorted(state.tensors) == ["head.bias", "head.weight"]
+
+
+def test_sequential_ledger_matches_reported_epsilon_and_evaluates_at_the_end(tmp_path: Path) -> None:
+    import json
+
+    lines: list[dict] = []
+    out = run_sequential({**TINY, "fed.num-rounds": 3}, 2, tmp_path, on_round=lines.append, evaluate_every=5)
+    assert ["eval-acc-mean" in ln for ln in lines] == [False, False, True]  # only the final round
+    ledger = json.loads((tmp_path / "ledger.json").read_text())
+    entries = ledger["entries"]
+    assert sorted((e["round"], e["client"]) for e in entries) == [(r, c) for r in (1, 2, 3) for c in (0, 1)]
+    assert max(e["epsilon"] for e in entries) == out["epsilon-max"]
+    assert sorted(c["client"] for c in out["clients"]) == [0, 1]

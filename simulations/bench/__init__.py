@@ -1,0 +1,1 @@
+"""Simulation-speed benchmark: the same federated workload run by several frameworks."""

@@ -1,0 +1,71 @@
+"""The benchmark grid: cells run through the real sequential federation, resume, and aggregate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from simulations.bench.grid import Cell, load_done, run_grid
+from simulations.bench.output import BenchRun, markdown_table, update_block
+from simulations.bench.quality import aggregate, plan, targets
+
+TINY = {
+    "model.name": "tiny",
+    "model.frozen-layers": 1,
+    "task.train-size": 30,
+    "task.test-size": 10,
+    "train.batch-size": 15,
+    "fed.num-rounds": 1,
+}
+
+
+def test_grid_runs_resumes_and_aggregates(tmp_path: Path) -> None:
+    cells = [
+        Cell(f"tweets-a0.3/{p}/{m}/seed0", {**TINY, **o, "personalization.mode": m}, 2, group=p)
+        for p, o in (("none", {"dp.enabled": False}), ("eps8", {"dp.epsilon": 8.0}))
+        for m in ("local", "fedper")
+    ]
+    seen: list[tuple[int, int]] = []
+    done = run_grid(tmp_path, cells[:2], workers=1, on_progress=lambda d, t: seen.append((d, t)))
+    assert sorted(done) == sorted(c.key for c in cells[:2]) and seen[-1] == (2, 2)
+    first = (tmp_path / "cells" / f"{cells[0].key}.json").stat().st_mtime_ns
+    done = run_grid(tmp_path, cells, workers=1)  # resumes: the two finished cells are not rerun
+    assert len(done) == 4 and (tmp_path / "cells" / f"{cells[0].key}.json").stat().st_mtime_ns == first
+    dp = done["tweets-a0.3/eps8/fedper/seed0"]
+    ledger = json.loads(Path(dp["ledger"]).read_text())["entries"]
+    assert max(e["epsilon"] for e in ledger) == dp["epsilon-max"] <= 8.0 + 1e-9
+    rows = aggregate(load_done(tmp_path, cells))
+    assert {(r["privacy"], r["mode"]) for r in rows} == {
+        (p, m) for p in ("none", "eps8") for m in ("local", "fedper")
+    }
+    verdicts = targets(rows, "tweets-a0.3")
+    assert any("DP fedavg" in fig and "not run" in fig for _, fig, _ in verdicts)
+
+
+def test_plan_orders_by_priority_and_rejects_unknown_names() -> None:
+    cells = plan(["news"], ["eps1", "none", "eps8"], ["fedper"], [0, 1], {"default": {"train.lr-head": 0.7}})
+    assert [c.key for c in cells][:3] == [
+        "news/eps8/fedper/seed0",
+        "news/none/fedper/seed0",
+        "news/eps1/fedper/seed0",
+    ]
+    assert cells[0].overrides["train.lr-head"] == 0.7 and cells[0].overrides["dp.epsilon"] == 8.0
+    with pytest.raises(ValueError, match="unknown setting"):
+        plan(["tweets"], ["eps8"], ["fedper"], [0], {})
+    with pytest.raises(ValueError, match="unknown mode"):
+        plan(["news"], ["eps8"], ["fedbias2"], [0], {})
+
+
+def test_publish_replaces_only_its_block(tmp_path: Path) -> None:
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text(
+        "# Benchmarks\n\nanalysis stays\n\n<!-- bench:comm -->\nold\n<!-- /bench:comm -->\n\ntail\n"
+    )
+    run = BenchRun("comm", "fedpers bench comm", root=tmp_path)
+    run.publish(markdown_table(("a", "b"), [(1, 0.5)]), md)
+    text = md.read_text()
+    assert "old" not in text and "| 1 | 0.500 |" in text and "analysis stays" in text and "tail" in text
+    update_block(md, "dp-cost", "new block")
+    assert text.count("<!-- bench:") + 1 == md.read_text().count("<!-- bench:")
