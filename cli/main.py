@@ -195,6 +195,62 @@ def bench_comm_cmd(no_publish: bool = typer.Option(False, help="do not update BE
     console.print(f"outputs: {run.dir}")
 
 
+@bench_app.command("dp-cost")
+def bench_dp_cost_cmd(
+    batches: str = typer.Option("16,32,64", help="comma-separated expected batch sizes"),
+    repeats: int = typer.Option(3, help="interleaved repeats per variant (median reported)"),
+    threads: int = typer.Option(2, help="torch threads"),
+    no_publish: bool = typer.Option(False, help="do not update BENCHMARKS.md"),
+) -> None:
+    """Time per step and peak memory: non-private vs Opacus hooks, functorch, ghost."""
+    from simulations.bench.commands import bench_dp_cost
+
+    try:
+        sizes = [int(b) for b in _split_csv(batches)]
+        run, table = bench_dp_cost(sizes, repeats, threads, publish=not no_publish)
+    except (FedpersError, ValueError) as exc:
+        _fail(exc)
+    print(table)
+    console.print(f"outputs: {run.dir}")
+
+
+@bench_app.command("sim-speed")
+def bench_sim_speed_cmd(
+    clients: int = typer.Option(10, help="simulated clients (all train every round)"),
+    threads: int = typer.Option(2, help="torch threads of the sequential and pfl runners"),
+    actors: str = typer.Option("2,1", help="Flower actor counts to try (cores are split among them)"),
+    no_publish: bool = typer.Option(False, help="do not update BENCHMARKS.md"),
+) -> None:
+    """The same workload on Flower's simulation engine, a plain loop (floor) and pfl-research."""
+    from simulations.bench.commands import bench_sim_speed
+
+    try:
+        counts = [int(a) for a in _split_csv(actors)]
+        run, table = bench_sim_speed(clients, threads, counts, publish=not no_publish)
+    except (FedpersError, ValueError, RuntimeError) as exc:
+        _fail(exc)
+    print(table)
+    console.print(f"outputs: {run.dir}")
+
+
+@bench_app.command("scale")
+def bench_scale_cmd(
+    populations: str = typer.Option("50,150,300,600", help="comma-separated population sizes"),
+    cohort: int = typer.Option(20, help="clients sampled per round"),
+    no_publish: bool = typer.Option(False, help="do not update BENCHMARKS.md"),
+) -> None:
+    """Population 50 → 600 with a fixed cohort: wall per round, peak RSS, state per user."""
+    from simulations.bench.commands import bench_scale
+
+    try:
+        sizes = [int(p) for p in _split_csv(populations)]
+        run, table = bench_scale(sizes, cohort, publish=not no_publish)
+    except (FedpersError, ValueError, RuntimeError) as exc:
+        _fail(exc)
+    print(table)
+    console.print(f"outputs: {run.dir}")
+
+
 @bench_app.command("tune")
 def bench_tune_cmd(
     workers: int = typer.Option(2, help="worker processes (one thread each)"),

@@ -169,11 +169,12 @@ def _save(s: _Session) -> None:
 def run_train(cfg: Config, node: NodeInfo, shared: Arrays, server_round: int) -> tuple[Arrays, Metrics]:
     """Handle one train instruction; returns (shared arrays to send, metrics)."""
     s = _open(cfg, node, shared)
-    acc_before, _ = evaluate(s.model, s.test)
+    report = cfg.client.report_before_after  # two extra test passes per round: optional for speed
+    acc_before = evaluate(s.model, s.test)[0] if report else None
     seed = _seed(cfg.task.seed, node.partition_id, server_round, s.state.rounds_trained)
     rounds_left = max(1, cfg.fed.num_rounds - server_round + 1) if server_round > 0 else cfg.fed.num_rounds
     outcome, plan = _local_train(cfg, s, node, cfg.train.local_epochs, seed, rounds_left)
-    acc_after, _ = evaluate(s.model, s.test)
+    acc_after = evaluate(s.model, s.test)[0] if report else None
     s.state.rounds_trained += 1
     s.state.examples_seen += len(s.train)
     _save(s)
@@ -184,12 +185,12 @@ def run_train(cfg: Config, node: NodeInfo, shared: Arrays, server_round: int) ->
         P.PARTITION_ID: node.partition_id,
         P.LOSS: outcome.loss,
         P.TRAIN_SECONDS: outcome.seconds,
-        P.ACC_BEFORE: acc_before,
-        P.ACC_AFTER: acc_after,
         P.MAJORITY_ACC: majority_baseline_accuracy(s.data),
         P.BYTES_UP: nbytes(out),
         P.UPDATE_NORM: delta_norm,
     }
+    if acc_before is not None and acc_after is not None:
+        metrics.update({P.ACC_BEFORE: acc_before, P.ACC_AFTER: acc_after})
     metrics.update(_privacy_metrics(cfg, s, plan, outcome.steps))
     return out, metrics
 

@@ -122,9 +122,10 @@ class FedConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ClientConfig:
-    """Where the client keeps its encrypted personal state."""
+    """Where the client keeps its encrypted personal state, and what it reports."""
 
     state_root: str
+    report_before_after: bool
 
 
 @dataclasses.dataclass(frozen=True)

@@ -62,7 +62,9 @@ def run_sequential(
             shared = weighted_average([(a, float(m[P.NUM_EXAMPLES])) for a, m in replies], names["shared"])
         final_round = rnd == cfg.fed.num_rounds
         line = {"round": rnd}
-        line.update(distribution([float(m[P.ACC_AFTER]) for _, m in replies], "acc-after"))
+        after = [float(m[P.ACC_AFTER]) for _, m in replies if P.ACC_AFTER in m]
+        if after:
+            line.update(distribution(after, "acc-after"))
         if final_round or rnd % evaluate_every == 0:
             evals = [run_evaluate(cfg, node, shared, final_round) for node in nodes]
             line.update(distribution([float(e[P.EVAL_ACC]) for e in evals], "eval-acc"))

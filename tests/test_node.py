@@ -32,3 +32,18 @@ def test_train_reports_its_training_time(tmp_path: Path) -> None:
     _, metrics = run_train(cfg, NodeInfo(0, 4, tmp_path, run_id=1), _shared(cfg), 1)
     assert metrics[P.TRAIN_SECONDS] > 0
     assert len(features._CACHE) >= 2
+
+
+def test_before_after_accuracy_can_be_switched_off(tmp_path: Path, monkeypatch) -> None:
+    import client.node as node_mod
+
+    calls: list[int] = []
+    real = node_mod.evaluate
+    monkeypatch.setattr(node_mod, "evaluate", lambda m, f: calls.append(1) or real(m, f))
+    cfg = Config.from_run_config(TINY_TRAIN)
+    _, on = run_train(cfg, NodeInfo(0, 4, tmp_path / "on", run_id=1), _shared(cfg), 1)
+    assert P.ACC_BEFORE in on and P.ACC_AFTER in on and len(calls) == 2
+    cfg = Config.from_run_config({**TINY_TRAIN, "client.report-before-after": False})
+    _, off = run_train(cfg, NodeInfo(0, 4, tmp_path / "off", run_id=1), _shared(cfg), 1)
+    assert P.ACC_BEFORE not in off and P.ACC_AFTER not in off and len(calls) == 2
+    assert off[P.NUM_EXAMPLES] == on[P.NUM_EXAMPLES] and P.EPSILON in off

@@ -87,6 +87,82 @@ def bench_quality(
     return run, table
 
 
+def bench_dp_cost(
+    batches: Sequence[int], repeats: int, threads: int, folder: Path | None = None, publish: bool = True
+) -> tuple[BenchRun, str]:
+    """Time per step and peak memory, non-private vs Opacus hooks/functorch/ghost."""
+    from common.config import Config
+    from simulations.bench.dp_cost import VARIANTS, dp_cost_table, measure_memory, merge, time_variants
+
+    run = _run("dp-cost", folder)
+    times = time_variants(VARIANTS, batches, repeats, threads)
+    mems = measure_memory(VARIANTS, batches, threads)
+    rows = merge(times, mems)
+    default = Config.from_run_config({}).dp.grad_sample_mode
+    run.results = {"rows": rows, "threads": threads, "repeats": repeats, "default-mode": default}
+    table = f"One epoch of 512 tweets, MiniLM LoRA r=8 (top 2 layers) + head, {threads} thread(s).\n\n"
+    table += dp_cost_table(rows, default)
+    run.save(table)
+    if publish:
+        run.publish(table)
+    return run, table
+
+
+def bench_sim_speed(
+    clients: int, threads: int, actors: list[int], folder: Path | None = None, publish: bool = True
+) -> tuple[BenchRun, str]:
+    """The same workload through Flower, a plain loop and pfl-research, each in a fresh process."""
+    from simulations.bench.sim_speed import WORKLOAD, run_runner, serialization_seconds, sim_speed_table
+
+    run = _run("sim-speed", folder)
+    rows = [run_runner("sequential", clients, threads, 0, run.dir / "sequential")]
+    rows += [run_runner("flower", clients, threads, n, run.dir / f"flower-{n}") for n in actors]
+    try:
+        import pfl  # noqa: F401
+
+        rows.append(run_runner("pfl", clients, threads, 0, run.dir / "pfl"))
+    except ImportError:
+        pass  # reported as missing in the table
+    ser = serialization_seconds()
+    run.results = {"rows": rows, "workload": WORKLOAD, "clients": clients, "serialization-seconds": ser}
+    table = (
+        f"Workload: {clients} clients × {WORKLOAD['fed.num-rounds']} rounds, tweets, "
+        f"{WORKLOAD['task.train-size']} train / {WORKLOAD['task.test-size']} test per client, non-private "
+        "fedavg (LoRA + head), every client trains and is evaluated every round.\n\n"
+    )
+    if not any(r["runner"] == "pfl" for r in rows):
+        table += "pfl-research is not installed (`pip install -e '.[bench]'`): runner (c) skipped.\n\n"
+    table += sim_speed_table(rows, clients, ser)
+    run.save(table)
+    if publish:
+        run.publish(table)
+    return run, table
+
+
+def bench_scale(
+    populations: Sequence[int], cohort: int, folder: Path | None = None, publish: bool = True
+) -> tuple[BenchRun, str]:
+    """Population sweep with a fixed cohort: wall per round, peak RSS, state per user."""
+    from simulations.bench.scale import WORKLOAD, run_population, scale_table
+
+    run = _run("scale", folder)
+    rows = []
+    for n in populations:
+        rows.append(run_population(n, cohort, run.dir / f"pop-{n}"))
+        run.results = {"rows": rows, "workload": WORKLOAD, "cohort": cohort}
+        run.save(scale_table(rows))  # keep what finished if a larger population fails
+    table = (
+        f"Workload: tweets (Dirichlet α=0.3) over the population, {WORKLOAD['task.train-size']} train / "
+        f"{WORKLOAD['task.test-size']} test per user, fedper with DP ε=8, "
+        f"{WORKLOAD['fed.num-rounds']} rounds, {cohort} users sampled per round for training and "
+        "evaluation, Flower simulation with 2 single-thread actors.\n\n" + scale_table(rows)
+    )
+    run.save(table)
+    if publish:
+        run.publish(table)
+    return run, table
+
+
 def bench_names() -> dict[str, str]:
     """Benchmark names and what they measure."""
     return {

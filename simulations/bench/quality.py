@@ -36,6 +36,7 @@ BASE: dict[str, Any] = {
     "fed.num-rounds": 5,
     "dp.delta": 0.0,  # 1 / n_client
     "train.threads": 1,
+    "client.report-before-after": False,  # only the evaluation after aggregation is scored
 }
 NUM_CLIENTS = 20
 TUNED = Path(__file__).resolve().parents[1] / "configs" / "bench-tuned.toml"

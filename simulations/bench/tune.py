@@ -17,7 +17,7 @@ from common.fileio import write_bytes_atomic
 from simulations.bench.grid import Cell
 from simulations.bench.quality import BASE, NUM_CLIENTS, PRIVACY, SETTINGS, TUNED
 
-LR_LORA = (0.05, 0.2)
+LR_LORA = (0.05,)
 LR_HEAD = (0.5, 1.0)
 TUNED_MODES = ("fedper", "local")
 

@@ -1,0 +1,175 @@
+"""DP cost benchmark: one local epoch of the MiniLM LoRA model, non-private vs Opacus grad-sample modes.
+
+Time: all variants in ONE process, interleaved over repeats (median seconds per step, the epoch's
+``make_private`` included, as a real round pays it). Memory: each (variant, batch) in a FRESH process:
+resident memory after the model and features are loaded, then the peak during the epoch (Linux
+``VmHWM`` after resetting it through ``/proc/self/clear_refs``); the increment is what training adds.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("non-private", "hooks", "functorch", "ghost")
+BATCHES = (16, 32, 64)
+TARGET_TIME, TARGET_MEMORY = 1.15, 1.20
+BASE: dict[str, Any] = {"task.train-size": 512, "task.test-size": 10, "task.dirichlet-alpha": 100.0}
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
+def _setup(threads: int, extra: dict[str, Any]) -> tuple[Any, Any]:
+    import torch
+
+    from common.config import Config
+    from common.data import label_names, load_client_data
+    from common.features import encode
+    from common.model import get_backbone
+
+    torch.set_num_threads(threads)
+    cfg = Config.from_run_config({**BASE, **extra})
+    backbone = get_backbone(cfg, len(label_names(cfg.task)))
+    data = load_client_data(cfg.task, 0, 1)
+    feats = encode(backbone, data.train_texts, data.train_labels, cfg.task.max_length)
+    return backbone, feats
+
+
+def _epoch(backbone: Any, feats: Any, variant: str, batch: int, extra: dict[str, Any]) -> tuple[float, int]:
+    """Seconds and steps of one epoch of ``variant`` at expected batch ``batch``."""
+    from client.training import DPPlan, sample_rate, train
+    from common.config import Config
+
+    dp = variant != "non-private"
+    over = {**BASE, **extra, "train.batch-size": batch, "dp.grad-sample-mode": variant if dp else "hooks"}
+    cfg = Config.from_run_config(over)
+    plan = DPPlan(sigma=1.0, sample_rate=sample_rate(len(feats), batch), delta=1e-3) if dp else None
+    out = train(backbone.new_model(), feats, cfg, epochs=1, plan=plan, history=[], seed=0)
+    return out.seconds, out.steps
+
+
+def time_variants(
+    variants: Sequence[str],
+    batches: Sequence[int],
+    repeats: int,
+    threads: int,
+    extra: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Median seconds per step for every (variant, batch), measured interleaved in this process."""
+    extra = extra or {}
+    backbone, feats = _setup(threads, extra)
+    rows = []
+    for batch in batches:
+        _epoch(backbone, feats, "non-private", batch, extra)  # warm-up
+        per_step: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(repeats):
+            for v in variants:
+                seconds, steps = _epoch(backbone, feats, v, batch, extra)
+                per_step[v].append(seconds / steps)
+        for v in variants:
+            rows.append({"variant": v, "batch": batch, "seconds-per-step": statistics.median(per_step[v])})
+    return rows
+
+
+def memory_cell(
+    variant: str, batch: int, threads: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Peak resident memory of one epoch in THIS (fresh) process."""
+    extra = extra or {}
+    backbone, feats = _setup(threads, extra)
+    base_kib = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    _epoch(backbone, feats, variant, batch, extra)
+    peak_kib = _status_kib("VmHWM")
+    return {
+        "variant": variant,
+        "batch": batch,
+        "rss-before-mib": base_kib / 1024,
+        "peak-mib": peak_kib / 1024,
+        "increment-mib": (peak_kib - base_kib) / 1024,
+    }
+
+
+def measure_memory(
+    variants: Sequence[str], batches: Sequence[int], threads: int, extra: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """:func:`memory_cell` for every (variant, batch), each in a fresh Python process."""
+    rows = []
+    for batch in batches:
+        for v in variants:
+            code = (
+                "import json,sys; from simulations.bench.dp_cost import memory_cell; "
+                f"print('RESULT ' + json.dumps(memory_cell({v!r}, {batch}, {threads}, {extra or {}!r})))"
+            )
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                raise RuntimeError(f"memory cell {v}/{batch} failed:\n{proc.stderr[-2000:]}")
+            rows.append(json.loads(lines[-1][len("RESULT ") :]))
+    return rows
+
+
+def merge(times: list[dict[str, Any]], mems: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Join time and memory rows and add the ratios to non-private at the same batch."""
+    mem = {(m["variant"], m["batch"]): m for m in mems}
+    tim = {(t["variant"], t["batch"]): t for t in times}
+    rows = []
+    for (v, b), t in tim.items():
+        row = {**t, **mem.get((v, b), {})}
+        ref_t, ref_m = tim.get(("non-private", b)), mem.get(("non-private", b))
+        if ref_t:
+            row["time-ratio"] = t["seconds-per-step"] / ref_t["seconds-per-step"]
+        if ref_m and (v, b) in mem:
+            row["peak-ratio"] = row["peak-mib"] / ref_m["peak-mib"]
+            row["increment-ratio"] = row["increment-mib"] / max(ref_m["increment-mib"], 1e-9)
+        rows.append(row)
+    return rows
+
+
+def dp_cost_table(rows: list[dict[str, Any]], default_mode: str) -> str:
+    """Markdown table, the fastest DP mode per batch, and the verdict for the default mode."""
+    from simulations.bench.output import markdown_table
+
+    def r(row: dict[str, Any], key: str, fmt: str) -> str:
+        return format(row[key], fmt) if key in row else "–"
+
+    body = markdown_table(
+        ("variant", "batch", "ms / step", "× time", "peak RSS MiB", "× peak", "training adds MiB", "× added"),
+        [
+            (
+                row["variant"], row["batch"], f"{1000 * row['seconds-per-step']:.1f}",
+                r(row, "time-ratio", ".2f"), r(row, "peak-mib", ".0f"), r(row, "peak-ratio", ".2f"),
+                r(row, "increment-mib", ".0f"), r(row, "increment-ratio", ".2f"),
+            )
+            for row in rows
+        ],
+    )  # fmt: skip
+    lines = [body, ""]
+    for batch in sorted({row["batch"] for row in rows}):
+        dp = [row for row in rows if row["batch"] == batch and row["variant"] != "non-private"]
+        if not dp:
+            continue
+        fastest = min(dp, key=lambda row: row["seconds-per-step"])
+        mine = next((row for row in dp if row["variant"] == default_mode), None)
+        if mine is None or "time-ratio" not in mine:
+            continue
+        ok_t = mine["time-ratio"] <= TARGET_TIME
+        ok_m = mine.get("peak-ratio", float("inf")) <= TARGET_MEMORY
+        lines.append(
+            f"- batch {batch}: fastest DP mode **{fastest['variant']}**; default `{default_mode}` "
+            f"time ×{mine['time-ratio']:.2f} (target ≤ {TARGET_TIME}: {'met' if ok_t else 'MISSED'}), "
+            f"peak RSS ×{mine.get('peak-ratio', float('nan')):.2f} (target ≤ {TARGET_MEMORY}: "
+            f"{'met' if ok_m else 'MISSED'}), memory training adds "
+            f"×{mine.get('increment-ratio', float('nan')):.2f}"
+        )
+    return "\n".join(lines) + "\n"
