@@ -40,7 +40,11 @@ class Features:
 def encode(
     backbone: Backbone, texts: Sequence[str], labels: np.ndarray, max_length: int, chunk: int = 64
 ) -> Features:
-    """Features of ``texts`` under ``backbone`` (cached: the prefix is frozen, so this is exact)."""
+    """Features of ``texts`` under ``backbone``, rows sorted by token length (cached per process).
+
+    The prefix is frozen, so caching is exact; the row order does not matter to training (Poisson or
+    shuffled batches) or evaluation, and ``labels`` are reordered with the rows.
+    """
     if len(texts) != len(labels):
         raise DataError(f"{len(texts)} texts but {len(labels)} labels")
     if len(texts) == 0:
@@ -55,19 +59,45 @@ def encode(
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
-    enc = backbone.tokenizer(
-        list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
-    )
-    parts = []
-    for i in range(0, len(texts), chunk):
-        parts.append(backbone.prefix(enc["input_ids"][i : i + chunk], enc["attention_mask"][i : i + chunk]))
+    hidden, mask, order = prefix_features(backbone, texts, max_length, chunk)
     feats = Features(
-        hidden=torch.cat(parts).contiguous(),
-        mask=enc["attention_mask"].long(),
-        labels=torch.tensor(np.array(labels, dtype=np.int64)),
+        hidden=hidden,
+        mask=mask,
+        labels=torch.tensor(np.asarray(labels, dtype=np.int64)[order]),
     )
     with _LOCK:
         _CACHE[key] = feats
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return feats
+
+
+def prefix_features(
+    backbone: Backbone, texts: Sequence[str], max_length: int, chunk: int = 64
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Prefix hidden states of ``texts``, sorted by token length; returns (hidden, mask, order).
+
+    Texts are run shortest first in chunks padded only to the chunk's longest text, so the frozen layers
+    never compute on padding beyond that (tweets: about half the tokens of padding to the longest text).
+    Real tokens do not attend to padding, so their states equal a full-batch forward up to float rounding;
+    padded positions are zero and masked. ``order[i]`` is the input index of row ``i``.
+    """
+    enc = backbone.tokenizer(list(texts), truncation=True, max_length=max_length)
+    ids: list[list[int]] = enc["input_ids"]
+    lengths = np.array([len(x) for x in ids])
+    order = np.argsort(lengths, kind="stable")
+    width = int(lengths.max())
+    hidden = torch.zeros(len(ids), width, backbone.prefix.config.hidden_size)
+    mask = torch.zeros(len(ids), width, dtype=torch.long)
+    pad = backbone.tokenizer.pad_token_id or 0
+    for start in range(0, len(ids), chunk):
+        rows = order[start : start + chunk]
+        w = int(lengths[rows].max())
+        batch_ids = torch.full((len(rows), w), pad, dtype=torch.long)
+        batch_mask = torch.zeros(len(rows), w, dtype=torch.long)
+        for j, r in enumerate(rows):
+            batch_ids[j, : lengths[r]] = torch.tensor(ids[r])
+            batch_mask[j, : lengths[r]] = 1
+        hidden[start : start + len(rows), :w] = backbone.prefix(batch_ids, batch_mask)
+        mask[start : start + len(rows), :w] = batch_mask
+    return hidden, mask, order

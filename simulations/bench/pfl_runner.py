@@ -51,6 +51,7 @@ from torch.utils.data import TensorDataset
 from common.config import Config
 from common.data import label_names, load_client_data
 from common.errors import ConfigError
+from common.features import prefix_features
 from common.model import Backbone, PersonalModel, build_backbone
 
 EVAL_BATCH = 128  # client.training.evaluate's batch size
@@ -121,13 +122,9 @@ class _RoundEnd(TrainingProcessCallback):
 
 
 def _features(backbone: Backbone, texts: Sequence[str], labels: np.ndarray, max_length: int) -> Tensors:
-    """(hidden, mask, labels) after the frozen prefix, computed like ``common.features.encode`` (no cache)."""
-    enc = backbone.tokenizer(
-        list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
-    )
-    ids, mask = enc["input_ids"], enc["attention_mask"].long()
-    hidden = torch.cat([backbone.prefix(ids[i : i + 64], mask[i : i + 64]) for i in range(0, len(ids), 64)])
-    return hidden.contiguous(), mask, torch.tensor(np.asarray(labels, dtype=np.int64))
+    """(hidden, mask, labels) after the frozen prefix, as ``common.features.encode`` computes them."""
+    hidden, mask, order = prefix_features(backbone, texts, max_length)
+    return hidden, mask, torch.tensor(np.asarray(labels, dtype=np.int64)[order])
 
 
 def _local_optimizer(net: PersonalModel, cfg: Config) -> Callable[..., torch.optim.Optimizer]:

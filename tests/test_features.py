@@ -1,0 +1,35 @@
+"""Cached prefix features are the frozen layers' output: running the whole encoder gives the same logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from conftest import TINY
+
+from common.config import Config
+from common.data import load_client_data
+from common.features import encode
+from common.model import get_backbone
+
+
+def test_length_sorted_chunked_features_equal_a_full_forward() -> None:
+    cfg = Config.from_run_config({**TINY, "model.frozen-layers": 1, "task.train-size": 70})
+    backbone = get_backbone(cfg, 3)
+    data = load_client_data(cfg.task, 0, 4)
+    feats = encode(backbone, data.train_texts, data.train_labels, cfg.task.max_length, chunk=16)
+    lengths = feats.mask.sum(1)
+    assert bool((lengths[1:] >= lengths[:-1]).all())  # rows sorted by length
+    assert sorted(feats.labels.tolist()) == sorted(data.train_labels.tolist())
+    # Reference: every text padded to the longest, all layers at once (no cache, no chunks).
+    enc = backbone.tokenizer(list(data.train_texts), padding="longest", truncation=True,
+                             max_length=cfg.task.max_length, return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        full = backbone.prefix(enc["input_ids"], enc["attention_mask"])
+        model = backbone.new_model().eval()
+        ref = model(full, enc["attention_mask"])
+        got = torch.cat([model(*feats.batch(slice(i, i + 9))[:2]) for i in range(0, len(feats), 9)])
+    by_text = {}
+    order = np.argsort(enc["attention_mask"].sum(1).numpy(), kind="stable")
+    for row, idx in enumerate(order):
+        by_text[row] = ref[idx]
+    assert torch.allclose(got, torch.stack([by_text[r] for r in range(len(order))]), atol=1e-5)
