@@ -152,7 +152,8 @@ def bench_scale(
         run.results = {"rows": rows, "workload": WORKLOAD, "cohort": cohort}
         run.save(scale_table(rows))  # keep what finished if a larger population fails
     table = (
-        f"Workload: tweets (Dirichlet α=0.3) over the population, {WORKLOAD['task.train-size']} train / "
+        f"Workload: tweets (Dirichlet α={WORKLOAD['task.dirichlet-alpha']}) over the population, "
+        f"{WORKLOAD['task.train-size']} train / "
         f"{WORKLOAD['task.test-size']} test per user, fedper with DP ε=8, "
         f"{WORKLOAD['fed.num-rounds']} rounds, {cohort} users sampled per round for training and "
         "evaluation, Flower simulation with 2 single-thread actors.\n\n" + scale_table(rows)

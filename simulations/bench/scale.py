@@ -20,6 +20,7 @@ from typing import Any
 
 WORKLOAD: dict[str, Any] = {
     "task.dataset": "tweets",
+    "task.dirichlet-alpha": 1.0,  # α = 0.3 cannot give 300+ users ≥ 3 tweets each (flwr-datasets gives up)
     "task.train-size": 40,
     "task.test-size": 20,
     "fed.num-rounds": 3,
@@ -98,6 +99,13 @@ def _child(population: int, cohort: int, out: Path, extra: dict[str, Any] | None
         simulate(SimSettings(num_clients=population, client_cpus=1.0, overrides=over), out,
                  on_round=lambda _line: ends.append(time.time()))  # fmt: skip
     rounds = [ends[0] - start] + [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    accepted = [int(ln.get("accepted", 0)) for ln in lines]
+    if not accepted or min(accepted) == 0:
+        reasons = [r for ln in lines for r in ln.get("refusals", [])][:1]
+        raise RuntimeError(
+            f"population {population}: a round trained no client (accepted {accepted}); {reasons}"
+        )
     sizes = state_sizes(out / "clients")
     return {
         "population": population,
@@ -105,6 +113,7 @@ def _child(population: int, cohort: int, out: Path, extra: dict[str, Any] | None
         "round-seconds": rounds,
         "steady-round-seconds": sorted(rounds[1:])[len(rounds[1:]) // 2] if len(rounds) > 1 else rounds[0],
         "peak-rss-gib": rss.peak / 2**30,
+        "accepted-per-round": accepted,
         "users-with-state": len(sizes),
         "state-bytes-mean": sum(sizes) / len(sizes) if sizes else 0.0,
         "state-bytes-max": max(sizes) if sizes else 0,
