@@ -151,6 +151,35 @@ def _run_sequential(settings: Any, modes: tuple[str, ...], out: Path, on_round: 
     return rows
 
 
+@app.command()
+def audit(
+    path: Path = typer.Argument(..., help="a run folder (with ledger.json) or a ledger.json"),
+    budget: float = typer.Option(None, help="ε budget to check against (default: the ledger's)"),
+    out: Path = typer.Option(None, help="where to write audit.json/.md/.html/.png (default: <run>/audit)"),
+) -> None:
+    """Recompute every client's ε with independent accountants (dp-accounting RDP and PLD).
+
+    Exit code 1 when any client is over budget or its reported ε is inconsistent.
+    """
+    from server.audit import audit_ledger, find_ledger
+    from server.audit_report import rows, write_audit
+
+    try:
+        report = audit_ledger(path, budget)
+    except FedpersError as exc:
+        _fail(exc)
+    folder = out or find_ledger(path).parent / "audit"
+    paths = write_audit(report, folder)
+    table = Table("client", "ε (ours)", "ε (dp-acc. RDP)", "ε (PLD)", "budget", "steps", "status")
+    for row in rows(report):
+        table.add_row(*row)
+    Console().print(table)
+    verdict = "[green]PASS[/]" if report["ok"] else "[bold red]FAIL[/]"
+    console.print(f"{verdict}: {len(report['clients'])} clients; report {paths['md']} and {paths['html']}")
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
 bench_app = typer.Typer(help="Benchmarks: each writes runs/bench-<name>-<time>/ and updates BENCHMARKS.md.")
 app.add_typer(bench_app, name="bench")
 

@@ -20,7 +20,7 @@ from common.params import get_arrays, shapes_of, to_record
 from common.runs import run_dir
 from common.split import split_names
 from server import checkpoint
-from server.ledger import Ledger
+from server.ledger import Ledger, ledger_meta
 from server.recorder import Recorder
 from server.report import write_report
 from server.strategy import FedpersStrategy
@@ -55,14 +55,7 @@ def run_federation(cfg: Config, grid: Grid, run_id: int) -> Path:
     model_bytes = backbone.total_params * 4
     ledger = Ledger(
         out / "ledger.json",
-        meta={
-            "delta_rule": "1/n_train per client" if not cfg.dp.delta else cfg.dp.delta,
-            "accountant": cfg.dp.accountant,
-            "budget": cfg.dp.epsilon,
-            "dp": cfg.dp.enabled,
-            "neighbouring": "add/remove one example (sample-level)",
-            "sampling": "Poisson",
-        },
+        meta=ledger_meta(cfg),
     )
     recorder = Recorder(out, cfg.fed.num_rounds, resume=ckpt is not None)
     remaining = cfg.fed.num_rounds - done

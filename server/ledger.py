@@ -12,7 +12,20 @@ from pathlib import Path
 from typing import Any
 
 from common import protocol as P
+from common.config import Config
 from common.fileio import write_json_atomic
+
+
+def ledger_meta(cfg: Config) -> dict[str, Any]:
+    """What an auditor needs to read the entries: budget, accountant, δ rule, neighbouring relation."""
+    return {
+        "delta_rule": "1/n_train per client" if not cfg.dp.delta else cfg.dp.delta,
+        "accountant": cfg.dp.accountant,
+        "budget": cfg.dp.epsilon,
+        "dp": cfg.dp.enabled,
+        "neighbouring": "add/remove one example (sample-level)",
+        "sampling": "Poisson",
+    }
 
 
 class Ledger:

@@ -21,7 +21,7 @@ from common.data import label_names
 from common.model import get_backbone
 from common.params import get_arrays, nbytes
 from common.split import split_names
-from server.ledger import Ledger
+from server.ledger import Ledger, ledger_meta
 from server.recorder import distribution
 from server.validation import weighted_average
 
@@ -48,7 +48,9 @@ def run_sequential(
     nodes = [
         NodeInfo(i, num_clients, out / "clients" / f"client-{i:04d}", run_id) for i in range(num_clients)
     ]
-    ledger = Ledger(out / "ledger.json", {"mode": cfg.personalization.mode, "runner": "sequential"})
+    ledger = Ledger(
+        out / "ledger.json", {**ledger_meta(cfg), "mode": cfg.personalization.mode, "runner": "sequential"}
+    )
     lines: list[dict[str, Any]] = []
     start = time.perf_counter()
     final: list[dict[str, Any]] = []

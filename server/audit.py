@@ -1,0 +1,157 @@
+"""Audit a privacy ledger: recompute every client's ε from its recorded (σ, q, steps) history.
+
+Three numbers per client at the client's δ: the ε the client reported (ours: Opacus PRV or RDP, as
+configured), Google's ``dp-accounting`` RDP, and its PLD accountant (tight; shows how much smaller ε could
+be stated). A client is **inconsistent** when its reported ε differs by more than 1 % from the
+independent accountant of the same kind (PRV ↔ PLD, RDP ↔ RDP), or when the ledger holds fewer steps
+than the client reports having taken (history missing, e.g. an earlier run's ledger), and **over budget**
+when any ε exceeds the budget. Neighbouring relation: add/remove one example of the client's data;
+Poisson sampling with rate q; Gaussian noise σ × clipping norm; δ = 1/n_train per client unless fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common import protocol as P
+from common.errors import FedpersError
+
+TOLERANCE = 0.01
+
+
+class AuditError(FedpersError):
+    """The ledger cannot be audited (missing, unreadable, or without privacy entries)."""
+
+
+@dataclass
+class ClientAudit:
+    """One client's audit result."""
+
+    client: int
+    delta: float
+    steps: int
+    reported_total_steps: int
+    epsilon_reported: float
+    epsilon_rdp: float
+    epsilon_pld: float
+    budget: float
+    status: str = "ok"
+    problems: list[str] = field(default_factory=list)
+    epsilon_by_round: list[tuple[int, float]] = field(default_factory=list)
+
+
+def find_ledger(path: str | Path) -> Path:
+    """``path`` itself if it is a ledger file, else ``path/ledger.json``."""
+    p = Path(path)
+    candidate = p / "ledger.json" if p.is_dir() else p
+    if not candidate.is_file():
+        raise AuditError(f"no ledger at {candidate} (give a run folder or its ledger.json)")
+    return candidate
+
+
+def load_ledger(path: Path) -> dict[str, Any]:
+    """The ledger's JSON, checked for the fields the audit needs."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AuditError(f"cannot read ledger {path}: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
+        raise AuditError(f"{path} is not a fedpers ledger (no 'entries' list)")
+    return data
+
+
+def independent_epsilons(history: list[tuple[float, float, int]], delta: float) -> tuple[float, float]:
+    """(RDP ε, PLD ε) of a Poisson-subsampled Gaussian history, from Google's dp-accounting."""
+    import dp_accounting as dpa
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.rdp import RdpAccountant
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger().setLevel(
+        max(logging.getLogger().level, logging.ERROR)
+    )  # dp-accounting warns via root
+    events = [
+        dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), int(steps))
+        for sigma, q, steps in history
+    ]
+    rdp, pld = RdpAccountant(), PLDAccountant(value_discretization_interval=1e-3)
+    for ev in events:
+        rdp.compose(ev)
+        pld.compose(ev)
+    return float(rdp.get_epsilon(delta)), float(pld.get_epsilon(delta))
+
+
+def audit_client(
+    client: int, entries: list[Mapping[str, Any]], budget: float, accountant: str
+) -> ClientAudit:
+    """Recompute one client's ε from its ledger entries (sorted by round)."""
+    spent = [e for e in entries if P.SIGMA in e and P.STEPS in e and P.SAMPLE_RATE in e]
+    if not spent:
+        raise AuditError(f"client {client} has no privacy entries")
+    history = [(float(e[P.SIGMA]), float(e[P.SAMPLE_RATE]), int(e[P.STEPS])) for e in spent]
+    delta = float(spent[-1][P.DELTA])
+    reported = float(spent[-1][P.EPSILON])
+    total = int(spent[-1].get(P.TOTAL_STEPS, sum(h[2] for h in history)))
+    eps_rdp, eps_pld = independent_epsilons(history, delta)
+    result = ClientAudit(
+        client, delta, sum(h[2] for h in history), total, reported, eps_rdp, eps_pld, budget,
+        epsilon_by_round=[(int(e["round"]), float(e[P.EPSILON])) for e in spent],
+    )  # fmt: skip
+    if total > result.steps:
+        result.problems.append(
+            f"history incomplete: the client reports {total} steps in all, this ledger holds {result.steps}"
+        )
+    reference = eps_rdp if accountant == "rdp" else eps_pld
+    if abs(reported - reference) > TOLERANCE * reference:
+        name = "RDP" if accountant == "rdp" else "PLD"
+        result.problems.append(
+            f"reported ε {reported:.4f} differs from dp-accounting {name} {reference:.4f} by "
+            f"{100 * abs(reported - reference) / reference:.1f} % (> {100 * TOLERANCE:.0f} %)"
+        )
+    if len({float(e[P.DELTA]) for e in spent}) > 1:
+        result.problems.append("δ changed between entries")
+    if result.problems:
+        result.status = "inconsistent"
+    # Over budget: the reported ε above it, or the independent one above it by more than the tolerance.
+    if reported > budget * (1 + 1e-9) or reference > budget * (1 + TOLERANCE):
+        result.status = "over budget" if not result.problems else "inconsistent, over budget"
+        result.problems.append(f"ε {max(reported, reference):.4f} > budget {budget}")
+    return result
+
+
+def audit_ledger(path: str | Path, budget: float | None = None) -> dict[str, Any]:
+    """Audit every client of a ledger; returns a JSON-ready report (``ok`` False on any problem)."""
+    ledger_path = find_ledger(path)
+    data = load_ledger(ledger_path)
+    meta = data.get("meta", {})
+    if budget is None:
+        if "budget" not in meta:
+            raise AuditError(f"{ledger_path} records no budget; pass one (--budget)")
+        budget = float(meta["budget"])
+    accountant = str(meta.get("accountant", "prv"))
+    by_client: dict[int, list[dict[str, Any]]] = {}
+    for e in data["entries"]:
+        if "client" in e and P.SIGMA in e:
+            by_client.setdefault(int(e["client"]), []).append(e)
+    if not by_client:
+        raise AuditError(f"{ledger_path} holds no privacy entries (was DP enabled?)")
+    clients = [
+        audit_client(c, sorted(es, key=lambda e: int(e["round"])), budget, accountant)
+        for c, es in sorted(by_client.items())
+    ]
+    return {
+        "ledger": str(ledger_path),
+        "budget": budget,
+        "accountant": accountant,
+        "neighbouring": meta.get("neighbouring", "add/remove one example (sample-level)"),
+        "sampling": meta.get("sampling", "Poisson"),
+        "delta_rule": meta.get("delta_rule", "1/n_train per client"),
+        "tolerance": TOLERANCE,
+        "ok": all(c.status == "ok" for c in clients),
+        "clients": [asdict(c) for c in clients],
+    }

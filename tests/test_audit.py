@@ -1,0 +1,79 @@
+"""The audit recomputes ε with dp-accounting and flags tampering, missing history and overspending."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from common.privacy import compose, epsilon
+from server.audit import AuditError, audit_ledger
+from server.audit_report import write_audit
+
+SIGMA, Q, STEPS, DELTA = 0.9, 0.2, 5, 1 / 250
+
+
+def _ledger(path: Path, rounds: int = 3, clients: int = 2, budget: float = 8.0) -> Path:
+    entries, history = [], []
+    for r in range(1, rounds + 1):
+        history = compose(history, SIGMA, Q, STEPS)
+        eps = epsilon(history, DELTA, "prv")
+        for c in range(clients):
+            entries.append({"round": r, "node_id": 100 + c, "status": "accepted", "client": c, "epsilon": eps,
+                            "delta": DELTA, "sigma": SIGMA, "sample-rate": Q, "steps": STEPS,
+                            "total-steps": r * STEPS})  # fmt: skip
+    meta = {"budget": budget, "accountant": "prv", "delta_rule": "1/n_train per client"}
+    path.write_text(json.dumps({"meta": meta, "entries": entries}))
+    return path
+
+
+def test_honest_ledger_passes_and_independent_accountants_agree(tmp_path: Path) -> None:
+    report = audit_ledger(_ledger(tmp_path / "ledger.json"))
+    assert report["ok"] and len(report["clients"]) == 2
+    c = report["clients"][0]
+    assert c["epsilon_pld"] == pytest.approx(c["epsilon_reported"], rel=0.01)
+    assert c["epsilon_rdp"] > c["epsilon_pld"]  # RDP is the looser bound
+    assert [r for r, _ in c["epsilon_by_round"]] == [1, 2, 3]
+    paths = write_audit(report, tmp_path / "audit")
+    assert "PASS" in paths["md"].read_text() and paths["png"].stat().st_size > 0
+
+
+def test_tampered_epsilon_is_flagged(tmp_path: Path) -> None:
+    path = _ledger(tmp_path / "ledger.json")
+    data = json.loads(path.read_text())
+    data["entries"][-1]["epsilon"] *= 0.8  # the last entry of client 1 claims less than it spent
+    path.write_text(json.dumps(data))
+    report = audit_ledger(path)
+    assert not report["ok"]
+    bad = {c["client"]: c for c in report["clients"]}
+    assert bad[0]["status"] == "ok" and bad[1]["status"] == "inconsistent"
+    assert "differs from dp-accounting PLD" in bad[1]["problems"][0]
+
+
+def test_over_budget_and_missing_history_are_flagged(tmp_path: Path) -> None:
+    report = audit_ledger(_ledger(tmp_path / "ledger.json"), budget=1.0)
+    assert not report["ok"] and all(c["status"] == "over budget" for c in report["clients"])
+    path = _ledger(tmp_path / "l2.json")
+    data = json.loads(path.read_text())
+    data["entries"] = [e for e in data["entries"] if e["round"] > 1]  # an earlier run's entries missing
+    path.write_text(json.dumps(data))
+    problems = audit_ledger(path)["clients"][0]["problems"]
+    assert any("history incomplete" in p for p in problems)
+
+
+def test_cli_exit_codes_and_clear_errors(tmp_path: Path) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(app, ["audit", str(_ledger(tmp_path / "ledger.json"))])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "audit" / "audit.html").is_file()
+    over = runner.invoke(app, ["audit", str(tmp_path), "--budget", "1"])
+    assert over.exit_code == 1
+    missing = runner.invoke(app, ["audit", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "no ledger" in missing.output
+    with pytest.raises(AuditError, match="no privacy entries"):
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "ledger.json").write_text('{"meta": {"budget": 8}, "entries": []}')
+        audit_ledger(tmp_path / "empty")
