@@ -106,6 +106,15 @@ class DPConfig:
     noise_multiplier: float = dataclasses.field(metadata=_range(0.0, None))
     accountant: str = dataclasses.field(metadata=_choices("prv", "rdp"))
     grad_sample_mode: str = dataclasses.field(metadata=_choices("hooks", "functorch", "ghost"))
+    user_level: bool
+    user_noise_multiplier: float = dataclasses.field(metadata=_range(0.0, None))
+    user_clipping_norm: float = dataclasses.field(metadata=_range(1e-9, None))
+    user_clipping: str = dataclasses.field(metadata=_choices("fixed", "adaptive"))
+    user_target_quantile: float = dataclasses.field(metadata=_range(0.0, 1.0))
+    user_clip_lr: float = dataclasses.field(metadata=_range(0.0, None))
+    user_sampling: str = dataclasses.field(metadata=_choices("poisson", "none"))
+    user_delta: float = dataclasses.field(metadata=_range(0.0, 0.1))
+    user_epsilon: float = dataclasses.field(metadata=_range(0.0, None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +143,7 @@ class OutputConfig:
 
     run_dir: str
     resume: bool
+    ledger: str
 
 
 @dataclasses.dataclass(frozen=True)

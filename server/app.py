@@ -24,6 +24,7 @@ from server.ledger import Ledger, ledger_meta
 from server.recorder import Recorder
 from server.report import write_report
 from server.strategy import FedpersStrategy
+from server.user_dp import UserLevelDP
 
 logging.getLogger("flwr").propagate = False
 
@@ -54,7 +55,7 @@ def run_federation(cfg: Config, grid: Grid, run_id: int) -> Path:
     )
     model_bytes = backbone.total_params * 4
     ledger = Ledger(
-        out / "ledger.json",
+        Path(cfg.output.ledger).expanduser() if cfg.output.ledger else out / "ledger.json",
         meta=ledger_meta(cfg),
     )
     recorder = Recorder(out, cfg.fed.num_rounds, resume=ckpt is not None)
@@ -71,6 +72,7 @@ def run_federation(cfg: Config, grid: Grid, run_id: int) -> Path:
             total_rounds=cfg.fed.num_rounds,
             round_offset=done,
             max_update_norm=cfg.fed.max_update_norm,
+            user_dp=UserLevelDP.from_config(cfg) if cfg.dp.user_level else None,
             fraction_train=cfg.fed.fraction_train,
             fraction_evaluate=cfg.fed.fraction_evaluate,
             min_train_nodes=min_nodes,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,9 +87,9 @@ def independent_epsilons(history: list[tuple[float, float, int]], delta: float) 
 
 
 def audit_client(
-    client: int, entries: list[Mapping[str, Any]], budget: float, accountant: str
+    client: int, entries: Sequence[Mapping[str, Any]], budget: float, accountant: str
 ) -> ClientAudit:
-    """Recompute one client's ε from its ledger entries (sorted by round)."""
+    """Recompute one client's ε from its ledger entries (in the order they were recorded)."""
     spent = [e for e in entries if P.SIGMA in e and P.STEPS in e and P.SAMPLE_RATE in e]
     if not spent:
         raise AuditError(f"client {client} has no privacy entries")
@@ -100,7 +100,7 @@ def audit_client(
     eps_rdp, eps_pld = independent_epsilons(history, delta)
     result = ClientAudit(
         client, delta, sum(h[2] for h in history), total, reported, eps_rdp, eps_pld, budget,
-        epsilon_by_round=[(int(e["round"]), float(e[P.EPSILON])) for e in spent],
+        epsilon_by_round=[(i + 1, float(e[P.EPSILON])) for i, e in enumerate(spent)],
     )  # fmt: skip
     if total > result.steps:
         result.problems.append(
@@ -124,6 +124,26 @@ def audit_client(
     return result
 
 
+def audit_user_level(entries: Sequence[Mapping[str, Any]], budget: float, accountant: str) -> ClientAudit:
+    """Recompute the server's user-level ε: one subsampled Gaussian step per released round."""
+    history = [(float(e["user-noise-multiplier"]), float(e["user-sample-rate"]), 1) for e in entries]
+    delta = float(entries[-1]["user-delta"])
+    reported = float(entries[-1]["user-epsilon"])
+    eps_rdp, eps_pld = independent_epsilons(history, delta)
+    result = ClientAudit(
+        -1, delta, len(history), len(history), reported, eps_rdp, eps_pld, budget or float("inf"),
+        epsilon_by_round=[(i + 1, float(e["user-epsilon"])) for i, e in enumerate(entries)],
+    )  # fmt: skip
+    reference = eps_rdp if accountant == "rdp" else eps_pld
+    if abs(reported - reference) > TOLERANCE * reference:
+        result.problems.append(f"reported user-level ε {reported:.4f} differs from {reference:.4f}")
+        result.status = "inconsistent"
+    if budget > 0 and (reported > budget * (1 + 1e-9) or reference > budget * (1 + TOLERANCE)):
+        result.problems.append(f"user-level ε {max(reported, reference):.4f} > budget {budget}")
+        result.status = "over budget" if result.status == "ok" else "inconsistent, over budget"
+    return result
+
+
 def audit_ledger(path: str | Path, budget: float | None = None) -> dict[str, Any]:
     """Audit every client of a ledger; returns a JSON-ready report (``ok`` False on any problem)."""
     ledger_path = find_ledger(path)
@@ -140,11 +160,9 @@ def audit_ledger(path: str | Path, budget: float | None = None) -> dict[str, Any
             by_client.setdefault(int(e["client"]), []).append(e)
     if not by_client:
         raise AuditError(f"{ledger_path} holds no privacy entries (was DP enabled?)")
-    clients = [
-        audit_client(c, sorted(es, key=lambda e: int(e["round"])), budget, accountant)
-        for c, es in sorted(by_client.items())
-    ]
-    return {
+    clients = [audit_client(c, es, budget, accountant) for c, es in sorted(by_client.items())]
+    user = [e for e in data["entries"] if e.get("scope") == "user-level" and e.get("status") == "released"]
+    report: dict[str, Any] = {
         "ledger": str(ledger_path),
         "budget": budget,
         "accountant": accountant,
@@ -155,3 +173,10 @@ def audit_ledger(path: str | Path, budget: float | None = None) -> dict[str, Any
         "ok": all(c.status == "ok" for c in clients),
         "clients": [asdict(c) for c in clients],
     }
+    if user:
+        user_budget = float(meta.get("user_budget") or 0.0)
+        result = audit_user_level(user, user_budget, accountant)
+        report["user_level"] = asdict(result)
+        report["user_neighbouring"] = meta.get("user_neighbouring", "add/remove one user's whole data")
+        report["ok"] = report["ok"] and result.status == "ok"
+    return report

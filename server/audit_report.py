@@ -12,10 +12,11 @@ HEADERS = ("client", "ε (ours)", "ε (dp-accounting RDP)", "ε (PLD)", "budget"
 
 
 def rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
-    """One row per client, formatted."""
+    """One row per client (and one for the user-level guarantee), formatted."""
+    everyone = list(report["clients"]) + ([report["user_level"]] if "user_level" in report else [])
     return [
         (
-            str(c["client"]),
+            "all users (user-level)" if c["client"] == -1 else str(c["client"]),
             f"{c['epsilon_reported']:.4f}",
             f"{c['epsilon_rdp']:.4f}",
             f"{c['epsilon_pld']:.4f}",
@@ -23,7 +24,7 @@ def rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
             str(c["steps"]),
             c["status"] + (": " + "; ".join(c["problems"]) if c["problems"] else ""),
         )
-        for c in report["clients"]
+        for c in everyone
     ]
 
 
@@ -33,6 +34,14 @@ def conventions(report: dict[str, Any]) -> list[str]:
         f"Neighbouring relation: {report['neighbouring']}.",
         f"Sampling: {report['sampling']} (rate q per step, as recorded); Gaussian noise σ × clipping norm.",
         f"δ: {report['delta_rule']}. Our accountant: Opacus {report['accountant'].upper()}.",
+        *(
+            [
+                f"User-level row: {report['user_neighbouring']}; one Poisson-subsampled Gaussian step "
+                "per round (q = cohort / population), δ = 1/population unless set."
+            ]  # fmt: skip
+            if "user_level" in report
+            else []
+        ),
         f"A reported ε more than {100 * report['tolerance']:.0f} % away from the independent accountant "
         "of the same kind (PRV ↔ PLD, RDP ↔ RDP) is inconsistent.",
     ]

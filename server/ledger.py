@@ -25,6 +25,10 @@ def ledger_meta(cfg: Config) -> dict[str, Any]:
         "dp": cfg.dp.enabled,
         "neighbouring": "add/remove one example (sample-level)",
         "sampling": "Poisson",
+        "user_level": cfg.dp.user_level,
+        "user_neighbouring": "add/remove one user's whole data (user-level)",
+        "user_sampling": cfg.dp.user_sampling,
+        "user_budget": cfg.dp.user_epsilon,
     }
 
 
@@ -53,6 +57,14 @@ class Ledger:
         if reason:
             entry["reason"] = reason
         self.entries.append(entry)
+
+    def record_user_level(self, server_round: int, status: str, info: Mapping[str, Any]) -> None:
+        """Add the server's user-level DP release (or refusal) of a round."""
+        self.entries.append({"round": server_round, "scope": "user-level", "status": status, **info})
+
+    def user_level_entries(self) -> list[dict[str, Any]]:
+        """The user-level releases, oldest first (across every run that wrote to this ledger)."""
+        return [e for e in self.entries if e.get("scope") == "user-level" and e.get("status") == "released"]
 
     def latest_by_client(self) -> dict[int, dict[str, Any]]:
         """The last entry carrying ε for each client."""

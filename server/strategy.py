@@ -20,9 +20,11 @@ from flwr.serverapp.strategy import FedAvg
 
 from common import protocol as P
 from common.params import from_record, to_record
+from common.privacy import compose
 from server import checkpoint
 from server.ledger import Ledger
 from server.recorder import Recorder
+from server.user_dp import UserLevelDP
 from server.validation import PrivacyViolation, validate_reply, weighted_average
 
 
@@ -41,6 +43,7 @@ class FedpersStrategy(FedAvg):
         total_rounds: int,
         round_offset: int = 0,
         max_update_norm: float = 0.0,
+        user_dp: UserLevelDP | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(arrayrecord_key=P.ARRAYS, configrecord_key=P.CONFIG, **fedavg_kwargs)
@@ -55,6 +58,14 @@ class FedpersStrategy(FedAvg):
         self.max_update_norm = max_update_norm
         self.current: dict[str, np.ndarray] = {}
         self._round_start = time.perf_counter()
+        self.user_dp = user_dp
+        self._cohort, self._population = 0, 0
+        if user_dp is not None:  # a resumed or continued federation keeps composing its user-level ε
+            for e in ledger.user_level_entries():
+                user_dp.history = compose(
+                    user_dp.history, e["user-noise-multiplier"], e["user-sample-rate"], 1
+                )
+                user_dp.clipping_norm = float(e["user-next-clipping-norm"])
 
     # -- train ------------------------------------------------------------------------------------
     def configure_train(
@@ -63,7 +74,9 @@ class FedpersStrategy(FedAvg):
         """Remember the current global tensors and number the round past any resumed ones."""
         self._round_start = time.perf_counter()
         self.current = from_record(arrays)
-        return super().configure_train(server_round + self.offset, arrays, config, grid)
+        messages = list(super().configure_train(server_round + self.offset, arrays, config, grid))
+        self._cohort, self._population = len(messages), len(list(grid.get_node_ids()))
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -111,7 +124,10 @@ class FedpersStrategy(FedAvg):
             self.ledger.record(rnd, node, "accepted", metrics)
             self.recorder.train_reply(rnd, node, metrics, norm)
         log(INFO, "round %d: aggregating %d valid replies", rnd, len(accepted))
-        new = weighted_average(accepted, sorted(self.expected)) if accepted else None
+        if self.user_dp is not None:
+            new = self._user_level_release(rnd, [a for a, _ in accepted])
+        else:
+            new = weighted_average(accepted, sorted(self.expected)) if accepted else None
         arrays_out = to_record(new) if new is not None else None
         self.ledger.save()
         checkpoint.save(
@@ -122,6 +138,30 @@ class FedpersStrategy(FedAvg):
             self.current = new
         metrics_out = self.recorder.train_summary(rnd)
         return arrays_out, MetricRecord(dict(metrics_out)) if metrics_out else None  # type: ignore[arg-type]
+
+    def _user_level_release(
+        self, rnd: int, replies: list[dict[str, np.ndarray]]
+    ) -> dict[str, np.ndarray] | None:
+        """Clip, average uniformly and noise the replies; None (no release) when the budget forbids it."""
+        if self.user_dp is None or not replies:
+            return None
+        cohort = max(self._cohort, len(replies))
+        budget = self.user_dp.budget
+        if budget > 0 and self.user_dp.epsilon_after(cohort, self._population) > budget * (1 + 1e-9):
+            reason = f"user-level budget ε={budget} would be exceeded; the global model is not updated"
+            log(WARNING, "round %d: %s", rnd, reason)
+            self.ledger.record_user_level(rnd, "refused", {"reason": reason})
+            return None
+        new, info = self.user_dp.release(self.current, replies, cohort, self._population)
+        self.ledger.record_user_level(rnd, "released", info)
+        log(
+            INFO,
+            "round %d: user-level DP release, ε=%.3f (δ=%.1e)",
+            rnd,
+            info["user-epsilon"],
+            info["user-delta"],
+        )
+        return new
 
     # -- evaluate ---------------------------------------------------------------------------------
     def configure_evaluate(

@@ -77,3 +77,23 @@ def test_cli_exit_codes_and_clear_errors(tmp_path: Path) -> None:
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "ledger.json").write_text('{"meta": {"budget": 8}, "entries": []}')
         audit_ledger(tmp_path / "empty")
+
+
+def test_user_level_entries_are_recomputed_and_checked(tmp_path: Path) -> None:
+    path = _ledger(tmp_path / "ledger.json")
+    data = json.loads(path.read_text())
+    history: list = []
+    for r in (1, 2, 3):
+        history = compose(history, 1.1, 0.25, 1)
+        data["entries"].append({"round": r, "scope": "user-level", "status": "released",
+                                "user-noise-multiplier": 1.1, "user-sample-rate": 0.25, "user-delta": 0.01,
+                                "user-epsilon": epsilon(history, 0.01, "prv")})  # fmt: skip
+    data["meta"]["user_budget"] = 50.0
+    path.write_text(json.dumps(data))
+    report = audit_ledger(path)
+    assert report["ok"] and report["user_level"]["status"] == "ok" and report["user_level"]["steps"] == 3
+    data["entries"][-1]["user-epsilon"] /= 2
+    path.write_text(json.dumps(data))
+    report = audit_ledger(path)
+    assert not report["ok"] and report["user_level"]["status"] == "inconsistent"
+    assert "all users (user-level)" in write_audit(report, tmp_path / "a")["md"].read_text()

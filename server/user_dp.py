@@ -1,0 +1,138 @@
+"""User-level DP on the server: clip each client's shared update, average uniformly, add Gaussian noise.
+
+The release each round is ``current + (Σᵢ clip(Δᵢ, S) + N(0, (z_Δ·S)²·I)) / m`` where m is the number of
+clients sampled that round (fixed denominator, so one user changes the sum by at most S whatever the
+others send), with fixed S or S adapted towards a target quantile of update norms (Andrew et al. 2021,
+server-side: the noisy count of unclipped updates costs privacy too, so the update noise z_Δ is raised
+such that the composed mechanism has noise multiplier z). The noise parameters come from Flower's
+helpers (``flwr.supercore.differential_privacy``); the noise from a generator seeded by OS entropy.
+With z = 0 only clipping happens and ε is infinite. Flower's strategy wrappers are not used as such: they clip
+before fedpers validates a reply (a malformed reply would be clipped, not rejected), average with the
+``num-examples`` weights (sensitivity then depends on the weights), and their accountant requires an
+unmodified ``FedAvg.aggregate_train``.
+
+Accounting: one Poisson-subsampled Gaussian step per round with q = m / population and noise multiplier
+z, composed over rounds by the same accountant as the clients; neighbouring = one user's whole data
+added or removed. Flower samples a fixed-size cohort, for which the Poisson rate is the usual
+approximation; ``dp.user-sampling = "none"`` accounts with q = 1 (no amplification, conservative).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.supercore.differential_privacy import compute_adaptive_noise_params, compute_stdv
+
+from common.config import Config
+from common.privacy import History, compose, epsilon
+
+
+@dataclass
+class UserLevelDP:
+    """Clipping, noise and accounting of the user-level mechanism (state persists across rounds)."""
+
+    noise_multiplier: float
+    clipping_norm: float
+    adaptive: bool = False
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    count_stddev: float = 0.0  # 0 = m / 20 (Andrew et al.)
+    accountant: str = "prv"
+    sampling: str = "poisson"
+    delta: float = 0.0  # 0 = 1 / population
+    budget: float = 0.0  # 0 = report only
+    history: History = field(default_factory=list)
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(secrets.randbits(128)))
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> UserLevelDP:
+        """The mechanism ``cfg.dp`` asks for (``dp.user-level`` must be on)."""
+        d = cfg.dp
+        return cls(
+            noise_multiplier=d.user_noise_multiplier,
+            clipping_norm=d.user_clipping_norm,
+            adaptive=d.user_clipping == "adaptive",
+            target_quantile=d.user_target_quantile,
+            clip_lr=d.user_clip_lr,
+            accountant=d.accountant,
+            sampling=d.user_sampling,
+            delta=d.user_delta,
+            budget=d.user_epsilon,
+        )
+
+    def sample_rate(self, cohort: int, population: int) -> float:
+        """q used for accounting this round."""
+        return 1.0 if self.sampling == "none" else min(1.0, cohort / max(population, 1))
+
+    def delta_for(self, population: int) -> float:
+        """δ of the user-level guarantee."""
+        return self.delta if self.delta > 0 else 1.0 / max(population, 1)
+
+    def epsilon_after(self, cohort: int, population: int) -> float:
+        """ε if one more round with this cohort and population were released."""
+        q = self.sample_rate(cohort, population)
+        return self._epsilon(compose(self.history, self.noise_multiplier, q, 1), self.delta_for(population))
+
+    def _epsilon(self, history: History, delta: float) -> float:
+        if any(sigma <= 0 for sigma, _, _ in history):
+            return float("inf")
+        return epsilon(history, delta, self.accountant)
+
+    def release(
+        self,
+        current: Mapping[str, np.ndarray],
+        replies: Sequence[Mapping[str, np.ndarray]],
+        cohort: int,
+        population: int,
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The noisy aggregate of ``replies`` (already validated) and what happened, for the ledger."""
+        if cohort < len(replies) or cohort < 1:
+            raise ValueError(f"cohort {cohort} must be ≥ 1 and ≥ the {len(replies)} replies")
+        names = sorted(current)
+        clip = self.clipping_norm
+        total = [np.zeros_like(current[n], dtype=np.float64) for n in names]
+        unclipped = 0
+        for reply in replies:
+            update = [reply[n].astype(np.float64) - current[n] for n in names]
+            norm = float(np.sqrt(sum(float(np.sum(u * u)) for u in update)))
+            if norm <= clip:
+                unclipped += 1
+            else:  # flat clipping to norm S (Flower's helper divides by zero for a zero update)
+                update = [u * (clip / norm) for u in update]
+            for acc, u in zip(total, update, strict=True):
+                acc += u
+        z_update = self.noise_multiplier
+        count_std = 0.0
+        if self.adaptive and self.noise_multiplier > 0:
+            count_std, z_update = compute_adaptive_noise_params(
+                self.noise_multiplier, cohort, self.count_stddev or None
+            )
+        std = compute_stdv(z_update, clip, cohort)  # per coordinate, on the mean
+        new = {
+            n: (current[n] + acc / cohort + self.rng.normal(0.0, std, acc.shape)).astype(np.float32)
+            for n, acc in zip(names, total, strict=True)
+        }
+        if self.adaptive:
+            noisy = (unclipped + self.rng.normal(0.0, count_std)) / cohort
+            self.clipping_norm = clip * float(np.exp(-self.clip_lr * (noisy - self.target_quantile)))
+        q = self.sample_rate(cohort, population)
+        self.history = compose(self.history, self.noise_multiplier, q, 1)
+        delta = self.delta_for(population)
+        info = {
+            "user-noise-multiplier": self.noise_multiplier,
+            "user-update-noise-multiplier": z_update,
+            "user-clipping-norm": clip,
+            "user-next-clipping-norm": self.clipping_norm,
+            "user-unclipped-fraction": unclipped / max(len(replies), 1),
+            "user-noise-std": std,
+            "user-sample-rate": q,
+            "user-cohort": cohort,
+            "user-population": population,
+            "user-delta": delta,
+            "user-epsilon": self._epsilon(self.history, delta),
+        }
+        return new, info

@@ -1,0 +1,86 @@
+"""User-level DP on the server: clipping bound, noise with the stated σ, adaptive clipping, accounting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_server import Model, client_metrics, make_strategy, reply
+from test_server import model as model  # noqa: F401 (the fixture)
+
+from common.privacy import compose, epsilon
+from server.ledger import Ledger
+from server.user_dp import UserLevelDP
+
+SHAPES = {"a": (200, 50), "b": (100,)}
+
+
+def _zeros() -> dict[str, np.ndarray]:
+    return {k: np.zeros(s, dtype=np.float32) for k, s in SHAPES.items()}
+
+
+def test_noise_has_the_stated_standard_deviation() -> None:
+    dp = UserLevelDP(noise_multiplier=1.3, clipping_norm=0.5, rng=np.random.default_rng(7))
+    current = _zeros()
+    new, info = dp.release(current, [_zeros() for _ in range(8)], cohort=10, population=100)
+    noise = np.concatenate([(new[k] - current[k]).ravel() for k in SHAPES])
+    expected = 1.3 * 0.5 / 10  # z·S on the sum of clipped updates, divided by the cohort
+    assert info["user-noise-std"] == pytest.approx(expected)
+    assert noise.std() == pytest.approx(expected, rel=0.02)
+    assert abs(noise.mean()) < 4 * expected / np.sqrt(noise.size)
+
+
+def test_one_user_moves_the_release_by_at_most_the_clipping_norm() -> None:
+    dp = UserLevelDP(noise_multiplier=0.0, clipping_norm=0.5, rng=np.random.default_rng(0))
+    huge = {k: np.full(s, 1e6, dtype=np.float32) for k, s in SHAPES.items()}
+    new, info = dp.release(_zeros(), [huge, _zeros(), _zeros()], cohort=4, population=40)
+    norm = np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in new.values()))
+    assert norm == pytest.approx(0.5 / 4, rel=1e-5)  # fixed denominator: the cohort, not the replies
+    assert info["user-unclipped-fraction"] == pytest.approx(2 / 3)
+
+
+def test_adaptive_clipping_moves_towards_the_target_quantile() -> None:
+    dp = UserLevelDP(noise_multiplier=0.0, clipping_norm=0.1, adaptive=True, rng=np.random.default_rng(0))
+    big = {k: np.full(s, 0.05, dtype=np.float32) for k, s in SHAPES.items()}  # norm ≈ 5.1 > S
+    norms = []
+    for _ in range(3):
+        dp.release(_zeros(), [big] * 4, cohort=4, population=40)
+        norms.append(dp.clipping_norm)
+    assert norms == pytest.approx([0.1 * np.exp(0.2 * 0.5 * k) for k in (1, 2, 3)])
+
+
+def test_epsilon_composes_over_rounds_with_the_cohort_sampling_rate() -> None:
+    dp = UserLevelDP(noise_multiplier=1.0, clipping_norm=0.1, rng=np.random.default_rng(0))
+    eps = [dp.release(_zeros(), [_zeros()] * 5, cohort=5, population=50)[1]["user-epsilon"] for _ in range(3)]
+    history = compose(compose(compose([], 1.0, 0.1, 1), 1.0, 0.1, 1), 1.0, 0.1, 1)
+    assert eps[0] < eps[1] < eps[2] == pytest.approx(epsilon(history, 1 / 50, "prv"))
+    assert UserLevelDP(noise_multiplier=1.0, clipping_norm=0.1, sampling="none").sample_rate(5, 50) == 1.0
+
+
+def test_strategy_releases_noisy_mean_refuses_past_budget_and_resumes_history(
+    model: Model, tmp_path: Path, task_identity: None
+) -> None:
+    def run_round(strategy, rnd: int):  # type: ignore[no-untyped-def]
+        strategy._cohort, strategy._population = 3, 3
+        moved = {k: v + 0.01 for k, v in model.initial.items()}
+        replies = [reply(n + 1, moved, client_metrics(n, 10 * (n + 1))) for n in range(3)]
+        return strategy.aggregate_train(rnd, replies)
+
+    dp = UserLevelDP(noise_multiplier=2.0, clipping_norm=0.01, budget=1.0, rng=np.random.default_rng(1))
+    strategy = make_strategy(model, tmp_path, user_dp=dp)
+    arrays, _ = run_round(strategy, 1)
+    assert arrays is not None  # uniform mean of clipped updates + noise, not the weighted average
+    released = [e for e in Ledger(tmp_path / "ledger.json").entries if e.get("scope") == "user-level"]
+    assert released[0]["status"] == "released" and released[0]["user-epsilon"] < 1.0
+    for rnd in range(2, 40):
+        run_round(strategy, rnd)
+    statuses = [
+        e["status"] for e in Ledger(tmp_path / "ledger.json").entries if e.get("scope") == "user-level"
+    ]
+    assert "refused" in statuses and statuses.index("refused") > 0
+    assert max(e["user-epsilon"] for e in Ledger(tmp_path / "ledger.json").user_level_entries()) <= 1.0
+    # A new strategy on the same ledger (a resumed or continued federation) restores the history.
+    again = make_strategy(model, tmp_path, user_dp=UserLevelDP(noise_multiplier=5.0, clipping_norm=0.01))
+    assert again.user_dp is not None
+    assert sum(steps for _, _, steps in again.user_dp.history) == statuses.count("released")
