@@ -63,7 +63,7 @@ def run_sequential(
         if names["shared"]:
             shared = weighted_average([(a, float(m[P.NUM_EXAMPLES])) for a, m in replies], names["shared"])
         final_round = rnd == cfg.fed.num_rounds
-        line = {"round": rnd}
+        line: dict[str, float] = {"round": rnd}
         after = [float(m[P.ACC_AFTER]) for _, m in replies if P.ACC_AFTER in m]
         if after:
             line.update(distribution(after, "acc-after"))
