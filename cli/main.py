@@ -153,17 +153,38 @@ def _run_sequential(settings: Any, modes: tuple[str, ...], out: Path, on_round: 
 
 @app.command()
 def audit(
-    path: Path = typer.Argument(..., help="a run folder (with ledger.json) or a ledger.json"),
+    path: Path = typer.Argument(None, help="a run folder (with ledger.json) or a ledger.json"),
     budget: float = typer.Option(None, help="ε budget to check against (default: the ledger's)"),
-    out: Path = typer.Option(None, help="where to write audit.json/.md/.html/.png (default: <run>/audit)"),
+    out: Path = typer.Option(None, help="output folder (default: <run>/audit, or runs/canary-audit-<time>)"),
+    canaries: int = typer.Option(0, help="run the one-run empirical audit with this many canaries instead"),
+    epsilon: float = typer.Option(4.0, help="canary audit: the ε claimed (σ is calibrated for it)"),
+    delta: float = typer.Option(1e-5, help="canary audit: δ"),
+    guesses: int = typer.Option(100, help="canary audit: k 'in' and k 'out' guesses (fixed in advance)"),
+    sample_rate: float = typer.Option(0.1, help="canary audit: Poisson sampling rate q"),
+    steps: int = typer.Option(200, help="canary audit: DP-SGD steps"),
+    no_dp: bool = typer.Option(
+        False, help="canary audit: train without DP (shows the audit detects leakage)"
+    ),
+    set_: list[str] = typer.Option(
+        None, "--set", help="canary audit: model/data overrides, e.g. model.name=tiny"
+    ),
 ) -> None:
-    """Recompute every client's ε with independent accountants (dp-accounting RDP and PLD).
+    """Recompute every client's ε with independent accountants (dp-accounting RDP and PLD), or with
+    --canaries run the one-run empirical audit (Steinke, Nasr, Jagielski 2023).
 
-    Exit code 1 when any client is over budget or its reported ε is inconsistent.
+    Exit code 1 when any client is over budget, its reported ε is inconsistent, or the empirical lower
+    bound exceeds the claimed ε.
     """
+    if canaries:
+        _canary_audit(out, canaries, epsilon, delta, guesses, sample_rate, steps, not no_dp, set_ or [])
+        return
     from server.audit import audit_ledger, find_ledger
     from server.audit_report import rows, write_audit
 
+    if path is None:
+        _fail(
+            ValueError("give a run folder or ledger.json to audit, or --canaries N for the empirical audit")
+        )
     try:
         report = audit_ledger(path, budget)
     except FedpersError as exc:
@@ -177,6 +198,43 @@ def audit(
     verdict = "[green]PASS[/]" if report["ok"] else "[bold red]FAIL[/]"
     console.print(f"{verdict}: {len(report['clients'])} clients; report {paths['md']} and {paths['html']}")
     if not report["ok"]:
+        raise typer.Exit(1)
+
+
+def _canary_audit(
+    out: Path | None,
+    m: int,
+    eps: float,
+    delta: float,
+    k: int,
+    q: float,
+    steps: int,
+    dp: bool,
+    sets: list[str],
+) -> None:
+    import time
+
+    from common.config import parse_set_options
+    from common.fileio import write_json_atomic
+    from simulations.canary_audit import AuditSetup, run_canary_audit
+
+    try:
+        setup = AuditSetup(canaries=m, guesses=k, epsilon=eps, delta=delta, sample_rate=q, steps=steps, dp=dp)
+        overrides = {"task.train-size": 500, "task.test-size": 10, **parse_set_options(sets)}
+        with console.status(f"training once with {m} canaries ({'DP' if dp else 'no DP'}, {steps} steps)…"):
+            result = run_canary_audit(setup, overrides)
+    except (FedpersError, ValueError) as exc:
+        _fail(exc)
+    folder = out or Path("runs") / f"canary-audit-{time.strftime('%Y%m%d-%H%M%S')}"
+    write_json_atomic(folder / "canary-audit.json", result)
+    claimed = f"{eps:g}" if dp else "∞ (no DP)"
+    console.print(
+        f"ε lower bound (95 %): [bold]{result['epsilon-lower-bound']:.3f}[/] vs claimed ε {claimed} at "
+        f"δ={delta:g}; {result['correct']}/{result['guesses']} guesses correct; σ={result['sigma']:.3f}. "
+        f"→ {folder / 'canary-audit.json'}"
+    )
+    if dp and result["epsilon-lower-bound"] > eps:
+        console.print("[bold red]FAIL[/]: the empirical lower bound exceeds the claimed ε")
         raise typer.Exit(1)
 
 
