@@ -112,6 +112,7 @@ class DPConfig:
     user_clipping: str = dataclasses.field(metadata=_choices("fixed", "adaptive"))
     user_target_quantile: float = dataclasses.field(metadata=_range(0.0, 1.0))
     user_clip_lr: float = dataclasses.field(metadata=_range(0.0, None))
+    user_count_stddev: float = dataclasses.field(metadata=_range(0.0, None))
     user_sampling: str = dataclasses.field(metadata=_choices("poisson", "none"))
     user_delta: float = dataclasses.field(metadata=_range(0.0, 0.1))
     user_epsilon: float = dataclasses.field(metadata=_range(0.0, None))

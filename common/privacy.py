@@ -51,7 +51,7 @@ def epsilon(history: History, delta: float, accountant: str) -> float:
     hist = tuple(e for e in history if e[2] > 0)
     if not hist:
         return 0.0
-    return _epsilon(hist, delta, accountant)
+    return max(0.0, _epsilon(hist, delta, accountant))  # PRV's numerical estimate can dip below 0
 
 
 @lru_cache(maxsize=1024)

@@ -3,7 +3,8 @@
 Three numbers per client at the client's δ: the ε the client reported (ours: Opacus PRV or RDP, as
 configured), Google's ``dp-accounting`` RDP, and its PLD accountant (tight; shows how much smaller ε could
 be stated). A client is **inconsistent** when its reported ε differs by more than 1 % from the
-independent accountant of the same kind (PRV ↔ PLD, RDP ↔ RDP), or when the ledger holds fewer steps
+independent accountant of the same kind (PRV ↔ PLD, RDP ↔ RDP; and by more than 0.02 in absolute
+terms, the PRV accountant's own error), or when the ledger holds fewer steps
 than the client reports having taken (history missing, e.g. an earlier run's ledger), and **over budget**
 when any ε exceeds the budget. Neighbouring relation: add/remove one example of the client's data;
 Poisson sampling with rate q; Gaussian noise σ × clipping norm; δ = 1/n_train per client unless fixed.
@@ -21,7 +22,12 @@ from typing import Any
 from common import protocol as P
 from common.errors import FedpersError
 
-TOLERANCE = 0.01
+TOLERANCE = 0.01  # relative disagreement allowed between accountants of the same kind
+ABS_TOLERANCE = 0.02  # ... and absolute, for small ε (Opacus's PRV accountant is accurate to ±0.01)
+
+
+def _disagree(reported: float, reference: float) -> bool:
+    return abs(reported - reference) > max(TOLERANCE * reference, ABS_TOLERANCE)
 
 
 class AuditError(FedpersError):
@@ -107,7 +113,7 @@ def audit_client(
             f"history incomplete: the client reports {total} steps in all, this ledger holds {result.steps}"
         )
     reference = eps_rdp if accountant == "rdp" else eps_pld
-    if abs(reported - reference) > TOLERANCE * reference:
+    if _disagree(reported, reference):
         name = "RDP" if accountant == "rdp" else "PLD"
         result.problems.append(
             f"reported ε {reported:.4f} differs from dp-accounting {name} {reference:.4f} by "
@@ -135,7 +141,7 @@ def audit_user_level(entries: Sequence[Mapping[str, Any]], budget: float, accoun
         epsilon_by_round=[(i + 1, float(e["user-epsilon"])) for i, e in enumerate(entries)],
     )  # fmt: skip
     reference = eps_rdp if accountant == "rdp" else eps_pld
-    if abs(reported - reference) > TOLERANCE * reference:
+    if _disagree(reported, reference):
         result.problems.append(f"reported user-level ε {reported:.4f} differs from {reference:.4f}")
         result.status = "inconsistent"
     if budget > 0 and (reported > budget * (1 + 1e-9) or reference > budget * (1 + TOLERANCE)):

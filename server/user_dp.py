@@ -40,7 +40,7 @@ class UserLevelDP:
     adaptive: bool = False
     target_quantile: float = 0.5
     clip_lr: float = 0.2
-    count_stddev: float = 0.0  # 0 = m / 20 (Andrew et al.)
+    count_stddev: float = 0.0  # 0 = max(m / 20 (Andrew et al.), z): small cohorts need more count noise
     accountant: str = "prv"
     sampling: str = "poisson"
     delta: float = 0.0  # 0 = 1 / population
@@ -58,6 +58,7 @@ class UserLevelDP:
             adaptive=d.user_clipping == "adaptive",
             target_quantile=d.user_target_quantile,
             clip_lr=d.user_clip_lr,
+            count_stddev=d.user_count_stddev,
             accountant=d.accountant,
             sampling=d.user_sampling,
             delta=d.user_delta,
@@ -109,7 +110,7 @@ class UserLevelDP:
         count_std = 0.0
         if self.adaptive and self.noise_multiplier > 0:
             count_std, z_update = compute_adaptive_noise_params(
-                self.noise_multiplier, cohort, self.count_stddev or None
+                self.noise_multiplier, cohort, self.count_stddev or max(cohort / 20, self.noise_multiplier)
             )
         std = compute_stdv(z_update, clip, cohort)  # per coordinate, on the mean
         new = {

@@ -6,11 +6,11 @@ independently with probability ½. Training then runs the client's real mechanis
 (Poisson sampling at rate q, per-example clipping to C, Gaussian noise σC) with σ calibrated by fedpers
 for the claimed ε at δ, next to the real examples. The auditor sees every privatized gradient (white
 box) and scores canary i by the sum over steps of its coordinate, a coordinate no real example's
-gradient touches (LoRA A while B = 0; the learning rate is 0, so the model stays there). It guesses "in" for the k highest
-scores and "out" for the k lowest; with v correct out of r = 2k guesses, ε_lb is the largest ε for which
-an (ε, δ)-DP algorithm would give ≥ v correct guesses with probability below 5 % (the paper's Theorem:
-a binomial tail plus a δ term). Soundness: ε_lb ≤ ε for a correct implementation; with DP off the
-same audit shows the leak.
+gradient touches (LoRA A while B = 0; the learning rate is 0, so the model stays there). It guesses
+"in" for the k highest scores and "out" for the k lowest; with v correct out of r = 2k guesses, ε_lb
+is the largest ε for which an (ε, δ)-DP algorithm would give ≥ v correct guesses with probability
+below 5 % (the paper's theorem: a binomial tail plus a δ term). Soundness: ε_lb ≤ ε for a correct
+implementation; with DP off the same audit shows the leak.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def run_canary_audit(setup: AuditSetup, overrides: dict[str, Any] | None = None)
     correct = int(included[order[-k:]].sum() + (~included[order[:k]]).sum())
     eps_lb = epsilon_lower_bound(setup.canaries, 2 * k, correct, setup.delta)
     return {
-        "dp": setup.dp, "epsilon-claimed": setup.epsilon if setup.dp else float("inf"),
+        "dp": setup.dp, "epsilon-claimed": setup.epsilon if setup.dp else None,
         "delta": setup.delta, "sigma": sigma, "sample-rate": setup.sample_rate, "steps": steps,
         "canaries": setup.canaries, "included": int(included.sum()), "guesses": 2 * k,
         "correct": correct, "epsilon-lower-bound": eps_lb, "confidence": 0.95,
