@@ -54,6 +54,11 @@ def epsilon_lower_bound(m: int, r: int, v: int, delta: float, confidence: float 
     return lo
 
 
+def _flat_grad(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """All parameters' gradients as one vector (zeros where a parameter has none)."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+
+
 @dataclass(frozen=True)
 class AuditSetup:
     """What the audit trains and claims."""
@@ -93,7 +98,7 @@ def run_canary_audit(setup: AuditSetup, overrides: dict[str, Any] | None = None)
     # stays at its initialisation), so the scores compare canary signal with DP noise alone.
     h, mask, y = feats.batch(slice(0, len(feats)))
     F.cross_entropy(model(h, mask), y, reduction="sum").backward()
-    free = np.flatnonzero(torch.cat([p.grad.reshape(-1) for p in params]).abs().numpy() == 0)
+    free = np.flatnonzero(_flat_grad(params).abs().numpy() == 0)
     model.zero_grad(set_to_none=True)
     if len(free) < setup.canaries:
         raise ValueError(
@@ -139,9 +144,9 @@ def run_canary_audit(setup: AuditSetup, overrides: dict[str, Any] | None = None)
                         flat[r, coords[c] - offsets[p_i]] = setup.max_grad_norm  # norm exactly C
                 gs = getattr(p, "grad_sample", None)
                 base = gs if gs is not None else torch.zeros((0, *p.shape))
-                p.grad_sample = torch.cat([base, rows])
+                p.grad_sample = torch.cat([base, rows])  # type: ignore[attr-defined]
             dp_opt.step()
-            grad = torch.cat([p.grad.reshape(-1) for p in params]).detach().numpy()
+            grad = _flat_grad(params).detach().numpy()
             scores += grad[coords]
             steps += 1
     k = setup.guesses
