@@ -365,6 +365,7 @@ def bench_quality_cmd(
     workers: int = typer.Option(2, help="worker processes (one thread each)"),
     run_dir: Path = typer.Option(None, help="folder of an earlier run to resume (finished cells are kept)"),
     no_publish: bool = typer.Option(False, help="do not update BENCHMARKS.md"),
+    report_only: bool = typer.Option(False, help="tabulate the cells finished in --run-dir, run nothing"),
 ) -> None:
     """Per-client accuracy for every mode × privacy × seed (resumable)."""
     from simulations.bench.commands import bench_quality
@@ -374,7 +375,7 @@ def bench_quality_cmd(
         with progress:
             run, table = bench_quality(
                 _split_csv(settings), _split_csv(privacy), _split_csv(modes), list(range(seeds)),
-                workers, run_dir, update, publish=not no_publish,
+                workers, run_dir, update, publish=not no_publish, report_only=report_only,
             )  # fmt: skip
     except (FedpersError, ValueError) as exc:
         _fail(exc)

@@ -9,7 +9,7 @@ import pytest
 
 from simulations.bench.grid import Cell, load_done, run_grid
 from simulations.bench.output import BenchRun, markdown_table, update_block
-from simulations.bench.quality import aggregate, plan, targets
+from simulations.bench.quality import aggregate, ledger_check, plan, targets
 
 TINY = {
     "model.name": "tiny",
@@ -36,6 +36,7 @@ def test_grid_runs_resumes_and_aggregates(tmp_path: Path) -> None:
     dp = done["tweets-a0.3/eps8/fedper/seed0"]
     ledger = json.loads(Path(dp["ledger"]).read_text())["entries"]
     assert max(e["epsilon"] for e in ledger) == dp["epsilon-max"] <= 8.0 + 1e-9
+    assert ledger_check(load_done(tmp_path, cells)) == (2, 2)  # the two DP cells, both matching
     rows = aggregate(load_done(tmp_path, cells))
     assert {(r["privacy"], r["mode"]) for r in rows} == {
         (p, m) for p in ("none", "eps8") for m in ("local", "fedper")

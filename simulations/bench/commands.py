@@ -64,21 +64,26 @@ def bench_quality(
     folder: Path | None = None,
     progress: Progress | None = None,
     publish: bool = True,
+    report_only: bool = False,
 ) -> tuple[BenchRun, str]:
-    """The mode × privacy × seed grid (resumable: pass the same folder to finish an interrupted run)."""
+    """The mode × privacy × seed grid (resumable: pass the same folder to finish an interrupted run).
+
+    ``report_only`` tabulates and publishes the cells finished so far without running any.
+    """
     from simulations.bench.grid import load_done, run_grid
-    from simulations.bench.quality import aggregate, load_tuned, plan
+    from simulations.bench.quality import aggregate, ledger_check, load_tuned, plan
     from simulations.bench.quality_report import quality_plot, quality_table
 
     run = _run("quality", folder)
     cells = plan(settings, privacies, modes, seeds, load_tuned())
     try:
-        done = run_grid(run.dir, cells, workers, on_progress=progress)
+        if not report_only:
+            run_grid(run.dir, cells, workers, on_progress=progress)
     finally:  # also publish what finished when interrupted or a cell failed
         done = load_done(run.dir, cells)
         rows = aggregate(done)
         run.results = {"planned": [c.key for c in cells], "rows": rows, "tuned": load_tuned()}
-        table = quality_table(rows, len(cells), len(done))
+        table = quality_table(rows, len(cells), len(done), ledger_check(done))
         run.save(table)
         if rows:
             quality_plot(rows, run.dir / "quality.png")

@@ -158,3 +158,19 @@ def targets(rows: list[dict[str, Any]], setting: str) -> list[tuple[str, str, st
     )
     check("p10 ≥ DP local p10", _find(rows, setting, "eps8", "local"), "p10", 0.0, "DP local")
     return [(f"{name}: {t}", fig, v) for t, fig, v in out]
+
+
+def ledger_check(done: dict[str, dict[str, Any]]) -> tuple[int, int]:
+    """(cells whose table ε equals the max ε in their ledger.json, DP cells with a ledger)."""
+    import json
+
+    matched = total = 0
+    for summary in done.values():
+        path = summary.get("ledger")
+        if not path or not summary.get("overrides", {}).get("dp.enabled", True) or not Path(path).is_file():
+            continue
+        entries = json.loads(Path(path).read_text()).get("entries", [])
+        eps = [float(e["epsilon"]) for e in entries if "epsilon" in e]
+        total += 1
+        matched += bool(eps) and max(eps) == float(summary.get("epsilon-max", -1.0))
+    return matched, total

@@ -17,9 +17,16 @@ def _pm(row: dict[str, Any], stat: str) -> str:
     return f"{row[stat]:.3f}" + ("" if math.isnan(sd) else f" ± {sd:.3f}")
 
 
-def quality_table(rows: list[dict[str, Any]], planned: int, done: int) -> str:
+def quality_table(
+    rows: list[dict[str, Any]], planned: int, done: int, ledger: tuple[int, int] = (0, 0)
+) -> str:
     """Markdown: one table per setting (mode × privacy), own-majority baseline, target verdicts."""
     parts = [f"Cells finished: {done} of {planned} planned (mean ± sd over the seeds finished).\n"]
+    if ledger[1]:
+        parts.append(
+            f"ε check: in {ledger[0]} of {ledger[1]} finished DP cells the table's ε max equals the largest "
+            "ε in the cell's ledger.json (the clients' own accountants).\n"
+        )
     for setting in SETTINGS:
         sub = [r for r in rows if r["setting"] == setting]
         if not sub:
