@@ -8,13 +8,12 @@ resident memory after the model and features are loaded, then the peak during th
 
 from __future__ import annotations
 
-import json
 import statistics
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from simulations.bench.fresh_process import call_fresh
 
 VARIANTS = ("non-private", "hooks", "functorch", "ghost")
 BATCHES = (16, 32, 64)
@@ -107,15 +106,10 @@ def measure_memory(
     rows = []
     for batch in batches:
         for v in variants:
-            code = (
-                "import json,sys; from simulations.bench.dp_cost import memory_cell; "
-                f"print('RESULT ' + json.dumps(memory_cell({v!r}, {batch}, {threads}, {extra or {}!r})))"
-            )
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                raise RuntimeError(f"memory cell {v}/{batch} failed:\n{proc.stderr[-2000:]}")
-            rows.append(json.loads(lines[-1][len("RESULT ") :]))
+            rows.append(
+                call_fresh("simulations.bench.dp_cost", "memory_cell", v, batch, threads, extra or {},
+                           what=f"memory cell {v}/{batch}")
+            )  # fmt: skip
     return rows
 
 

@@ -10,13 +10,12 @@ on-disk personal state per user that took part.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from simulations.bench.fresh_process import call_fresh
 
 WORKLOAD: dict[str, Any] = {
     "task.dataset": "tweets",
@@ -80,8 +79,11 @@ def state_sizes(clients_dir: Path) -> list[int]:
     return sizes
 
 
-def _child(population: int, cohort: int, out: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def _child(
+    population: int, cohort: int, out: str | Path, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Run one population in this process."""
+    out = Path(out)
     from simulations.run import SimSettings, simulate
 
     frac = min(1.0, cohort / population)
@@ -125,17 +127,10 @@ def run_population(
     population: int, cohort: int, out: Path, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """:func:`_child` in a fresh Python process (so memory is measured per population)."""
-    code = (
-        "import json; from pathlib import Path; from simulations.bench.scale import _child; "
-        f"print('RESULT ' + json.dumps(_child({population}, {cohort}, Path({str(out)!r}), {extra or {}!r})))"
-    )
-    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"population {population} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(lines[-1][len("RESULT ") :])
-    return result
+    return call_fresh(
+        "simulations.bench.scale", "_child", population, cohort, str(out), extra or {},
+        what=f"population {population}",
+    )  # fmt: skip
 
 
 def scale_table(rows: list[dict[str, Any]]) -> str:

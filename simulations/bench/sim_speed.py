@@ -13,14 +13,13 @@ later rounds): interpreter and imports, engine start-up, model load, feature ext
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from simulations.bench.fresh_process import call_fresh
 
 WORKLOAD: dict[str, Any] = {
     "task.dataset": "tweets",
@@ -39,7 +38,7 @@ def _child(
     clients: int,
     threads: int,
     actors: int,
-    out: Path,
+    out: str | Path,
     launched: float,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -63,7 +62,10 @@ def _child(
         from simulations.sequential import run_sequential
 
         summary = run_sequential(
-            {**over, "train.threads": threads}, clients, out, on_round=lambda _line: ends.append(time.time())
+            {**over, "train.threads": threads},
+            clients,
+            Path(out),
+            on_round=lambda _line: ends.append(time.time()),
         )
         acc = float(summary["acc-mean"])
     elif runner == "flower":
@@ -73,7 +75,7 @@ def _child(
         settings = SimSettings(
             num_clients=clients, client_cpus=cpus, overrides={**over, "train.threads": max(1, int(cpus))}
         )
-        summary = simulate(settings, out, on_round=lambda _line: ends.append(time.time()))
+        summary = simulate(settings, Path(out), on_round=lambda _line: ends.append(time.time()))
         acc = float(summary["acc-mean"])
     elif runner == "pfl":
         from simulations.bench.pfl_runner import run_pfl
@@ -104,17 +106,10 @@ def run_runner(
 ) -> dict[str, Any]:
     """Launch ``runner`` in a fresh Python process and return its timings (``extra``: more overrides)."""
     launched = time.time()
-    code = (
-        "import json; from pathlib import Path; from simulations.bench.sim_speed import _child; "
-        f"print('RESULT ' + json.dumps(_child({runner!r}, {clients}, {threads}, {actors}, "
-        f"Path({str(out)!r}), {launched!r}, {extra or {}!r})))"
-    )
-    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"runner {runner} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    result = json.loads(lines[-1][len("RESULT ") :])
+    result = call_fresh(
+        "simulations.bench.sim_speed", "_child", runner, clients, threads, actors, str(out), launched,
+        extra or {}, what=f"runner {runner}",
+    )  # fmt: skip
     result["process-seconds"] = time.time() - launched
     result["actors" if runner == "flower" else "threads"] = actors if runner == "flower" else threads
     return result
