@@ -67,12 +67,20 @@ def run_sequential(
         after = [float(m[P.ACC_AFTER]) for _, m in replies if P.ACC_AFTER in m]
         if after:
             line.update(distribution(after, "acc-after"))
+        evals: list[dict[str, Any]] = []
         if final_round or rnd % evaluate_every == 0:
-            evals = [run_evaluate(cfg, node, shared, final_round) for node in nodes]
+            evals = [dict(run_evaluate(cfg, node, shared, final_round)) for node in nodes]
             line.update(distribution([float(e[P.EVAL_ACC]) for e in evals], "eval-acc"))
             final = evals
+            for node, e in zip(nodes, evals, strict=True):
+                if (
+                    P.STEPS in e and P.EPSILON in e
+                ):  # fedavg-ft fine-tuned under DP: spent budget, as the server
+                    ledger.record(rnd, node.partition_id, "finetune", e)  # records it
+            ledger.save()
         line["seconds"] = time.perf_counter() - t0
         eps = [float(m[P.EPSILON]) for _, m in replies if P.EPSILON in m]
+        eps += [float(e[P.EPSILON]) for e in evals if P.EPSILON in e]  # includes a final fine-tune's spend
         if eps:
             line["epsilon-max"] = max(eps)
         lines.append(line)

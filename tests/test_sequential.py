@@ -43,3 +43,16 @@ def test_sequential_ledger_matches_reported_epsilon_and_evaluates_at_the_end(tmp
     assert sorted((e["round"], e["client"]) for e in entries) == [(r, c) for r in (1, 2, 3) for c in (0, 1)]
     assert max(e["epsilon"] for e in entries) == out["epsilon-max"]
     assert sorted(c["client"] for c in out["clients"]) == [0, 1]
+
+
+def test_fedavg_ft_final_finetune_is_in_the_ledger_and_in_epsilon_max(tmp_path: Path) -> None:
+    import json
+
+    out = run_sequential({**TINY, "personalization.mode": "fedavg-ft"}, 2, tmp_path)
+    entries = json.loads((tmp_path / "ledger.json").read_text())["entries"]
+    finetune = [e for e in entries if e["status"] == "finetune"]
+    assert sorted(e["client"] for e in finetune) == [0, 1]
+    state = StateStore(tmp_path / "clients" / "client-0000").load()
+    assert state is not None
+    truth = epsilon(state.history, float(state.run_plan["delta"]), "prv")  # the client's own accountant
+    assert out["epsilon-max"] >= truth - 1e-9 and max(e["epsilon"] for e in entries) == out["epsilon-max"]
