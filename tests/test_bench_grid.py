@@ -70,3 +70,12 @@ def test_publish_replaces_only_its_block(tmp_path: Path) -> None:
     assert "old" not in text and "| 1 | 0.500 |" in text and "analysis stays" in text and "tail" in text
     update_block(md, "dp-cost", "new block")
     assert text.count("<!-- bench:") + 1 == md.read_text().count("<!-- bench:")
+
+
+def test_an_interrupted_cell_starts_from_scratch(tmp_path: Path) -> None:
+    cell = Cell("news/eps8/local/seed0", {**TINY, "personalization.mode": "local"}, 2)
+    stale = tmp_path / "work" / cell.key / "clients" / "client-0000"
+    stale.mkdir(parents=True)
+    (stale / "leftover").write_text("from an interrupted attempt")
+    run_grid(tmp_path, [cell], workers=1)
+    assert not (stale / "leftover").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -55,6 +56,9 @@ def run_cells(root: Path, cells: Sequence[Cell], evaluate_every: int) -> list[st
         if path.is_file():
             continue
         work = root / "work" / cell.key
+        # An unfinished cell starts over: clients' state from an interrupted attempt would carry its spent
+        # privacy budget into this one.
+        shutil.rmtree(work, ignore_errors=True)
         t0 = time.perf_counter()
         summary = run_sequential(cell.overrides, cell.num_clients, work, evaluate_every=evaluate_every)
         summary.update(
