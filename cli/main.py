@@ -159,7 +159,7 @@ def audit(
     canaries: int = typer.Option(0, help="run the one-run empirical audit with this many canaries instead"),
     epsilon: float = typer.Option(4.0, help="canary audit: the ε claimed (σ is calibrated for it)"),
     delta: float = typer.Option(1e-5, help="canary audit: δ"),
-    guesses: int = typer.Option(100, help="canary audit: k 'in' and k 'out' guesses (fixed in advance)"),
+    guesses: int = typer.Option(250, help="canary audit: k 'in' and k 'out' guesses (fixed in advance)"),
     sample_rate: float = typer.Option(0.1, help="canary audit: Poisson sampling rate q"),
     steps: int = typer.Option(200, help="canary audit: DP-SGD steps"),
     no_dp: bool = typer.Option(

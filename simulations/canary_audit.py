@@ -63,8 +63,8 @@ def _flat_grad(params: list[torch.nn.Parameter]) -> torch.Tensor:
 class AuditSetup:
     """What the audit trains and claims."""
 
-    canaries: int = 1000
-    guesses: int = 100  # k "in" and k "out" guesses, fixed before training
+    canaries: int = 10000
+    guesses: int = 250  # k "in" and k "out" guesses, fixed before training
     epsilon: float = 4.0
     delta: float = 1e-5
     sample_rate: float = 0.1
@@ -136,12 +136,14 @@ def run_canary_audit(setup: AuditSetup, overrides: dict[str, Any] | None = None)
                 h, m, y = feats.batch(idx)
                 F.cross_entropy(dp_model(h, m), y, reduction="sum").backward()
             sampled = np.flatnonzero(included & (rng.random(setup.canaries) < setup.sample_rate))
+            where = coords[sampled]
             for p_i, p in enumerate(params):
-                rows = torch.zeros((len(sampled), *p.shape))
-                flat = rows.view(len(sampled), -1)
-                for r, c in enumerate(sampled):
-                    if offsets[p_i] <= coords[c] < offsets[p_i + 1]:
-                        flat[r, coords[c] - offsets[p_i]] = setup.max_grad_norm  # norm exactly C
+                rows = torch.zeros((len(sampled), p.numel()))
+                mine = np.flatnonzero((where >= offsets[p_i]) & (where < offsets[p_i + 1]))
+                rows[torch.from_numpy(mine), torch.from_numpy(where[mine] - offsets[p_i])] = (
+                    setup.max_grad_norm
+                )
+                rows = rows.view(len(sampled), *p.shape)  # each canary row has norm exactly C
                 gs = getattr(p, "grad_sample", None)
                 base = gs if gs is not None else torch.zeros((0, *p.shape))
                 p.grad_sample = torch.cat([base, rows])  # type: ignore[attr-defined]
