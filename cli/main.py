@@ -152,6 +152,31 @@ def _run_sequential(settings: Any, modes: tuple[str, ...], out: Path, on_round: 
 
 
 @app.command()
+def certs(
+    out: Path = typer.Option(Path("certs"), help="folder for ca.crt, ca.key, server.pem, server.key"),
+    host: list[str] = typer.Option(None, "--host", help="DNS name or IP clients dial (repeat); first = CN"),
+    days: int = typer.Option(365, help="validity in days"),
+    force: bool = typer.Option(
+        False, help="replace existing keys (deployed clients must get the new ca.crt)"
+    ),
+) -> None:
+    """Create a private CA and a SuperLink server certificate (keys 0600) for TLS."""
+    from server.certs import create_tls
+
+    try:
+        files = create_tls(out, host or [], days, force)
+    except FedpersError as exc:
+        _fail(exc)
+    console.print(f"[green]✓[/] CA {files.ca_cert} (key {files.ca_key}, 0600)")
+    console.print(
+        f"[green]✓[/] server {files.server_cert} (key {files.server_key}, 0600) for {', '.join(host)}"
+    )
+    flags = f"--ssl-ca-certfile {files.ca_cert} --ssl-certfile {files.server_cert} "
+    flags += f"--ssl-keyfile {files.server_key}"
+    console.print(f"SuperLink: flower-superlink {flags}; clients need only {files.ca_cert}")
+
+
+@app.command()
 def audit(
     path: Path = typer.Argument(None, help="a run folder (with ledger.json) or a ledger.json"),
     budget: float = typer.Option(None, help="ε budget to check against (default: the ledger's)"),
