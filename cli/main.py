@@ -152,6 +152,30 @@ def _run_sequential(settings: Any, modes: tuple[str, ...], out: Path, on_round: 
 
 
 @app.command()
+def predict(
+    texts: list[str] = typer.Argument(..., help="texts to classify"),
+    state_dir: Path = typer.Option(
+        ..., help="the client's state folder (e.g. runs/<run>/clients/client-0000)"
+    ),
+    key_file: Path = typer.Option(
+        None, help="state key file (default: <state-dir>/state.key or $FEDPERS_STATE_KEY)"
+    ),
+) -> None:
+    """Classify texts offline with the latest shared adapters plus this user's personal part."""
+    from client.predict import predict as run_predict
+
+    try:
+        results = run_predict(state_dir, texts, key_file)
+    except (FedpersError, ValueError) as exc:
+        _fail(exc)
+    table = Table("text", "label", "probabilities")
+    for r in results:
+        probs = "  ".join(f"{k} {v:.2f}" for k, v in r.probabilities.items())
+        table.add_row(r.text[:60], f"[bold]{r.label}[/]", probs)
+    Console().print(table)
+
+
+@app.command()
 def certs(
     out: Path = typer.Option(Path("certs"), help="folder for ca.crt, ca.key, server.pem, server.key"),
     host: list[str] = typer.Option(None, "--host", help="DNS name or IP clients dial (repeat); first = CN"),

@@ -221,4 +221,8 @@ def run_evaluate(cfg: Config, node: NodeInfo, shared: Arrays, final_round: bool)
         metrics[P.EPSILON] = epsilon(s.state.history, delta, cfg.dp.accountant)
     if plan is not None:
         metrics.update(_privacy_metrics(cfg, s, plan, steps))
+    # Keep the latest global tensors and the configuration on the device: `fedpers predict` works offline.
+    s.state.shared = {k: np.asarray(v, dtype=np.float32) for k, v in shared.items()}
+    s.state.meta["config"] = cfg.to_run_config()
+    s.store.save(s.state)
     return metrics

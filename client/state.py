@@ -47,6 +47,7 @@ class PersonalState:
     examples_seen: int = 0
     run_plan: dict[str, Any] = dataclasses.field(default_factory=dict)
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    shared: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # latest global (for predict)
 
 
 def _load_key(state_dir: Path, key_file: Path | None) -> bytes:
@@ -111,6 +112,7 @@ class StateStore:
         header = json.loads(plain[8 : 8 + hlen])
         with np.load(io.BytesIO(plain[8 + hlen :]), allow_pickle=False) as npz:
             tensors = {name: npz[f"t{i}"] for i, name in enumerate(header["tensor_names"])}
+            shared = {name: npz[f"s{i}"] for i, name in enumerate(header.get("shared_names", []))}
         return PersonalState(
             tensors=tensors,
             history=normalize(header["history"]),
@@ -118,14 +120,17 @@ class StateStore:
             examples_seen=int(header["examples_seen"]),
             run_plan=dict(header["run_plan"]),
             meta=dict(header["meta"]),
+            shared=shared,
         )
 
     def save(self, state: PersonalState) -> None:
         """Encrypt and write ``state`` atomically."""
         names = sorted(state.tensors)
+        shared_names = sorted(state.shared)
         header = json.dumps(
             {
                 "tensor_names": names,
+                "shared_names": shared_names,
                 "history": [list(e) for e in state.history],
                 "rounds_trained": state.rounds_trained,
                 "examples_seen": state.examples_seen,
@@ -134,7 +139,9 @@ class StateStore:
             }
         ).encode()
         buf = io.BytesIO()
-        np.savez(buf, **{f"t{i}": np.ascontiguousarray(state.tensors[n]) for i, n in enumerate(names)})  # type: ignore[arg-type]
+        arrays = {f"t{i}": np.ascontiguousarray(state.tensors[n]) for i, n in enumerate(names)}
+        arrays.update({f"s{i}": np.ascontiguousarray(state.shared[n]) for i, n in enumerate(shared_names)})
+        np.savez(buf, **arrays)  # type: ignore[arg-type]
         plain = struct.pack(">Q", len(header)) + header + buf.getvalue()
         nonce = secrets.token_bytes(12)
         blob = MAGIC + nonce + self._aead.encrypt(nonce, plain, MAGIC)

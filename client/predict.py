@@ -1,0 +1,69 @@
+"""Use the personalized model on the device: the latest shared adapters plus this user's personal part.
+
+Everything comes from the client's encrypted state (written after every evaluation): the configuration,
+the latest global tensors and the personal tensors. Offline: the frozen encoder is the cached asset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from client.state import StateStore
+from common.config import Config
+from common.data import label_names
+from common.errors import StateError
+from common.features import prefix_features
+from common.model import get_backbone
+from common.params import set_arrays
+from common.split import split_names
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One text's predicted label and the probability of every label."""
+
+    text: str
+    label: str
+    probabilities: dict[str, float]
+
+
+def predict(
+    state_dir: str | Path, texts: Sequence[str], key_file: str | Path | None = None
+) -> list[Prediction]:
+    """Classify ``texts`` with the model this client's state describes."""
+    if not texts:
+        raise ValueError("give at least one text to classify")
+    if not (Path(state_dir) / "personal.state").is_file():
+        raise StateError(f"no personal state in {state_dir}: this client has not taken part in a round yet")
+    state = StateStore(state_dir, key_file).load()
+    if state is None or "config" not in state.meta or not state.shared and not state.tensors:
+        raise StateError(
+            f"the state in {state_dir} holds no model yet (written after the client's first evaluation)"
+        )
+    cfg = Config.from_run_config(state.meta["config"])
+    names = label_names(cfg.task)
+    backbone = get_backbone(cfg, len(names))
+    model = backbone.new_model().eval()
+    roles = split_names([n for n, _ in model.named_parameters()], cfg.personalization.mode)
+    set_arrays(model, state.shared, roles["shared"])
+    set_arrays(model, state.tensors, roles["personal"])
+    hidden, mask, order = prefix_features(backbone, list(texts), cfg.task.max_length)
+    with torch.no_grad():
+        probs = torch.cat(
+            [
+                torch.softmax(model(hidden[i : i + 128], mask[i : i + 128]), dim=-1)
+                for i in range(0, len(texts), 128)
+            ]
+        ).numpy()
+    out: list[Prediction | None] = [None] * len(texts)
+    for row, idx in enumerate(order):  # rows are sorted by length; map them back to the inputs
+        p = probs[row]
+        label = names[int(p.argmax())]
+        out[int(idx)] = Prediction(
+            texts[int(idx)], label, {n: float(v) for n, v in zip(names, p, strict=True)}
+        )
+    return [p for p in out if p is not None]
