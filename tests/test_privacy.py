@@ -212,10 +212,14 @@ def test_budget_stop_leaves_state_untouched(tmp_path: Path) -> None:
     assert set(after.tensors) == set(state_before.tensors)
     for k, v in after.tensors.items():
         assert np.array_equal(v, state_before.tensors[k])
-    # Evaluation spends nothing and still works; it reports the ε spent.
+    # Evaluation spends nothing and still works; it reports the ε spent. (It stores the latest global
+    # tensors for `fedpers predict`; the privacy history and the personal part stay as they were.)
     ev = run_evaluate(cfg, node, shared, final_round=True)
     assert ev[P.EPSILON] == pytest.approx(m[P.EPSILON], rel=1e-12)
-    assert _files(tmp_path) == before
+    evaluated = StateStore(tmp_path).load()
+    assert evaluated is not None and evaluated.history == state_before.history
+    assert evaluated.rounds_trained == 2 and set(evaluated.shared) == set(shared)
+    assert all(np.array_equal(v, state_before.tensors[k]) for k, v in evaluated.tensors.items())
 
 
 def test_new_run_composes_with_old_history(tmp_path: Path) -> None:
@@ -283,9 +287,9 @@ def test_fedavg_ft_final_finetune_is_accounted_and_not_kept(tmp_path: Path) -> N
     cfg = _cfg(**{"personalization.mode": "fedavg-ft", "dp.noise-multiplier": 1.0, "dp.accountant": "rdp"})
     node = NodeInfo(3, 4, tmp_path, run_id=1)
     shared, _ = run_train(cfg, node, _initial_shared(cfg), 1)
-    before = _files(tmp_path)
+    history_before = StateStore(tmp_path).load().history  # type: ignore[union-attr]
     ev = run_evaluate(cfg, node, shared, final_round=False)  # not final: no fine-tuning, nothing spent
-    assert _files(tmp_path) == before
+    assert StateStore(tmp_path).load().history == history_before  # type: ignore[union-attr]
     assert ev[P.EPSILON] == pytest.approx(_fresh_eps(1.0, Q, STEPS, "rdp"), rel=1e-9)
     ev_final = run_evaluate(cfg, node, shared, final_round=True)
     state = StateStore(tmp_path).load()
