@@ -47,6 +47,8 @@ class TaskConfig:
     seed: int
     evaluate_on: str = dataclasses.field(metadata=_choices("test", "validation"))
     validation_fraction: float = dataclasses.field(metadata=_range(0.05, 0.5))
+    pii_scrub: bool
+    pii_patterns: str
 
 
 @dataclasses.dataclass(frozen=True)

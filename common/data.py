@@ -23,6 +23,7 @@ from common.assets import ensure
 from common.config import TaskConfig
 from common.datafile import Table, read_file
 from common.errors import ConfigError, DataError
+from common.pii import parse_patterns, scrub
 
 TWEET_LABELS = ("negative", "neutral", "positive")
 NEWS_LABELS = ("not-liked", "liked")
@@ -151,9 +152,12 @@ def _split(
                 f"a validation split of {task.validation_fraction:.0%} and keep 2 for training"
             )
         tr, te = tr[: n_train - n_val], tr[n_train - n_val :]
-    return ClientData(
-        tuple(texts[i] for i in tr), labels[tr], tuple(texts[i] for i in te), labels[te], names, user
-    )
+    train_texts, test_texts = tuple(texts[i] for i in tr), tuple(texts[i] for i in te)
+    if task.pii_scrub:  # on the device, before anything is encoded or trained on
+        extra = parse_patterns(task.pii_patterns)
+        train_texts = tuple(scrub(t, extra) for t in train_texts)
+        test_texts = tuple(scrub(t, extra) for t in test_texts)
+    return ClientData(train_texts, labels[tr], test_texts, labels[te], names, user)
 
 
 @lru_cache(maxsize=8)
