@@ -200,6 +200,23 @@ def certs(
     console.print(f"SuperLink: flower-superlink {flags}; clients need only {files.ca_cert}")
 
 
+@app.command("node-key")
+def node_key(
+    out: Path = typer.Option(Path("keys"), help="folder for <name>.key (0600) and <name>.pub"),
+    name: str = typer.Option("node", help="file name stem"),
+    force: bool = typer.Option(False, help="replace an existing key (the new public key must be registered)"),
+) -> None:
+    """Create this device's SuperNode identity (EC P-384, OpenSSH) for Flower's node authentication."""
+    from client.node_key import create_node_key
+
+    try:
+        keys = create_node_key(out, name, force)
+    except FedpersError as exc:
+        _fail(exc)
+    console.print(f"[green]✓[/] private {keys.private} (0600; flower-supernode --auth-supernode-private-key)")
+    console.print(f"[green]✓[/] public {keys.public} (operator: flwr supernode register {keys.public})")
+
+
 @app.command()
 def audit(
     path: Path = typer.Argument(None, help="a run folder (with ledger.json) or a ledger.json"),
