@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY as CONFTEST_TINY
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -15,14 +16,7 @@ from common.data import load_client_data
 from common.errors import StateError
 from simulations.sequential import run_sequential
 
-TINY = {
-    "model.name": "tiny",
-    "model.frozen-layers": 1,
-    "task.train-size": 40,
-    "task.test-size": 20,
-    "train.batch-size": 20,
-    "fed.num-rounds": 1,
-}
+TINY = {**CONFTEST_TINY, "fed.num-rounds": 1}
 
 
 def test_predict_matches_the_clients_final_evaluation(tmp_path: Path) -> None:
