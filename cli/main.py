@@ -324,6 +324,16 @@ def _grid_progress(label: str) -> tuple[Progress, Any]:
     return progress, update
 
 
+def _bench(call: Any) -> None:
+    """Run a benchmark call, print its table and where its outputs are; clean errors."""
+    try:
+        run, table = call()
+    except (FedpersError, ValueError, RuntimeError) as exc:
+        _fail(exc)
+    print(table)
+    console.print(f"outputs: {run.dir}")
+
+
 @bench_app.command("list")
 def bench_list() -> None:
     """Show the benchmarks."""
@@ -340,12 +350,7 @@ def bench_comm_cmd(no_publish: bool = typer.Option(False, help="do not update BE
     """Bytes up/down per client per round for every mode and LoRA rank 4/8/16."""
     from simulations.bench.commands import bench_comm
 
-    try:
-        run, table = bench_comm(publish=not no_publish)
-    except FedpersError as exc:
-        _fail(exc)
-    print(table)
-    console.print(f"outputs: {run.dir}")
+    _bench(lambda: bench_comm(publish=not no_publish))
 
 
 @bench_app.command("dp-cost")
@@ -358,13 +363,9 @@ def bench_dp_cost_cmd(
     """Time per step and peak memory: non-private vs Opacus hooks, functorch, ghost."""
     from simulations.bench.commands import bench_dp_cost
 
-    try:
-        sizes = [int(b) for b in _split_csv(batches)]
-        run, table = bench_dp_cost(sizes, repeats, threads, publish=not no_publish)
-    except (FedpersError, ValueError) as exc:
-        _fail(exc)
-    print(table)
-    console.print(f"outputs: {run.dir}")
+    _bench(
+        lambda: bench_dp_cost([int(b) for b in _split_csv(batches)], repeats, threads, publish=not no_publish)
+    )
 
 
 @bench_app.command("sim-speed")
@@ -377,13 +378,8 @@ def bench_sim_speed_cmd(
     """The same workload on Flower's simulation engine, a plain loop (floor) and pfl-research."""
     from simulations.bench.commands import bench_sim_speed
 
-    try:
-        counts = [int(a) for a in _split_csv(actors)]
-        run, table = bench_sim_speed(clients, threads, counts, publish=not no_publish)
-    except (FedpersError, ValueError, RuntimeError) as exc:
-        _fail(exc)
-    print(table)
-    console.print(f"outputs: {run.dir}")
+    counts = _split_csv(actors)
+    _bench(lambda: bench_sim_speed(clients, threads, [int(a) for a in counts], publish=not no_publish))
 
 
 @bench_app.command("scale")
@@ -395,13 +391,7 @@ def bench_scale_cmd(
     """Population 50 → 600 with a fixed cohort: wall per round, peak RSS, state per user."""
     from simulations.bench.commands import bench_scale
 
-    try:
-        sizes = [int(p) for p in _split_csv(populations)]
-        run, table = bench_scale(sizes, cohort, publish=not no_publish)
-    except (FedpersError, ValueError, RuntimeError) as exc:
-        _fail(exc)
-    print(table)
-    console.print(f"outputs: {run.dir}")
+    _bench(lambda: bench_scale([int(p) for p in _split_csv(populations)], cohort, publish=not no_publish))
 
 
 @bench_app.command("tune")
