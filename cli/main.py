@@ -218,6 +218,103 @@ def node_key(
 
 
 @app.command()
+def agent(
+    superlink: str = typer.Option(..., help="the SuperLink's HOST:PORT"),
+    state_dir: Path = typer.Option(..., help="this device's folder for the encrypted personal state"),
+    root_certificates: Path = typer.Option(None, help="CA certificate (ca.crt from `fedpers certs`)"),
+    node_key: Path = typer.Option(None, help="this device's private key (`fedpers node-key`, 0600)"),
+    data: Path = typer.Option(
+        None, help="this user's CSV/JSONL (text,label[,user]); server sets task.dataset=file"
+    ),
+    labels: str = typer.Option("", help="comma-separated label names: check --data before connecting"),
+    key_file: Path = typer.Option(
+        None, help="state key file (default <state-dir>/state.key or $FEDPERS_STATE_KEY)"
+    ),
+    partition_id: int = typer.Option(0, help="which client of a shared data set this device plays"),
+    num_partitions: int = typer.Option(1, help="clients the shared data set is split into"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
+    port: int = typer.Option(0, help="local port of the SuperNode's ClientApp API (0 = a free one)"),
+    max_retries: int = typer.Option(
+        None, help="give up after this many reconnection attempts (default: never)"
+    ),
+    activation_timeout: float = typer.Option(
+        180.0, help="keep retrying a refused activation this long (a restart after a crash waits ~60 s)"
+    ),
+    insecure: bool = typer.Option(False, help="plain HTTP, no TLS (tests on a trusted network only)"),
+    check: bool = typer.Option(False, help="check everything and print the SuperNode command, start nothing"),
+) -> None:
+    """Run this device's client agent: a Flower SuperNode with the fedpers ClientApp (TLS, node auth)."""
+    from client.agent import AgentOptions, plan_agent, run_agent
+
+    opts = AgentOptions(
+        superlink=superlink,
+        state_dir=state_dir,
+        root_certificates=root_certificates,
+        insecure=insecure,
+        node_key=node_key,
+        data=data,
+        labels=tuple(_split_csv(labels)),
+        key_file=key_file,
+        partition_id=partition_id,
+        num_partitions=num_partitions,
+        device=device,
+        clientappio_port=port,
+        max_retries=max_retries,
+    )
+    try:
+        launch = plan_agent(opts)
+    except FedpersError as exc:
+        _fail(exc)
+    for line in launch.checks:
+        console.print(f"[green]✓[/] {line}")
+    if check:
+        console.print(" ".join(launch.argv))
+        return
+    raise typer.Exit(run_agent(launch, activation_timeout))
+
+
+@app.command()
+def server(
+    address: str = typer.Option("0.0.0.0:9091", help="HOST:PORT the SuperLink listens on (all its APIs)"),
+    certs_dir: Path = typer.Option(
+        None, "--certs", help="folder from `fedpers certs` (ca.crt, server.pem, ...)"
+    ),
+    public_host: str = typer.Option(
+        "", help="the name clients dial (must be in the certificate; default: host)"
+    ),
+    database: Path = typer.Option(Path("server/superlink.db"), help="SuperLink state (nodes, runs)"),
+    flwr_home: Path = typer.Option(Path("server/flwr"), help="operator's Flower home (connection config)"),
+    connection: str = typer.Option("fedpers", help="name of the connection for `flwr run . NAME`"),
+    node_auth: bool = typer.Option(True, help="only registered node keys may join"),
+    insecure: bool = typer.Option(False, help="plain HTTP, no TLS (tests on a trusted network only)"),
+    check: bool = typer.Option(False, help="check everything and print the SuperLink command, start nothing"),
+) -> None:
+    """Start a Flower SuperLink with TLS and node authentication for fedpers clients."""
+    from server.link import LinkOptions, plan_link, run_link
+
+    opts = LinkOptions(
+        address=address,
+        certs=certs_dir,
+        database=database,
+        flwr_home=flwr_home,
+        connection=connection,
+        public_host=public_host,
+        node_auth=node_auth,
+        insecure=insecure,
+    )
+    try:
+        launch = plan_link(opts)
+    except FedpersError as exc:
+        _fail(exc)
+    for line in launch.checks:
+        console.print(f"[green]✓[/] {line}")
+    if check:
+        console.print(" ".join(launch.argv))
+        return
+    raise typer.Exit(run_link(launch))
+
+
+@app.command()
 def audit(
     path: Path = typer.Argument(None, help="a run folder (with ledger.json) or a ledger.json"),
     budget: float = typer.Option(None, help="ε budget to check against (default: the ledger's)"),

@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.node import NodeInfo, run_evaluate, run_train
+from client.secagg import fitres_content, is_legacy_fit, read_fitins, secagg_mod, update_for_secagg
 from common import protocol as P
 from common.config import Config
 from common.errors import FedpersError
@@ -35,6 +36,7 @@ def node_info(cfg: Config, context: Context) -> NodeInfo:
         run_id=context.run_id,
         data_path=str(nc["data-path"]) if nc.get("data-path") else None,
         key_file=str(nc["key-file"]) if nc.get("key-file") else None,
+        device=str(nc.get("device", "auto")),
     )
 
 
@@ -46,13 +48,20 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     def _cfg(context: Context) -> Config:
         return Config.from_run_config({**base, **dict(context.run_config)})
 
-    @client_app.train()
+    @client_app.train(mods=[secagg_mod])
     def train(msg: Message, context: Context) -> Message:
         cfg = _cfg(context)
-        shared = from_record(msg.content.array_records.get(P.ARRAYS, ArrayRecord()))
-        server_round = int(msg.content.config_records[P.CONFIG].get(P.SERVER_ROUND, 0))  # type: ignore[arg-type]
+        legacy = is_legacy_fit(msg.content)  # a SecAgg+ round: FitIns in, FitRes (masked by the mod) out
         try:
+            if legacy:
+                shared, server_round = read_fitins(msg.content)
+            else:
+                shared = from_record(msg.content.array_records.get(P.ARRAYS, ArrayRecord()))
+                server_round = int(msg.content.config_records[P.CONFIG].get(P.SERVER_ROUND, 0))  # type: ignore[arg-type]
             arrays, metrics = run_train(cfg, node_info(cfg, context), shared, server_round)
+            if legacy:
+                update = update_for_secagg(cfg, shared, arrays)
+                return Message(content=fitres_content(cfg, update, metrics), reply_to=msg)
         except FedpersError as exc:
             logging.getLogger("flwr").warning("client refused to train: %s", exc)
             return Message(Error(code=ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)

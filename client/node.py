@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from client.state import PersonalState, StateStore
 from client.training import DPPlan, TrainOutcome, evaluate, sample_rate, steps_per_epoch, train
 from common import protocol as P
 from common.config import Config
 from common.data import ClientData, label_names, load_client_data, majority_baseline_accuracy
+from common.device import resolve_device
 from common.errors import PrivacyBudgetExhausted, StateError
 from common.features import Features, encode
 from common.model import Backbone, PersonalModel, get_backbone
@@ -42,6 +44,7 @@ class NodeInfo:
     run_id: int
     data_path: str | None = None
     key_file: str | None = None
+    device: str = "auto"  # auto | cpu | cuda[:N] | mps (node_config "device"; see common.device)
 
 
 @dataclass
@@ -53,16 +56,23 @@ class _Session:
     store: StateStore
     state: PersonalState
     max_length: int
+    device: torch.device
 
     @property
     def train(self) -> Features:
         """Training features (computed on first use: an evaluation without fine-tuning never needs them)."""
-        return encode(self.backbone, self.data.train_texts, self.data.train_labels, self.max_length)
+        d = self.data
+        return encode(self.backbone, d.train_texts, d.train_labels, self.max_length, device=self.device).to(
+            self.device
+        )
 
     @property
     def test(self) -> Features:
         """Test features (cached per process by common.features)."""
-        return encode(self.backbone, self.data.test_texts, self.data.test_labels, self.max_length)
+        d = self.data
+        return encode(self.backbone, d.test_texts, d.test_labels, self.max_length, device=self.device).to(
+            self.device
+        )
 
 
 def _seed(*parts: int) -> int:
@@ -89,7 +99,9 @@ def _open(cfg: Config, node: NodeInfo, shared: Arrays) -> _Session:
         set_arrays(model, state.tensors, roles["personal"])
     for name, param in model.named_parameters():
         param.requires_grad_(name in roles["shared"] or name in roles["personal"])
-    return _Session(data, backbone, model, roles, store, state, cfg.task.max_length)
+    device = resolve_device(node.device)
+    model.to(device)
+    return _Session(data, backbone, model, roles, store, state, cfg.task.max_length, device)
 
 
 def _plan(cfg: Config, s: _Session, node: NodeInfo, rounds_left: int) -> DPPlan:

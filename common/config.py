@@ -133,6 +133,17 @@ class FedConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SecAggConfig:
+    """Flower's SecAgg+ (the server sees only the sum of the shared updates); see server.secagg."""
+
+    enabled: bool
+    num_shares: int = dataclasses.field(metadata=_range(3, None))
+    threshold: int = dataclasses.field(metadata=_range(2, None))
+    clipping_range: float = dataclasses.field(metadata=_range(1e-6, None))
+    max_weight: int = dataclasses.field(metadata=_range(0, None))
+
+
+@dataclasses.dataclass(frozen=True)
 class ClientConfig:
     """Where the client keeps its encrypted personal state, and what it reports."""
 
@@ -160,6 +171,7 @@ class Config:
     train: TrainConfig
     dp: DPConfig
     fed: FedConfig
+    secagg: SecAggConfig
     client: ClientConfig
     output: OutputConfig
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common.device import frozen_autocast
 from common.errors import DataError
 from common.model import Backbone
 
@@ -36,14 +37,26 @@ class Features:
         width = max(int(mask.sum(1).max().item()) if len(mask) else 1, 1)
         return self.hidden[index][:, :width], mask[:, :width], self.labels[index]
 
+    def to(self, device: torch.device) -> Features:
+        """These features on ``device`` (the same object when they are already there)."""
+        if self.hidden.device == device:
+            return self
+        return Features(self.hidden.to(device), self.mask.to(device), self.labels.to(device))
+
 
 def encode(
-    backbone: Backbone, texts: Sequence[str], labels: np.ndarray, max_length: int, chunk: int = 64
+    backbone: Backbone,
+    texts: Sequence[str],
+    labels: np.ndarray,
+    max_length: int,
+    chunk: int = 64,
+    device: torch.device | None = None,
 ) -> Features:
     """Features of ``texts`` under ``backbone``, rows sorted by token length (cached per process).
 
     The prefix is frozen, so caching is exact; the row order does not matter to training (Poisson or
-    shuffled batches) or evaluation, and ``labels`` are reordered with the rows.
+    shuffled batches) or evaluation, and ``labels`` are reordered with the rows. The prefix runs on
+    ``device`` (bf16 autocast on CUDA, see common.device); the cached features live on the CPU.
     """
     if len(texts) != len(labels):
         raise DataError(f"{len(texts)} texts but {len(labels)} labels")
@@ -59,7 +72,7 @@ def encode(
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
-    hidden, mask, order = prefix_features(backbone, texts, max_length, chunk)
+    hidden, mask, order = prefix_features(backbone, texts, max_length, chunk, device)
     feats = Features(
         hidden=hidden,
         mask=mask,
@@ -73,7 +86,11 @@ def encode(
 
 
 def prefix_features(
-    backbone: Backbone, texts: Sequence[str], max_length: int, chunk: int = 64
+    backbone: Backbone,
+    texts: Sequence[str],
+    max_length: int,
+    chunk: int = 64,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Prefix hidden states of ``texts``, sorted by token length; returns (hidden, mask, order).
 
@@ -90,6 +107,8 @@ def prefix_features(
     hidden = torch.zeros(len(ids), width, backbone.prefix.config.hidden_size)
     mask = torch.zeros(len(ids), width, dtype=torch.long)
     pad = backbone.tokenizer.pad_token_id or 0
+    device = device or torch.device("cpu")
+    prefix = backbone.prefix.to(device)  # a no-op on the CPU; moves the per-process backbone once
     for start in range(0, len(ids), chunk):
         rows = order[start : start + chunk]
         w = int(lengths[rows].max())
@@ -98,6 +117,8 @@ def prefix_features(
         for j, r in enumerate(rows):
             batch_ids[j, : lengths[r]] = torch.tensor(ids[r])
             batch_mask[j, : lengths[r]] = 1
-        hidden[start : start + len(rows), :w] = backbone.prefix(batch_ids, batch_mask)
+        with torch.no_grad(), frozen_autocast(device):
+            out = prefix(batch_ids.to(device), batch_mask.to(device))
+        hidden[start : start + len(rows), :w] = out.float().cpu()
         mask[start : start + len(rows), :w] = batch_mask
     return hidden, mask, order

@@ -8,7 +8,7 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -23,20 +23,26 @@ from server import checkpoint
 from server.ledger import Ledger, ledger_meta
 from server.recorder import Recorder
 from server.report import write_report
+from server.secagg import check_secagg, run_secagg
 from server.strategy import FedpersStrategy
 from server.user_dp import UserLevelDP
 
 logging.getLogger("flwr").propagate = False
 
 
-def run_federation(cfg: Config, grid: Grid, run_id: int) -> Path:
-    """Run (or resume) the federation described by ``cfg``; returns the run folder."""
+def run_federation(cfg: Config, grid: Grid, run_id: int, context: Context | None = None) -> Path:
+    """Run (or resume) the federation described by ``cfg``; returns the run folder.
+
+    With ``secagg.enabled`` the training rounds run under Flower's SecAgg+ (server.secagg), which needs
+    the ServerApp's ``context``.
+    """
     out = run_dir(cfg, run_id)
     out.mkdir(parents=True, exist_ok=True)
     flat = cfg.to_run_config()
     backbone = get_backbone(cfg, len(label_names(cfg.task)))
     template = backbone.template
     roles = split_names([n for n, _ in template.named_parameters()], cfg.personalization.mode)
+    check_secagg(cfg, roles["shared"])
     arrays = get_arrays(template, roles["shared"])
     done = 0
     ckpt = checkpoint.load(out / "checkpoint") if cfg.output.resume else None
@@ -79,14 +85,18 @@ def run_federation(cfg: Config, grid: Grid, run_id: int) -> Path:
             min_evaluate_nodes=min_nodes if cfg.fed.fraction_evaluate > 0 else 0,
             min_available_nodes=min_nodes,
         )
-        strategy.start(
-            grid=grid,
-            initial_arrays=to_record(arrays),
-            num_rounds=remaining,
-            timeout=cfg.fed.round_timeout,
-            train_config=ConfigRecord({"num-rounds": cfg.fed.num_rounds}),
-            evaluate_config=ConfigRecord({"num-rounds": cfg.fed.num_rounds}),
-        )
+        if cfg.secagg.enabled:
+            secagg_context = context or Context(run_id, 0, {}, RecordDict(), flat)
+            run_secagg(cfg, grid, secagg_context, strategy, arrays)
+        else:
+            strategy.start(
+                grid=grid,
+                initial_arrays=to_record(arrays),
+                num_rounds=remaining,
+                timeout=cfg.fed.round_timeout,
+                train_config=ConfigRecord({"num-rounds": cfg.fed.num_rounds}),
+                evaluate_config=ConfigRecord({"num-rounds": cfg.fed.num_rounds}),
+            )
     write_report(
         out,
         cfg,
@@ -107,7 +117,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = Config.from_run_config({**base, **dict(context.run_config)})
-        run_federation(cfg, grid, context.run_id)
+        run_federation(cfg, grid, context.run_id, context)
 
     return server_app
 

@@ -128,7 +128,10 @@ class FedpersStrategy(FedAvg):
             new = self._user_level_release(rnd, [a for a, _ in accepted])
         else:
             new = weighted_average(accepted, sorted(self.expected)) if accepted else None
-        arrays_out = to_record(new) if new is not None else None
+        return (to_record(new) if new is not None else None), self.commit_round(rnd, new)
+
+    def commit_round(self, rnd: int, new: dict[str, np.ndarray] | None) -> MetricRecord | None:
+        """Save the ledger and a checkpoint of round ``rnd``, adopt ``new`` (None: keep the current)."""
         self.ledger.save()
         checkpoint.save(
             self.checkpoint_dir,
@@ -137,7 +140,7 @@ class FedpersStrategy(FedAvg):
         if new is not None:
             self.current = new
         metrics_out = self.recorder.train_summary(rnd)
-        return arrays_out, MetricRecord(dict(metrics_out)) if metrics_out else None  # type: ignore[arg-type]
+        return MetricRecord(dict(metrics_out)) if metrics_out else None  # type: ignore[arg-type]
 
     def _user_level_release(
         self, rnd: int, replies: list[dict[str, np.ndarray]]

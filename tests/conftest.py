@@ -6,8 +6,9 @@ test_checkpoint.py (the same run folder resumed for a 3rd round), so the whole s
 
 from __future__ import annotations
 
+import copy
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.state import KEY_ENV
@@ -79,17 +81,26 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 class LocalGrid(Grid):
     """In-process transport: each instruction goes to a real ClientApp; its real reply comes back."""
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 7) -> None:
+    def __init__(
+        self,
+        client_app: ClientApp,
+        num_nodes: int,
+        run_id: int = 7,
+        drop: Callable[[Message], bool] | None = None,
+    ) -> None:
         self.app, self.run_id = client_app, run_id
         self.nodes = {1000 + i: i for i in range(num_nodes)}
         self.replies: list[Message] = []
+        self.drop = drop  # a message it returns True for gets no reply (the node went away)
+        self.contexts: dict[int, Context] = {}  # one per node, kept across messages as a SuperNode does
 
     def set_run(self, run: Any) -> None:  # pragma: no cover - not used by the strategy
         raise NotImplementedError
 
     @property
-    def run(self) -> Any:  # pragma: no cover - not used by the strategy
-        raise NotImplementedError
+    def run(self) -> Any:
+        """The run (Flower's legacy client manager reads its id)."""
+        return Run.create_empty(self.run_id)
 
     def create_message(
         self,
@@ -118,14 +129,19 @@ class LocalGrid(Grid):
         out = []
         for msg in messages:
             node = msg.metadata.dst_node_id
-            ctx = Context(
-                run_id=self.run_id,
-                node_id=node,
-                state=RecordDict(),
-                run_config={},
-                node_config={"partition-id": self.nodes[node], "num-partitions": len(self.nodes)},
+            if self.drop is not None and self.drop(msg):
+                continue
+            ctx = self.contexts.setdefault(
+                node,
+                Context(
+                    run_id=self.run_id,
+                    node_id=node,
+                    state=RecordDict(),
+                    run_config={},
+                    node_config={"partition-id": self.nodes[node], "num-partitions": len(self.nodes)},
+                ),
             )
-            out.append(self.app(msg, ctx))
+            out.append(self.app(copy.deepcopy(msg), ctx))  # a copy, as over the wire (mods mutate it)
         self.replies += out
         return out
 

@@ -1,0 +1,227 @@
+"""The client agent: a Flower SuperNode running the fedpers ClientApp on a user's device.
+
+``fedpers agent`` checks everything it can before it dials out (the CA file, the node key and its mode,
+the state folder, the data file, the device), then starts ``flower-supernode`` with TLS (never plain
+HTTP unless ``--insecure`` is given), node authentication, and a node configuration that tells the
+ClientApp where this user's data, encrypted state, state key and device are. Each agent gets its own
+Flower home inside the state folder: Flower unpacks the app there for every task, and two SuperNodes
+sharing one home race on that unpacking.
+
+The SuperNode reconnects after network errors; its ClientApp runs each instruction in a fresh process
+(Flower 1.41's ``subprocess`` isolation), so a crash mid-round loses nothing that was saved: the personal
+state is written atomically after training, before the reply is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.errors import ConfigError, DataError, FedpersError
+from common.launch import check_address, free_port, run_foreground
+
+# Flower exits with status 1 for every error; these lines of its output say which one it was.
+ACTIVATION_FAILED = "Failed to activate SuperNode"
+CONNECT_FAILED = "Failed to initialize the connection"
+
+
+class AgentError(FedpersError):
+    """The agent cannot start as configured."""
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    """What ``fedpers agent`` was asked to do."""
+
+    superlink: str
+    state_dir: Path
+    root_certificates: Path | None = None
+    insecure: bool = False
+    node_key: Path | None = None
+    data: Path | None = None
+    labels: tuple[str, ...] = ()
+    key_file: Path | None = None
+    partition_id: int = 0
+    num_partitions: int = 1
+    device: str = "auto"
+    clientappio_port: int = 0  # 0 = a free port on 127.0.0.1
+    max_retries: int | None = None
+    max_wait_time: float | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AgentLaunch:
+    """The command line and environment of the SuperNode, and what was checked."""
+
+    argv: list[str]
+    env: dict[str, str]
+    device: str
+    checks: list[str]
+
+
+def _private_file(path: Path, what: str) -> Path:
+    path = path.expanduser()
+    if not path.is_file():
+        raise AgentError(f"{what} {path} does not exist")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if os.name == "posix" and mode & 0o077:
+        raise AgentError(f"{what} {path} is readable by others (mode {mode:o}); run `chmod 600 {path}`")
+    return path.resolve()
+
+
+def _node_config(values: dict[str, object]) -> str:
+    """Flower's ``--node-config`` string: space-separated key=value with TOML values."""
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, str):
+            parts.append(f"{key}={json.dumps(value)}")  # a JSON string is a valid TOML basic string
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def _check_data(opts: AgentOptions) -> str | None:
+    if opts.data is None:
+        return None
+    path = opts.data.expanduser()
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist (--data)")
+    if opts.labels:
+        from common.datafile import read_file
+
+        texts, _, users = read_file(path, opts.labels)
+        who = f"{len(set(users))} user(s)" if users else "no user column"
+        return f"data {path}: {len(texts)} examples, {who}, labels {', '.join(opts.labels)}"
+    return f"data {path} (labels not given: checked on the first round)"
+
+
+def plan_agent(opts: AgentOptions, flower_supernode: str | None = None) -> AgentLaunch:
+    """Validate ``opts`` and build the ``flower-supernode`` command; raises with one clear message."""
+    from common.device import describe, resolve_device
+
+    check_address(opts.superlink)
+    if opts.num_partitions < 1 or not 0 <= opts.partition_id < opts.num_partitions:
+        raise ConfigError(
+            f"--partition-id {opts.partition_id} must be in [0, --num-partitions {opts.num_partitions})"
+        )
+    checks = []
+    exe = flower_supernode or shutil.which("flower-supernode")
+    if not exe:
+        raise AgentError("flower-supernode is not on PATH: install fedpers (pip install -e .) in this env")
+    argv = [exe, "--superlink", opts.superlink]
+    if opts.insecure:
+        if opts.root_certificates:
+            raise ConfigError("--insecure and --root-certificates exclude each other")
+        argv.append("--insecure")
+        checks.append("transport: PLAIN HTTP (--insecure): only for a test SuperLink on a trusted network")
+    else:
+        if opts.root_certificates is None:
+            raise ConfigError(
+                "--root-certificates CA.crt is required (the CA that signed the SuperLink's certificate, "
+                "from `fedpers certs`); --insecure disables TLS for tests only"
+            )
+        ca = opts.root_certificates.expanduser()
+        if not ca.is_file():
+            raise AgentError(f"CA certificate {ca} does not exist (--root-certificates)")
+        argv += ["--root-certificates", str(ca.resolve())]
+        checks.append(f"transport: TLS, server verified against {ca}")
+    if opts.node_key is not None:
+        key = _private_file(opts.node_key, "node key")
+        argv += ["--auth-supernode-private-key", str(key)]
+        checks.append(f"identity: {key} (its .pub must be registered on the SuperLink)")
+    else:
+        checks.append("identity: none (only works with a SuperLink without --enable-supernode-auth)")
+    state = opts.state_dir.expanduser().resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    os.chmod(state, 0o700)
+    device = resolve_device(opts.device)
+    checks.append(f"device: {describe(device)}")
+    data = _check_data(opts)
+    if data:
+        checks.append(data)
+    node_config: dict[str, object] = {
+        "partition-id": opts.partition_id,
+        "num-partitions": opts.num_partitions,
+        "state-dir": str(state),
+        "device": str(device),
+    }
+    if opts.data is not None:
+        node_config["data-path"] = str(opts.data.expanduser().resolve())
+    if opts.key_file is not None:
+        node_config["key-file"] = str(opts.key_file.expanduser().resolve())
+    checks.append(f"state: {state} (encrypted; key {opts.key_file or '$FEDPERS_STATE_KEY or state.key'})")
+    port = opts.clientappio_port or free_port()
+    argv += ["--node-config", _node_config(node_config), "--port", str(port)]
+    if opts.max_retries is not None:
+        argv += ["--max-retries", str(opts.max_retries)]
+    if opts.max_wait_time is not None:
+        argv += ["--max-wait-time", str(opts.max_wait_time)]
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_HOME": str(state / "flwr"),
+            # flower-supernode starts flower-superexec and flwr-clientapp by name: same env as itself
+            "PATH": os.pathsep.join([str(Path(exe).parent), os.environ.get("PATH", "")]),
+            "HF_HUB_OFFLINE": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        }
+    )
+    env.update(opts.extra_env)
+    return AgentLaunch(argv, env, str(device), checks)
+
+
+def run_agent(
+    launch: AgentLaunch,
+    activation_timeout: float = 180.0,
+    retry_every: float = 10.0,
+    healthy_after: float = 300.0,
+) -> int:
+    """Run the SuperNode in the foreground and keep it running; its last exit code.
+
+    The agent is the device's supervisor: a SuperNode that exits with an error is started again every
+    ``retry_every`` seconds. A SuperLink refuses to activate a node whose previous session is still
+    marked online (two heartbeat intervals, 60 s by default, after a crash), so a device that restarts
+    after a crash rejoins by itself. Failures that follow each other for longer than
+    ``activation_timeout`` seconds without the SuperNode staying up for ``healthy_after`` seconds end
+    the agent with a hint (an unregistered key, a wrong CA or address fail this way). SIGINT/SIGTERM
+    stop the SuperNode and the agent; a clean exit (0) is not restarted.
+    """
+    failing_since: float | None = None
+    while True:
+        started = time.monotonic()
+        result = run_foreground(launch.argv, launch.env, watch=(ACTIVATION_FAILED, CONNECT_FAILED))
+        now = time.monotonic()
+        if result.stopped or result.code == 0:
+            return result.code
+        if failing_since is None or now - started >= healthy_after:
+            failing_since = started  # a crash after a healthy stretch starts a new retry window
+        waited = now - failing_since
+        why = _why(result.seen)
+        if waited + retry_every > activation_timeout:
+            print(f"fedpers agent: SuperNode exited with code {result.code}: {why}", file=sys.stderr)
+            return result.code
+        print(
+            f"fedpers agent: SuperNode exited with code {result.code} ({why}); starting it again in "
+            f"{retry_every:.0f} s ({waited:.0f} of {activation_timeout:.0f} s of retries)",
+            file=sys.stderr,
+            flush=True,
+        )
+        time.sleep(retry_every)
+
+
+def _why(seen: frozenset[str]) -> str:
+    if ACTIVATION_FAILED in seen:
+        return (
+            "the SuperLink did not activate this node: its key is not registered (`flwr supernode "
+            "register node.pub`), or its previous session is still marked online after a restart"
+        )
+    if CONNECT_FAILED in seen:
+        return "the SuperLink could not be reached: check the address, the CA certificate and TLS"
+    return "see the SuperNode's output above"
