@@ -22,7 +22,7 @@ console = Console(stderr=True)
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)  # one line, whatever the terminal width
     raise typer.Exit(2)
 
 

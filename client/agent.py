@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import sys
 import time
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import ConfigError, DataError, FedpersError
-from common.launch import check_address, free_port, run_foreground
+from common.launch import check_address, find_tool, free_port, run_foreground
 
 # Flower exits with status 1 for every error; these lines of its output say which one it was.
 ACTIVATION_FAILED = "Failed to activate SuperNode"
@@ -112,7 +111,7 @@ def plan_agent(opts: AgentOptions, flower_supernode: str | None = None) -> Agent
             f"--partition-id {opts.partition_id} must be in [0, --num-partitions {opts.num_partitions})"
         )
     checks = []
-    exe = flower_supernode or shutil.which("flower-supernode")
+    exe = flower_supernode or find_tool("flower-supernode")
     if not exe:
         raise AgentError("flower-supernode is not on PATH: install fedpers (pip install -e .) in this env")
     argv = [exe, "--superlink", opts.superlink]

@@ -11,7 +11,6 @@ its checkpoints and ledger into ``output.run-dir`` and resumes from them after a
 from __future__ import annotations
 
 import os
-import shutil
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.errors import ConfigError, FedpersError
-from common.launch import check_address, run_foreground
+from common.launch import check_address, find_tool, run_foreground
 
 
 class LinkError(FedpersError):
@@ -128,7 +127,7 @@ def plan_link(opts: LinkOptions, flower_superlink: str | None = None) -> LinkLau
     """Validate ``opts`` and build the ``flower-superlink`` command."""
     host, port = check_address(opts.address)
     public = opts.public_host or host
-    exe = flower_superlink or shutil.which("flower-superlink")
+    exe = flower_superlink or find_tool("flower-superlink")
     if not exe:
         raise LinkError("flower-superlink is not on PATH: install fedpers (pip install -e .) in this env")
     checks = []
