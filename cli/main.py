@@ -233,6 +233,9 @@ def agent(
     partition_id: int = typer.Option(0, help="which client of a shared data set this device plays"),
     num_partitions: int = typer.Option(1, help="clients the shared data set is split into"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
+    max_physical_batch: int = typer.Option(
+        0, help="memory cap: examples per forward/backward pass (0 = whole batch; privacy unchanged)"
+    ),
     port: int = typer.Option(0, help="local port of the SuperNode's ClientApp API (0 = a free one)"),
     max_retries: int = typer.Option(
         None, help="give up after this many reconnection attempts (default: never)"
@@ -258,6 +261,7 @@ def agent(
         partition_id=partition_id,
         num_partitions=num_partitions,
         device=device,
+        max_physical_batch=max_physical_batch,
         clientappio_port=port,
         max_retries=max_retries,
     )

@@ -49,6 +49,7 @@ class AgentOptions:
     partition_id: int = 0
     num_partitions: int = 1
     device: str = "auto"
+    max_physical_batch: int = 0  # examples per forward/backward pass (0 = whole batch): the memory cap
     clientappio_port: int = 0  # 0 = a free port on 127.0.0.1
     max_retries: int | None = None
     max_wait_time: float | None = None
@@ -150,7 +151,12 @@ def plan_agent(opts: AgentOptions, flower_supernode: str | None = None) -> Agent
         "num-partitions": opts.num_partitions,
         "state-dir": str(state),
         "device": str(device),
+        "max-physical-batch": opts.max_physical_batch,
     }
+    if opts.max_physical_batch < 0:
+        raise ConfigError("--max-physical-batch must be >= 0 (0 = the whole logical batch)")
+    if opts.max_physical_batch:
+        checks.append(f"memory: at most {opts.max_physical_batch} examples per forward/backward pass")
     if opts.data is not None:
         node_config["data-path"] = str(opts.data.expanduser().resolve())
     if opts.key_file is not None:

@@ -37,6 +37,7 @@ def node_info(cfg: Config, context: Context) -> NodeInfo:
         data_path=str(nc["data-path"]) if nc.get("data-path") else None,
         key_file=str(nc["key-file"]) if nc.get("key-file") else None,
         device=str(nc.get("device", "auto")),
+        max_physical_batch=int(nc.get("max-physical-batch", 0)),
     )
 
 

@@ -45,6 +45,7 @@ class NodeInfo:
     data_path: str | None = None
     key_file: str | None = None
     device: str = "auto"  # auto | cpu | cuda[:N] | mps (node_config "device"; see common.device)
+    max_physical_batch: int = 0  # examples per forward/backward pass on this device (0 = no cap)
 
 
 @dataclass
@@ -155,7 +156,16 @@ def _local_train(
     if cfg.dp.enabled:
         plan = _plan(cfg, s, node, rounds_left)
         _check_budget(cfg, s, plan, steps)
-    out = train(s.model, s.train, cfg, epochs=epochs, plan=plan, history=s.state.history, seed=seed)
+    out = train(
+        s.model,
+        s.train,
+        cfg,
+        epochs=epochs,
+        plan=plan,
+        history=s.state.history,
+        seed=seed,
+        physical_batch=node.max_physical_batch,
+    )
     s.state.history = out.history
     return out, plan
 

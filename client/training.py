@@ -95,11 +95,18 @@ def train(
     plan: DPPlan | None,
     history: History,
     seed: int,
+    physical_batch: int = 0,
 ) -> TrainOutcome:
     """Train ``model`` in place for ``epochs`` over ``feats``; DP-SGD when ``plan`` is given.
 
-    Returns the new accountant history (unchanged without DP) and the mean training loss.
+    ``physical_batch`` caps how many examples go through one forward/backward pass (0 = the whole
+    logical batch): a logical (Poisson) batch is then processed in slices whose per-example gradients
+    accumulate before the one optimizer step, so a memory-bounded device trains the same mechanism
+    (same sampling, clipping, noise and ε) as an unbounded one. Returns the new accountant history
+    (unchanged without DP) and the mean training loss.
     """
+    if physical_batch < 0:
+        raise ConfigError(f"physical batch {physical_batch} must be >= 0 (0 = no cap)")
     if len(feats) < 2:
         raise DataError(f"need at least 2 training examples, got {len(feats)}")
     if cfg.train.threads:
@@ -112,24 +119,39 @@ def train(
     opt = _optimizer(model, cfg)
     start = time.perf_counter()
     if plan is None:
-        loss, steps = _train_plain(model, feats, opt, cfg.train.batch_size, epochs)
+        loss, steps = _train_plain(model, feats, opt, cfg.train.batch_size, epochs, physical_batch)
         return TrainOutcome(loss, steps, list(history), time.perf_counter() - start)
-    loss, steps, new_history = _train_dp(model, feats, opt, cfg, epochs, plan, history)
+    loss, steps, new_history = _train_dp(model, feats, opt, cfg, epochs, plan, history, physical_batch)
     return TrainOutcome(loss, steps, new_history, time.perf_counter() - start)
 
 
+def _slices(idx: torch.Tensor, physical_batch: int) -> tuple[torch.Tensor, ...]:
+    """``idx`` in slices of at most ``physical_batch`` (one slice when there is no cap)."""
+    if physical_batch <= 0 or len(idx) <= physical_batch:
+        return (idx,)
+    return tuple(idx.split(physical_batch))
+
+
 def _train_plain(
-    model: nn.Module, feats: Features, opt: torch.optim.Optimizer, batch: int, epochs: int
+    model: nn.Module,
+    feats: Features,
+    opt: torch.optim.Optimizer,
+    batch: int,
+    epochs: int,
+    physical_batch: int = 0,
 ) -> tuple[float, int]:
     total, steps = 0.0, 0
     for _ in range(epochs):
         for idx in torch.randperm(len(feats)).split(batch):
-            h, m, y = feats.batch(idx)
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(h, m), y)
-            loss.backward()
+            value = 0.0
+            for part in _slices(idx, physical_batch):
+                h, m, y = feats.batch(part)
+                loss = F.cross_entropy(model(h, m), y, reduction="sum") / len(idx)
+                loss.backward()
+                value += loss.item()
             opt.step()
-            total, steps = total + loss.item(), steps + 1
+            total, steps = total + value, steps + 1
     return total / max(steps, 1), steps
 
 
@@ -141,6 +163,7 @@ def _train_dp(
     epochs: int,
     plan: DPPlan,
     history: History,
+    physical_batch: int = 0,
 ) -> tuple[float, int, History]:
     from opacus import PrivacyEngine
 
@@ -188,16 +211,29 @@ def _train_dp(
                     _empty_step(dp_opt, ghost)
                     steps += 1
                     continue
-                h, m, y = feats.batch(idx)
-                logits = dp_model(h, m)
                 if ghost:
-                    loss = criterion(logits, y)
+                    if physical_batch and len(idx) > physical_batch:
+                        raise ConfigError("a physical batch cap needs dp.grad-sample-mode hooks or functorch")
+                    h, m, y = feats.batch(idx)
+                    loss = criterion(dp_model(h, m), y)
                     loss.backward()
                     value = float(loss.item())
                 else:
-                    loss = F.cross_entropy(logits, y, reduction="sum")
-                    loss.backward()
-                    value = loss.item() / max(len(y), 1)
+                    # each slice's per-example gradients are clipped and summed (Opacus' skipped step,
+                    # as in its BatchMemoryManager); noise, scaling and accounting happen once, at the
+                    # last slice: the same mechanism as one pass over the whole logical batch
+                    value = 0.0
+                    parts = _slices(idx, physical_batch)
+                    for j, part in enumerate(parts):
+                        h, m, y = feats.batch(part)
+                        loss = F.cross_entropy(dp_model(h, m), y, reduction="sum")
+                        loss.backward()
+                        value += loss.item()
+                        if j < len(parts) - 1:
+                            dp_opt.signal_skip_step(do_skip=True)
+                            dp_opt.step()
+                            dp_opt.zero_grad(set_to_none=True)
+                    value /= max(len(idx), 1)
                 dp_opt.step()
                 total, steps = total + value, steps + 1
     finally:

@@ -206,16 +206,19 @@ def test_dp_train_with_lora_a_frozen_keeps_it(setup: tuple[Config, Backbone, Fea
         assert moved == (".lora_B." in n or n.startswith("head.")), n
 
 
-@pytest.mark.parametrize(("n", "epochs"), [(60, 2), (50, 1)])
-def test_dp_history_and_steps(setup: tuple[Config, Backbone, Features], n: int, epochs: int) -> None:
+@pytest.mark.parametrize(("n", "epochs", "physical"), [(60, 2, 0), (50, 1, 0), (60, 2, 4)])
+def test_dp_history_and_steps(
+    setup: tuple[Config, Backbone, Features], n: int, epochs: int, physical: int
+) -> None:
+    """Steps and accountant history; a physical batch cap (4) changes neither (slices are not steps)."""
     cfg, backbone, full = setup
     feats = Features(full.hidden[:n], full.mask[:n], full.labels[:n])
     q = sample_rate(n, cfg.train.batch_size)
     assert q == 1 / math.ceil(n / 20)
     sigma = 0.9
-    out = train(
-        backbone.new_model(), feats, cfg, epochs=epochs, plan=DPPlan(sigma, q, 1e-3), history=[], seed=3
-    )
+    plan = DPPlan(sigma, q, 1e-3)
+    model = backbone.new_model()
+    out = train(model, feats, cfg, epochs=epochs, plan=plan, history=[], seed=3, physical_batch=physical)
     steps = epochs * math.ceil(n / cfg.train.batch_size)
     assert out.steps == steps == epochs * steps_per_epoch(n, cfg.train.batch_size)
     assert out.history == [(sigma, q, steps)]
@@ -251,14 +254,18 @@ def test_dp_history_merges_with_persisted_history(
 
 @pytest.mark.parametrize("gsm_mode", ["hooks", "functorch", "ghost"])
 @pytest.mark.parametrize("clip", [1e6, 0.05], ids=["unclipped", "clipped"])
+@pytest.mark.parametrize("physical", [0, 5])
 def test_dp_step_equals_clipped_mean_of_true_per_sample_gradients(
-    setup: tuple[Config, Backbone, Features], gsm_mode: str, clip: float
+    setup: tuple[Config, Backbone, Features], gsm_mode: str, clip: float, physical: int
 ) -> None:
     """One full-batch DP step (q = 1, sigma = 0) moves each tensor by lr * mean_i(clip_i * g_i).
 
     ``clip_i`` uses the norm of example i's gradient over ALL trainable tensors together, as DP-SGD
-    requires; the reference gradients come from plain autograd, one example at a time.
+    requires; the reference gradients come from plain autograd, one example at a time. With a
+    physical batch cap (5 of 12: slices of 5, 5, 2) the one step must be exactly the same.
     """
+    if physical and gsm_mode == "ghost":
+        pytest.skip("a physical batch cap needs hooks or functorch")
     _, backbone, full = setup
     n = 12
     cfg = _cfg(**{"train.batch-size": n, "dp.grad-sample-mode": gsm_mode, "dp.max-grad-norm": clip})
@@ -271,7 +278,8 @@ def test_dp_step_equals_clipped_mean_of_true_per_sample_gradients(
         assert (factor < 1).all(), "clipping must be active in the clipped case"
     model = _model(backbone)
     before = {n_: p.detach().clone() for n_, p in model.named_parameters()}
-    out = train(model, feats, cfg, epochs=1, plan=DPPlan(0.0, 1.0, 1e-3), history=[], seed=0)
+    plan = DPPlan(0.0, 1.0, 1e-3)
+    out = train(model, feats, cfg, epochs=1, plan=plan, history=[], seed=0, physical_batch=physical)
     assert out.steps == 1
     for name, p in _trainable(model).items():
         lr = cfg.train.lr_head if name.startswith("head.") else cfg.train.lr_lora
