@@ -1,22 +1,29 @@
-"""The Flower ClientApp (thin: all logic lives in client.node)."""
+"""The Flower ClientApp (thin: all logic lives in client.node).
+
+In a deployment every message runs in a fresh ``flwr-clientapp`` process (Flower 1.41 serves one
+message per process in both SuperNode isolation modes), so this module imports torch, transformers,
+PEFT and Opacus only inside the handlers that train or evaluate: the three SecAgg+ key-exchange stages
+of a round are handled by Flower's mod alone and skip those ~4 s of imports.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.node import NodeInfo, run_evaluate, run_train
 from client.secagg import fitres_content, is_legacy_fit, read_fitins, secagg_mod, update_for_secagg
 from common import protocol as P
 from common.config import Config
 from common.errors import FedpersError
-from common.params import from_record, to_record
 from common.runs import client_state_dir
+
+if TYPE_CHECKING:
+    from client.node import NodeInfo
 
 logging.getLogger("flwr").propagate = False
 ERROR_CODE = 4001  # a fedpers refusal (budget, state, data): the server logs it and carries on
@@ -24,6 +31,8 @@ ERROR_CODE = 4001  # a fedpers refusal (budget, state, data): the server logs it
 
 def node_info(cfg: Config, context: Context) -> NodeInfo:
     """Partition, state folder and data path of this node (node_config wins over defaults)."""
+    from client.node import NodeInfo
+
     nc = context.node_config
     pid = int(nc.get("partition-id", 0))
     state_dir = (
@@ -51,6 +60,9 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @client_app.train(mods=[secagg_mod])
     def train(msg: Message, context: Context) -> Message:
+        from client.node import run_train
+        from common.params import from_record, to_record
+
         cfg = _cfg(context)
         legacy = is_legacy_fit(msg.content)  # a SecAgg+ round: FitIns in, FitRes (masked by the mod) out
         try:
@@ -72,6 +84,9 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        from client.node import run_evaluate
+        from common.params import from_record
+
         cfg = _cfg(context)
         shared = from_record(msg.content.array_records.get(P.ARRAYS, ArrayRecord()))
         config = msg.content.config_records.get(P.CONFIG, ConfigRecord())

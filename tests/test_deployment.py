@@ -5,6 +5,7 @@ Everything goes through the commands a deployment uses (`fedpers certs`, `fedper
 which SuperNode 0 is killed (SIGKILL, the whole process group) right after round 1 and started again;
 the run must complete, and the restarted client's personal head and privacy history must have survived
 and kept composing. A SuperNode whose key is not registered and one that dials without TLS are refused.
+The whole deployment runs twice: with plain FedAvg and with SecAgg+ (the killed node is a dropout there).
 """
 
 from __future__ import annotations
@@ -116,10 +117,11 @@ def _rounds_done(run_dir: Path) -> int:
     return sum(1 for line in path.read_text().splitlines() if line.strip())
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """Run the whole deployment once; the tests read what it left."""
-    root = tmp_path_factory.mktemp("deploy")
+@pytest.fixture(scope="module", params=["fedavg", "secagg"])
+def deployment(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[dict]:
+    """Run the whole deployment once per aggregation (plain, SecAgg+); the tests read what it left."""
+    secagg = request.param == "secagg"
+    root = tmp_path_factory.mktemp(f"deploy-{request.param}")
     procs = Procs(root)
     port = free_port()
     certs = create_tls(root / "certs", ["127.0.0.1"])
@@ -174,7 +176,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         procs.start("unregistered", agents[3], agent_env)
         procs.start("no-tls", no_tls, agent_env)
         overrides = " ".join(
-            f"{k}={_toml_value(v)}" for k, v in {**RUN_CONFIG, "output.run-dir": str(run_dir)}.items()
+            f"{k}={_toml_value(v)}"
+            for k, v in {**RUN_CONFIG, "secagg.enabled": secagg, "output.run-dir": str(run_dir)}.items()
         )
         started = time.monotonic()
         subprocess.run(
@@ -247,3 +250,12 @@ def test_no_node_saw_another_devices_state(deployment: dict) -> None:
         assert "state.key" in files and "flwr" in files
         assert oct((root / f"device{i}" / "state.key").stat().st_mode & 0o777) == "0o600"
     assert shutil.which("flwr") or (BIN / "flwr").exists()
+
+
+def test_each_device_can_use_its_personalized_model_offline(deployment: dict) -> None:
+    from client.predict import predict
+
+    for i in range(3):
+        out = predict(deployment["root"] / f"device{i}", ["what a lovely day", "this is awful"])
+        assert [p.text for p in out] == ["what a lovely day", "this is awful"]
+        assert all(abs(sum(p.probabilities.values()) - 1) < 1e-5 for p in out)
