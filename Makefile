@@ -24,7 +24,7 @@ demo: assets
 	FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 $(BIN)/fedpers simulate --config simulations/configs/demo.toml
 
 test: setup
-	$(BIN)/fedpers assets fetch tweets news
+	$(BIN)/fedpers assets fetch tweets news shakespeare
 	$(PY) -m pytest -q
 
 lint: setup

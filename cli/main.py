@@ -175,6 +175,62 @@ def predict(
     Console().print(table)
 
 
+def _assistant(state_dir: Path, key_file: Path | None) -> tuple[object, object]:
+    from client.generate import load_assistant
+
+    try:
+        return load_assistant(state_dir, key_file)
+    except FedpersError as exc:
+        _fail(exc)
+        raise  # unreachable: _fail exits
+
+
+def _say(backbone: object, model: object, prompt: str, chat: bool, opts: dict) -> None:
+    from client.generate import stream
+
+    for piece in stream(backbone, model, prompt, chat=chat, **opts):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="the text to continue (or, with --chat, to answer)"),
+    state_dir: Path = typer.Option(..., help="the client's state folder"),
+    key_file: Path = typer.Option(None, help="state key file (default: <state-dir>/state.key)"),
+    chat: bool = typer.Option(False, help="wrap the prompt in the model's chat template"),
+    max_new_tokens: int = typer.Option(80, help="most tokens to generate"),
+    temperature: float = typer.Option(0.8, help="0 = greedy"),
+    top_p: float = typer.Option(0.9, help="nucleus sampling mass"),
+    seed: int = typer.Option(None, help="sampling seed (default: random)"),
+) -> None:
+    """Continue a text offline with this user's personal assistant, streaming tokens."""
+    backbone, model = _assistant(state_dir, key_file)
+    opts = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    _say(backbone, model, prompt, chat, opts)
+
+
+@app.command()
+def chat(
+    state_dir: Path = typer.Option(..., help="the client's state folder"),
+    key_file: Path = typer.Option(None, help="state key file (default: <state-dir>/state.key)"),
+    max_new_tokens: int = typer.Option(80, help="most tokens per answer"),
+    temperature: float = typer.Option(0.8, help="0 = greedy"),
+    top_p: float = typer.Option(0.9, help="nucleus sampling mass"),
+    seed: int = typer.Option(None, help="sampling seed (default: random)"),
+) -> None:
+    """Chat offline with this user's personal assistant (one line per message; an empty line or EOF ends)."""
+    backbone, model = _assistant(state_dir, key_file)
+    opts = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    for line in sys.stdin:
+        prompt = line.strip()
+        if not prompt or prompt in {"exit", "quit"}:
+            break
+        sys.stdout.write("> ")
+        _say(backbone, model, prompt, True, opts)
+
+
 @app.command()
 def certs(
     out: Path = typer.Option(Path("certs"), help="folder for ca.crt, ca.key, server.pem, server.key"),
@@ -286,8 +342,12 @@ def server(
     public_host: str = typer.Option(
         "", help="the name clients dial (must be in the certificate; default: host)"
     ),
-    database: Path = typer.Option(Path("server/superlink.db"), help="SuperLink state (nodes, runs)"),
-    flwr_home: Path = typer.Option(Path("server/flwr"), help="operator's Flower home (connection config)"),
+    database: Path = typer.Option(
+        Path("~/.fedpers/server/superlink.db"), help="SuperLink state (registered nodes, runs)"
+    ),
+    flwr_home: Path = typer.Option(
+        Path("~/.fedpers/server/flwr"), help="operator's Flower home (connection config)"
+    ),
     connection: str = typer.Option("fedpers", help="name of the connection for `flwr run . NAME`"),
     node_auth: bool = typer.Option(True, help="only registered node keys may join"),
     insecure: bool = typer.Option(False, help="plain HTTP, no TLS (tests on a trusted network only)"),
@@ -299,8 +359,8 @@ def server(
     opts = LinkOptions(
         address=address,
         certs=certs_dir,
-        database=database,
-        flwr_home=flwr_home,
+        database=database.expanduser(),
+        flwr_home=flwr_home.expanduser(),
         connection=connection,
         public_host=public_host,
         node_auth=node_auth,

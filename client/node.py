@@ -9,6 +9,7 @@ the shared tensors, taken from the unwrapped module, and scalar metrics.
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from client.state import PersonalState, StateStore
 from client.training import DPPlan, TrainOutcome, evaluate, sample_rate, steps_per_epoch, train
 from common import protocol as P
 from common.config import Config
-from common.data import ClientData, label_names, load_client_data, majority_baseline_accuracy
+from common.data import LM_LABELS, ClientData, label_names, load_client_data, majority_baseline_accuracy
 from common.device import resolve_device
 from common.errors import PrivacyBudgetExhausted, StateError
 from common.features import Features, encode
@@ -183,6 +184,13 @@ def _privacy_metrics(cfg: Config, s: _Session, plan: DPPlan | None, steps: int) 
     }
 
 
+def _baseline(s: _Session) -> Metrics:
+    """The own-majority-label accuracy (a classifier's trivial baseline; none for a causal LM)."""
+    if s.data.label_names == LM_LABELS:
+        return {}
+    return {P.MAJORITY_ACC: majority_baseline_accuracy(s.data)}
+
+
 def _save(s: _Session) -> None:
     s.state.tensors = get_arrays(s.model, s.roles["personal"])
     s.store.save(s.state)
@@ -207,7 +215,7 @@ def run_train(cfg: Config, node: NodeInfo, shared: Arrays, server_round: int) ->
         P.PARTITION_ID: node.partition_id,
         P.LOSS: outcome.loss,
         P.TRAIN_SECONDS: outcome.seconds,
-        P.MAJORITY_ACC: majority_baseline_accuracy(s.data),
+        **_baseline(s),
         P.BYTES_UP: nbytes(out),
         P.UPDATE_NORM: delta_norm,
     }
@@ -236,8 +244,10 @@ def run_evaluate(cfg: Config, node: NodeInfo, shared: Arrays, final_round: bool)
         P.PARTITION_ID: node.partition_id,
         P.EVAL_ACC: acc,
         P.EVAL_LOSS: loss,
-        P.MAJORITY_ACC: majority_baseline_accuracy(s.data),
+        **_baseline(s),
     }
+    if s.data.label_names == LM_LABELS:
+        metrics[P.PERPLEXITY] = math.exp(min(loss, 50.0))
     if cfg.dp.enabled and s.state.run_plan:
         delta = float(s.state.run_plan["delta"])
         metrics[P.EPSILON] = epsilon(s.state.history, delta, cfg.dp.accountant)

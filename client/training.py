@@ -56,19 +56,51 @@ def sample_rate(num_examples: int, batch_size: int) -> float:
     return 1.0 / steps_per_epoch(num_examples, batch_size)
 
 
+def _next_token(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A causal LM's (logits, targets, valid) shifted by one: position t predicts token t + 1."""
+    logits, y = logits[:, :-1], y[:, 1:]
+    return logits, y, y != -100
+
+
+def example_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each example's loss: cross-entropy for a classifier, mean next-token loss for a causal LM.
+
+    One value per example is what DP-SGD clips, so a long speech weighs no more than a short one.
+    """
+    if logits.dim() == 2:
+        return F.cross_entropy(logits, y, reduction="none")
+    logits, y, valid = _next_token(logits, y)
+    tok = F.cross_entropy(logits.transpose(1, 2), y.clamp(min=0), reduction="none")
+    return (tok * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+
+def _scores(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int, float]:
+    """(correct, counted, summed loss): per example for a classifier, per next token for a causal LM."""
+    if logits.dim() == 2:
+        loss = float(F.cross_entropy(logits, y, reduction="sum"))
+        return int((logits.argmax(-1) == y).sum()), len(y), loss
+    logits, y, valid = _next_token(logits, y)
+    tok = F.cross_entropy(logits.transpose(1, 2), y.clamp(min=0), reduction="none")
+    correct = int(((logits.argmax(-1) == y) & valid).sum())
+    return correct, int(valid.sum()), float((tok * valid).sum())
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, feats: Features, batch: int = 128) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``model`` on ``feats``."""
+def evaluate(model: nn.Module, feats: Features, batch: int = 0) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model`` on ``feats``.
+
+    For a causal LM: next-token accuracy and the mean loss per predicted token (perplexity = exp).
+    """
+    batch = batch or (128 if feats.labels.dim() == 1 else 8)  # LM logits are (batch, tokens, vocab)
     was_training = model.training
     model.eval()
-    correct, loss, n = 0, 0.0, len(feats)
-    for i in range(0, n, batch):
+    correct, counted, loss = 0, 0, 0.0
+    for i in range(0, len(feats), batch):
         h, m, y = feats.batch(slice(i, i + batch))
-        logits = model(h, m)
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(-1) == y).sum())
+        c, k, lsum = _scores(model(h, m), y)
+        correct, counted, loss = correct + c, counted + k, loss + lsum
     model.train(was_training)
-    return correct / max(n, 1), loss / max(n, 1)
+    return correct / max(counted, 1), loss / max(counted, 1)
 
 
 def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -147,7 +179,7 @@ def _train_plain(
             value = 0.0
             for part in _slices(idx, physical_batch):
                 h, m, y = feats.batch(part)
-                loss = F.cross_entropy(model(h, m), y, reduction="sum") / len(idx)
+                loss = example_losses(model(h, m), y).sum() / len(idx)
                 loss.backward()
                 value += loss.item()
             opt.step()
@@ -174,6 +206,8 @@ def _train_dp(
     if abs(expected_q - plan.sample_rate) > 1e-12:
         raise DataError(f"sample rate {plan.sample_rate} planned but the data gives {expected_q}")
     ghost = cfg.dp.grad_sample_mode == "ghost"
+    if ghost and feats.labels.dim() == 2:
+        raise ConfigError("dp.grad-sample-mode = 'ghost' supports the classifier only; use hooks")
     kwargs: dict[str, Any] = {"criterion": nn.CrossEntropyLoss(reduction="mean")} if ghost else {}
     max_grad_norm: float | list[float] = cfg.dp.max_grad_norm
     if cfg.dp.clipping == "per-tensor":
@@ -226,7 +260,7 @@ def _train_dp(
                     parts = _slices(idx, physical_batch)
                     for j, part in enumerate(parts):
                         h, m, y = feats.batch(part)
-                        loss = F.cross_entropy(dp_model(h, m), y, reduction="sum")
+                        loss = example_losses(dp_model(h, m), y).sum()
                         loss.backward()
                         value += loss.item()
                         if j < len(parts) - 1:

@@ -36,7 +36,7 @@ def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
 class TaskConfig:
     """What data each client learns from."""
 
-    dataset: str = dataclasses.field(metadata=_choices("tweets", "news", "file"))
+    dataset: str = dataclasses.field(metadata=_choices("tweets", "news", "file", "shakespeare"))
     data_path: str
     labels: str
     dirichlet_alpha: float = dataclasses.field(metadata=_range(1e-6, None))
@@ -49,13 +49,14 @@ class TaskConfig:
     validation_fraction: float = dataclasses.field(metadata=_range(0.05, 0.5))
     pii_scrub: bool
     pii_patterns: str
+    min_speeches: int = dataclasses.field(metadata=_range(2, None))
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Backbone and the frozen/trainable boundary."""
 
-    name: str = dataclasses.field(metadata=_choices("minilm", "tiny"))
+    name: str = dataclasses.field(metadata=_choices("minilm", "tiny", "smollm2", "tiny-lm"))
     frozen_layers: int = dataclasses.field(metadata=_range(0, None))
     seed: int
 

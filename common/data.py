@@ -52,8 +52,13 @@ class ClientData:
                 raise DataError(f"{self.user}: {split} labels outside 0..{len(self.label_names) - 1}")
 
 
+LM_LABELS = ("next-token",)  # a causal LM's targets are the text itself: one placeholder "class"
+
+
 def label_names(task: TaskConfig) -> tuple[str, ...]:
     """The class names of ``task.dataset`` (read from ``task.labels`` for "file"), without loading data."""
+    if task.dataset == "shakespeare":
+        return LM_LABELS
     if task.dataset == "tweets":
         return TWEET_LABELS
     if task.dataset == "news":
@@ -81,6 +86,8 @@ def load_client_data(
     names = label_names(task)
     if task.dataset == "news":
         return _news_client(task, partition_id)
+    if task.dataset == "shakespeare":
+        return _shakespeare_client(task, partition_id)
     if task.dataset == "tweets":
         source: tuple[Any, ...] = ("tweets", str(ensure("tweets")))
     else:
@@ -107,6 +114,32 @@ def load_client_data(
         user = f"client-{partition_id}"
         shard = _dirichlet(source, num_partitions, task.dirichlet_alpha, task.seed)[partition_id]
     return _split(texts, labels, shard, task, partition_id, names, user, where)
+
+
+@lru_cache(maxsize=4)
+def _roles(root: str, min_speeches: int) -> tuple[Any, ...]:
+    from common.shakespeare import load_roles
+
+    return tuple(load_roles(root, min_speeches))
+
+
+def _shakespeare_client(task: TaskConfig, partition_id: int) -> ClientData:
+    """User ``partition_id``: the play × speaker with the (partition_id+1)-th most speeches."""
+    from common.shakespeare import split_speeches
+
+    roles = _roles(str(ensure("shakespeare")), task.min_speeches)
+    if partition_id >= len(roles):
+        raise DataError(
+            f"client {partition_id}: only {len(roles)} roles have >= {task.min_speeches} speeches "
+            "(lower task.min-speeches or use fewer clients)"
+        )
+    role = roles[partition_id]
+    fraction = task.test_size / (task.train_size + task.test_size)
+    train, test = split_speeches(role, fraction, task.seed)
+    train, test = train[: task.train_size], test[: task.test_size]
+    return ClientData(
+        tuple(train), np.zeros(len(train)), tuple(test), np.zeros(len(test)), LM_LABELS, role.user
+    )
 
 
 def majority_baseline_accuracy(data: ClientData) -> float:

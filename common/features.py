@@ -26,7 +26,7 @@ class Features:
 
     hidden: torch.Tensor  # (N, T, H) float32
     mask: torch.Tensor  # (N, T) int64
-    labels: torch.Tensor  # (N,) int64
+    labels: torch.Tensor  # (N,) int64 class ids, or (N, T) token ids for a causal LM (-100 = padding)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -35,7 +35,10 @@ class Features:
         """Rows ``index``, trimmed to the longest sequence among them."""
         mask = self.mask[index]
         width = max(int(mask.sum(1).max().item()) if len(mask) else 1, 1)
-        return self.hidden[index][:, :width], mask[:, :width], self.labels[index]
+        labels = self.labels[index]
+        if labels.dim() == 2:  # a causal LM's per-token targets are trimmed with the tokens
+            labels = labels[:, :width]
+        return self.hidden[index][:, :width], mask[:, :width], labels
 
     def to(self, device: torch.device) -> Features:
         """These features on ``device`` (the same object when they are already there)."""
@@ -73,16 +76,36 @@ def encode(
             _CACHE.move_to_end(key)
             return _CACHE[key]
     hidden, mask, order = prefix_features(backbone, texts, max_length, chunk, device)
+    if _is_causal(backbone):  # the targets are the text itself, next token by next token
+        targets = _token_targets(backbone, [texts[i] for i in order], max_length, mask.shape[1])
+        return _store(key, Features(hidden=hidden, mask=mask, labels=targets))
     feats = Features(
         hidden=hidden,
         mask=mask,
         labels=torch.tensor(np.asarray(labels, dtype=np.int64)[order]),
     )
+    return _store(key, feats)
+
+
+def _store(key: str, feats: Features) -> Features:
     with _LOCK:
         _CACHE[key] = feats
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return feats
+
+
+def _is_causal(backbone: Backbone) -> bool:
+    return type(backbone.template).__name__ == "CausalPersonalModel"
+
+
+def _token_targets(backbone: Backbone, texts: Sequence[str], max_length: int, width: int) -> torch.Tensor:
+    """(N, width) token ids of ``texts`` (already in row order), -100 where there is no token."""
+    ids = backbone.tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    out = torch.full((len(ids), width), -100, dtype=torch.long)
+    for i, row in enumerate(ids):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
 
 
 def prefix_features(

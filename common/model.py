@@ -187,9 +187,18 @@ _LOCK = threading.Lock()
 
 
 def get_backbone(cfg: Config, num_classes: int) -> Backbone:
-    """A per-process cached :func:`build_backbone` (the frozen base is read-only, so it is shared)."""
+    """A per-process cached backbone (the frozen base is read-only, so it is shared).
+
+    ``smollm2`` and ``tiny-lm`` build the generative model (common.causal_model) with the same
+    interface: ``prefix``, ``template``, ``new_model()``, ``tokenizer``, ``total_params``.
+    """
     key = (cfg.model, cfg.lora, num_classes)
     with _LOCK:
         if key not in _CACHE:
-            _CACHE[key] = build_backbone(cfg, num_classes)
+            if cfg.model.name in ("smollm2", "tiny-lm"):
+                from common.causal_model import build_causal_backbone
+
+                _CACHE[key] = build_causal_backbone(cfg)  # type: ignore[assignment]
+            else:
+                _CACHE[key] = build_backbone(cfg, num_classes)
         return _CACHE[key]

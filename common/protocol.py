@@ -18,6 +18,7 @@ ACC_BEFORE = "acc-before"
 ACC_AFTER = "acc-after"
 EVAL_ACC = "eval-acc"
 EVAL_LOSS = "eval-loss"
+PERPLEXITY = "perplexity"  # causal LM: exp(mean next-token loss) on the user's test split
 EPSILON = "epsilon"
 DELTA = "delta"
 SIGMA = "sigma"

