@@ -200,7 +200,8 @@ def run_train(cfg: Config, node: NodeInfo, shared: Arrays, server_round: int) ->
     """Handle one train instruction; returns (shared arrays to send, metrics)."""
     s = _open(cfg, node, shared)
     report = cfg.client.report_before_after  # two extra test passes per round: optional for speed
-    acc_before = evaluate(s.model, s.test)[0] if report else None
+    before = evaluate(s.model, s.test) if report else None
+    acc_before = before[0] if before else None
     seed = _seed(cfg.task.seed, node.partition_id, server_round, s.state.rounds_trained)
     rounds_left = max(1, cfg.fed.num_rounds - server_round + 1) if server_round > 0 else cfg.fed.num_rounds
     outcome, plan = _local_train(cfg, s, node, cfg.train.local_epochs, seed, rounds_left)
@@ -221,6 +222,8 @@ def run_train(cfg: Config, node: NodeInfo, shared: Arrays, server_round: int) ->
     }
     if acc_before is not None and acc_after is not None:
         metrics.update({P.ACC_BEFORE: acc_before, P.ACC_AFTER: acc_after})
+    if before is not None and s.data.label_names == LM_LABELS:
+        metrics[P.PPL_BEFORE] = math.exp(min(before[1], 50.0))
     metrics.update(_privacy_metrics(cfg, s, plan, outcome.steps))
     return out, metrics
 

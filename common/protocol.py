@@ -19,6 +19,7 @@ ACC_AFTER = "acc-after"
 EVAL_ACC = "eval-acc"
 EVAL_LOSS = "eval-loss"
 PERPLEXITY = "perplexity"  # causal LM: exp(mean next-token loss) on the user's test split
+PPL_BEFORE = "perplexity-before"  # causal LM: the same, before this round's local training
 EPSILON = "epsilon"
 DELTA = "delta"
 SIGMA = "sigma"

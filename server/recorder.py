@@ -21,11 +21,14 @@ def distribution(values: list[float], prefix: str) -> dict[str, float]:
     if not values:
         return {}
     arr = np.asarray(values, dtype=np.float64)
-    return {
+    out = {
         f"{prefix}-mean": float(arr.mean()),
         f"{prefix}-median": float(np.median(arr)),
         f"{prefix}-p10": float(np.percentile(arr, 10)),
     }
+    if prefix.startswith("perplexity"):  # lower is better: the worst 10 % of users are above p90
+        out[f"{prefix}-p90"] = float(np.percentile(arr, 90))
+    return out
 
 
 class Recorder:
@@ -75,6 +78,8 @@ class Recorder:
             if key in metrics:
                 row[key] = metrics[key]
         row["rounds"] = row.get("rounds", 0) + 1
+        if P.PPL_BEFORE in metrics:  # the first round's value: the model before any personalization
+            row.setdefault(P.PPL_BEFORE, metrics[P.PPL_BEFORE])
         if P.EPSILON in metrics:
             self.eps_history.setdefault(row["client"], []).append((rnd, float(metrics[P.EPSILON])))
 
@@ -85,6 +90,8 @@ class Recorder:
         row[P.EVAL_ACC] = metrics.get(P.EVAL_ACC)
         row["test-examples"] = metrics.get(P.NUM_EXAMPLES)
         row[P.MAJORITY_ACC] = metrics.get(P.MAJORITY_ACC, row.get(P.MAJORITY_ACC))
+        if P.PERPLEXITY in metrics:
+            row[P.PERPLEXITY] = metrics[P.PERPLEXITY]
         if P.EPSILON in metrics:
             row[P.EPSILON] = metrics[P.EPSILON]
 
@@ -120,6 +127,8 @@ class Recorder:
         line: dict[str, Any] = {"round": rnd, "seconds": seconds, **self.train_summary(rnd)}
         accs = [float(m[P.EVAL_ACC]) for m in self._eval if P.EVAL_ACC in m]
         summary = distribution(accs, "eval-acc")
+        ppl = [float(m[P.PERPLEXITY]) for m in self._eval if P.PERPLEXITY in m]
+        summary.update(distribution(ppl, "perplexity"))
         line.update(summary)
         if self._rejected:
             line["rejections"] = self._rejected

@@ -22,6 +22,8 @@ COLUMNS = (
     P.ACC_BEFORE,
     P.ACC_AFTER,
     P.EVAL_ACC,
+    P.PPL_BEFORE,
+    P.PERPLEXITY,
     P.EPSILON,
     P.DELTA,
     P.SIGMA,
@@ -41,6 +43,9 @@ def summarize(recorder: Recorder, shared_bytes: int, model_bytes: int) -> dict[s
     out: dict[str, Any] = {"clients": len(rows), "rounds": len(recorder.rounds)}
     out.update(distribution(acc, "acc"))
     out.update(distribution(maj, "majority"))
+    for key in (P.PERPLEXITY, P.PPL_BEFORE):
+        vals = [float(r[key]) for r in rows if r.get(key) is not None]
+        out.update(distribution(vals, key))
     if eps:
         out.update({"epsilon-max": max(eps), "epsilon-mean": float(np.mean(eps))})
     out["bytes-up-per-client-round"] = float(np.mean(ups)) if ups else float(shared_bytes)

@@ -35,13 +35,42 @@ def compare(
                 "bytes-up-per-client-round": 0.0,
             }
         )
+    if rows and "perplexity-before-mean" in rows[0]:
+        base = rows[0]
+        rows.append(
+            {
+                "mode": "pretrained (before personalization)",
+                **{k.replace("perplexity-before", "perplexity"): v for k, v in base.items() if "before" in k},
+            }
+        )
     write_json_atomic(run_dir / "compare.json", rows)
     write_bytes_atomic(run_dir / "compare.md", table(rows).encode())
     return rows
 
 
+def lm_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of a causal LM's compare rows: per-user test perplexity (lower is better)."""
+    out = [
+        "| mode | perplexity mean | median | p10 | p90 (worst users) | next-token acc mean | ε max "
+        "| bytes up / client / round | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    nan = float("nan")
+    for r in rows:
+        eps = f"{r['epsilon-max']:.2f}" if "epsilon-max" in r else "–"
+        secs = f"{r['seconds']:.0f}" if "seconds" in r else "–"
+        out.append(
+            f"| {r['mode']} | {r.get('perplexity-mean', nan):.2f} | {r.get('perplexity-median', nan):.2f} "
+            f"| {r.get('perplexity-p10', nan):.2f} | {r.get('perplexity-p90', nan):.2f} "
+            f"| {r.get('acc-mean', nan):.3f} | {eps} | {r.get('bytes-up-per-client-round', 0):.0f} | {secs} |"
+        )
+    return "\n".join(out) + "\n"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of compare rows."""
+    if rows and "perplexity-mean" in rows[0]:
+        return lm_table(rows)
     out = [
         "| mode | acc mean | acc median | acc p10 | ε max | bytes up / client / round | seconds |",
         "|---|---|---|---|---|---|---|",

@@ -139,6 +139,9 @@ def test_a_federation_sends_only_shared_adapters_reports_perplexity_and_the_user
     for m in evals:
         assert m["perplexity"] == pytest.approx(math.exp(m["eval-loss"]))
         assert "majority-acc" not in m
+    summary = json.loads((tmp_path / "run1" / "summary.json").read_text())
+    assert summary["perplexity-p90"] >= summary["perplexity-median"] >= summary["perplexity-p10"] > 1
+    assert "majority-mean" not in summary
     state_dir = tmp_path / "dev" / "client-0000"
     backbone, model = load_assistant(state_dir)
     reply = "".join(stream(backbone, model, "To be", chat=False, max_new_tokens=5, temperature=0))
