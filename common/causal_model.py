@@ -136,10 +136,10 @@ class CausalPrefix(nn.Module):
 class _TopBlocks(nn.Module):
     """The decoder blocks that carry LoRA (a plain container PEFT can wrap)."""
 
-    def __init__(self, lm: LlamaForCausalLM, first: int) -> None:
+    def __init__(self, lm: LlamaForCausalLM, first: int, end: int) -> None:
         super().__init__()
         self.config = lm.config
-        self.layers = nn.ModuleList(list(lm.model.layers[first:]))
+        self.layers = nn.ModuleList(list(lm.model.layers[first:end]))
         self.rotary = lm.model.rotary_emb
 
     def forward(
@@ -166,13 +166,16 @@ class PersonalAdapter(nn.Module):
 
 
 class CausalPersonalModel(nn.Module):
-    """Top blocks with LoRA (``body``) → personal ``head`` adapter → frozen final norm → frozen lm_head."""
+    """Top blocks with LoRA (``body``) → personal ``head`` → frozen final norm → frozen lm_head.
 
-    def __init__(self, body: nn.Module, norm: nn.Module, lm_head: nn.Linear, rank: int) -> None:
+    ``head`` is either a :class:`PersonalAdapter` (``model.personal-part = adapter``) or the last decoder
+    block with its own LoRA (``last-block``); everything under ``head.`` is personal by the split rule.
+    """
+
+    def __init__(self, body: nn.Module, norm: nn.Module, lm_head: nn.Linear, head: nn.Module) -> None:
         super().__init__()
         self.body = body
-        hidden = lm_head.in_features
-        self.head = PersonalAdapter(hidden, rank)
+        self.head = head
         self.norm = norm
         self.lm_head = lm_head
 
@@ -185,7 +188,11 @@ class CausalPersonalModel(nn.Module):
     ) -> torch.Tensor:
         """Next-token logits (batch, tokens, vocab) from cached prefix features."""
         out = self.body(hidden, attention_mask, cache, position_ids)
-        return self.lm_head(self.norm(self.head(out)))
+        if isinstance(self.head, PersonalAdapter):
+            out = self.head(out)
+        else:
+            out = self.head(out, attention_mask, cache, position_ids)
+        return self.lm_head(self.norm(out))
 
 
 @dataclass
@@ -239,14 +246,16 @@ def build_causal_backbone(cfg: Config) -> CausalBackbone:
     lm.requires_grad_(False)
     n_layers = lm.config.num_hidden_layers
     k = cfg.model.frozen_layers
-    if k >= n_layers:
+    last_block = cfg.model.personal_part == "last-block"
+    if k >= n_layers - int(last_block):
         raise ModelError(
-            f"model.frozen-layers = {k} leaves no block for LoRA: {cfg.model.name} has {n_layers} "
-            f"decoder blocks; use 0..{n_layers - 1}"
+            f"model.frozen-layers = {k} leaves no block for the shared LoRA: {cfg.model.name} has "
+            f"{n_layers} decoder blocks; use 0..{n_layers - 1 - int(last_block)}"
+            + (" (the last one is personal with model.personal-part = last-block)" if last_block else "")
         )
     total = sum(p.numel() for p in lm.parameters())
     prefix = CausalPrefix(lm, k)
-    top = _TopBlocks(lm, k)
+    top = _TopBlocks(lm, k, n_layers - 1 if last_block else n_layers)
     names = {n.rsplit(".", 1)[-1] for n, m in top.named_modules() if isinstance(m, nn.Linear)}
     missing = [t for t in cfg.lora.targets if t not in names]
     if missing or not cfg.lora.targets:
@@ -263,7 +272,12 @@ def build_causal_backbone(cfg: Config) -> CausalBackbone:
         bias="none",
     )
     body = get_peft_model(top, peft_cfg)
-    template = CausalPersonalModel(body, lm.model.norm, lm.lm_head, cfg.lora.r)
+    head: nn.Module
+    if last_block:
+        head = get_peft_model(_TopBlocks(lm, n_layers - 1, n_layers), copy.deepcopy(peft_cfg))
+    else:
+        head = PersonalAdapter(lm.config.hidden_size, cfg.lora.r)
+    template = CausalPersonalModel(body, lm.model.norm, lm.lm_head, head)
     total += sum(p.numel() for n, p in template.named_parameters() if "lora_" in n or n.startswith("head."))
     fp = hashlib.sha256(repr((cfg.model, cfg.lora, "causal")).encode()).hexdigest()[:16]
     return CausalBackbone(tokenizer=tok, prefix=prefix, template=template, total_params=total, fingerprint=fp)

@@ -59,6 +59,7 @@ class ModelConfig:
     name: str = dataclasses.field(metadata=_choices("minilm", "tiny", "smollm2", "tiny-lm"))
     frozen_layers: int = dataclasses.field(metadata=_range(0, None))
     seed: int
+    personal_part: str = dataclasses.field(metadata=_choices("adapter", "last-block"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,14 +40,16 @@ _HEAD = re.compile(r"^head\.")
 
 def param_kind(name: str) -> Literal["lora_a", "lora_b", "head", "head_bias", "base"]:
     """Classify a parameter name of a PersonalModel."""
+    if _HEAD_BIAS.search(name):
+        return "head_bias"
+    if _HEAD.search(name):  # the personal part; a PEFT-wrapped head (a causal LM's last block) only
+        if ".base_model." in name and not (_LORA_A.search(name) or _LORA_B.search(name)):
+            return "base"  # the frozen weights of that block
+        return "head"
     if _LORA_A.search(name):
         return "lora_a"
     if _LORA_B.search(name):
         return "lora_b"
-    if _HEAD_BIAS.search(name):
-        return "head_bias"
-    if _HEAD.search(name):
-        return "head"
     return "base"
 
 

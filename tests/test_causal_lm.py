@@ -187,3 +187,24 @@ def test_cached_greedy_generation_equals_recomputing_the_whole_sequence(
     eos = {tok.eos_token_id, tok.sep_token_id}
     cut = next((i for i, t in enumerate(expected) if t in eos), len(expected))
     assert text == tok.decode(expected[:cut], skip_special_tokens=True)
+
+
+def test_last_block_as_the_personal_part(setup: tuple[Config, Any, Features]) -> None:
+    """model.personal-part = last-block: the last block's LoRA is personal, the others' LoRA shared."""
+    _, _, feats = setup
+    cfg = Config.from_run_config({**LM, "model.personal-part": "last-block"})
+    backbone = get_backbone(cfg, 1)
+    model = backbone.new_model()
+    roles = split_names([n for n, _ in model.named_parameters()], "fedper")
+    assert roles["personal"] and all(n.startswith("head.") and "lora_" in n for n in roles["personal"])
+    assert roles["shared"] and all(n.startswith("body.") for n in roles["shared"])
+    trainable = _trainable(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plan = DPPlan(1.0, sample_rate(len(feats), cfg.train.batch_size), 1e-3)
+    train(model, feats, cfg, epochs=1, plan=plan, history=[], seed=0)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) != (n in trainable), n
+    with pytest.raises(Exception, match="leaves no block for the shared LoRA"):
+        get_backbone(
+            Config.from_run_config({**LM, "model.personal-part": "last-block", "model.frozen-layers": 2}), 1
+        )
