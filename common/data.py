@@ -137,6 +137,14 @@ def _shakespeare_client(task: TaskConfig, partition_id: int) -> ClientData:
     fraction = task.test_size / (task.train_size + task.test_size)
     train, test = split_speeches(role, fraction, task.seed)
     train, test = train[: task.train_size], test[: task.test_size]
+    if task.evaluate_on == "validation":  # tuning: the tail of the train speeches, never the test ones
+        n_val = max(1, round(len(train) * task.validation_fraction))
+        if len(train) - n_val < 2:
+            raise DataError(f"{role.user}: {len(train)} training speeches are too few for a validation split")
+        train, test = train[:-n_val], train[-n_val:]
+    if task.pii_scrub:
+        extra = parse_patterns(task.pii_patterns)
+        train, test = [scrub(t, extra) for t in train], [scrub(t, extra) for t in test]
     return ClientData(
         tuple(train), np.zeros(len(train)), tuple(test), np.zeros(len(test)), LM_LABELS, role.user
     )

@@ -77,6 +77,14 @@ def test_roles_of_the_real_plays_and_a_seeded_split() -> None:
     assert not set(train) & set(test) and len(train) + len(test) == len(roles[0].speeches)
 
 
+def test_validation_split_holds_out_train_speeches_and_never_reads_test() -> None:
+    base = Config.from_run_config(LM).task
+    val = Config.from_run_config({**LM, "task.evaluate-on": "validation"}).task
+    plain, tuned = load_client_data(base, 3, 4), load_client_data(val, 3, 4)
+    assert set(tuned.train_texts) | set(tuned.test_texts) == set(plain.train_texts)
+    assert not set(tuned.test_texts) & set(plain.test_texts) and len(tuned.test_texts) == 8
+
+
 def test_too_few_roles_is_a_clear_error() -> None:
     cfg = Config.from_run_config({**LM, "task.min-speeches": 400})
     with pytest.raises(DataError, match="only 0 roles have >= 400 speeches"):
