@@ -19,7 +19,7 @@ import os
 import stat
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import ConfigError, DataError, FedpersError
@@ -52,8 +52,6 @@ class AgentOptions:
     max_physical_batch: int = 0  # examples per forward/backward pass (0 = whole batch): the memory cap
     clientappio_port: int = 0  # 0 = a free port on 127.0.0.1
     max_retries: int | None = None
-    max_wait_time: float | None = None
-    extra_env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,6 @@ class AgentLaunch:
 
     argv: list[str]
     env: dict[str, str]
-    device: str
     checks: list[str]
 
 
@@ -166,8 +163,6 @@ def plan_agent(opts: AgentOptions, flower_supernode: str | None = None) -> Agent
     argv += ["--node-config", _node_config(node_config), "--port", str(port)]
     if opts.max_retries is not None:
         argv += ["--max-retries", str(opts.max_retries)]
-    if opts.max_wait_time is not None:
-        argv += ["--max-wait-time", str(opts.max_wait_time)]
     env = dict(os.environ)
     env.update(
         {
@@ -178,8 +173,7 @@ def plan_agent(opts: AgentOptions, flower_supernode: str | None = None) -> Agent
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         }
     )
-    env.update(opts.extra_env)
-    return AgentLaunch(argv, env, str(device), checks)
+    return AgentLaunch(argv, env, checks)
 
 
 def run_agent(

@@ -14,33 +14,14 @@ from typing import Any
 
 import torch
 
-from client.state import StateStore
-from common.config import Config
-from common.errors import ConfigError, StateError
-from common.params import set_arrays
-from common.split import split_names
+from common.errors import ConfigError
 
 
 def load_assistant(state_dir: str | Path, key_file: str | Path | None = None) -> tuple[Any, Any]:
-    """(backbone, personalized model) rebuilt from a client's state; clear errors when it cannot be."""
-    from common.causal_model import is_causal
-    from common.model import get_backbone
+    """(backbone, personalized causal LM) rebuilt from a client's state; clear errors when it cannot be."""
+    from client.predict import load_personal_model
 
-    if not (Path(state_dir) / "personal.state").is_file():
-        raise StateError(f"no personal state in {state_dir}: this client has not taken part in a round yet")
-    state = StateStore(state_dir, key_file).load()
-    if state is None or "config" not in state.meta:
-        raise StateError(f"the state in {state_dir} holds no model yet (written after its first evaluation)")
-    cfg = Config.from_run_config(state.meta["config"])
-    if not is_causal(cfg):
-        raise ConfigError(
-            f"{state_dir} holds a {cfg.model.name} classifier: use `fedpers predict`, not chat/generate"
-        )
-    backbone = get_backbone(cfg, 1)
-    model = backbone.new_model().eval()
-    roles = split_names([n for n, _ in model.named_parameters()], cfg.personalization.mode)
-    set_arrays(model, state.shared, roles["shared"])
-    set_arrays(model, state.tensors, roles["personal"])
+    _, backbone, model = load_personal_model(state_dir, key_file, causal=True)
     return backbone, model
 
 

@@ -8,6 +8,7 @@ the shared tensors, taken from the unwrapped module, and scalar metrics.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import zlib
@@ -20,8 +21,8 @@ import torch
 from client.state import PersonalState, StateStore
 from client.training import DPPlan, TrainOutcome, evaluate, sample_rate, steps_per_epoch, train
 from common import protocol as P
-from common.config import Config
-from common.data import LM_LABELS, ClientData, label_names, load_client_data, majority_baseline_accuracy
+from common.config import Config, is_causal
+from common.data import ClientData, label_names, load_client_data, majority_baseline_accuracy
 from common.device import resolve_device
 from common.errors import PrivacyBudgetExhausted, StateError
 from common.features import Features, encode
@@ -60,7 +61,7 @@ class _Session:
     max_length: int
     device: torch.device
 
-    @property
+    @functools.cached_property
     def train(self) -> Features:
         """Training features (computed on first use: an evaluation without fine-tuning never needs them)."""
         d = self.data
@@ -68,7 +69,7 @@ class _Session:
             self.device
         )
 
-    @property
+    @functools.cached_property
     def test(self) -> Features:
         """Test features (cached per process by common.features)."""
         d = self.data
@@ -184,9 +185,9 @@ def _privacy_metrics(cfg: Config, s: _Session, plan: DPPlan | None, steps: int) 
     }
 
 
-def _baseline(s: _Session) -> Metrics:
+def _baseline(cfg: Config, s: _Session) -> Metrics:
     """The own-majority-label accuracy (a classifier's trivial baseline; none for a causal LM)."""
-    if s.data.label_names == LM_LABELS:
+    if is_causal(cfg):
         return {}
     return {P.MAJORITY_ACC: majority_baseline_accuracy(s.data)}
 
@@ -216,13 +217,13 @@ def run_train(cfg: Config, node: NodeInfo, shared: Arrays, server_round: int) ->
         P.PARTITION_ID: node.partition_id,
         P.LOSS: outcome.loss,
         P.TRAIN_SECONDS: outcome.seconds,
-        **_baseline(s),
+        **_baseline(cfg, s),
         P.BYTES_UP: nbytes(out),
         P.UPDATE_NORM: delta_norm,
     }
     if acc_before is not None and acc_after is not None:
         metrics.update({P.ACC_BEFORE: acc_before, P.ACC_AFTER: acc_after})
-    if before is not None and s.data.label_names == LM_LABELS:
+    if before is not None and is_causal(cfg):
         metrics[P.PPL_BEFORE] = math.exp(min(before[1], 50.0))
     metrics.update(_privacy_metrics(cfg, s, plan, outcome.steps))
     return out, metrics
@@ -247,9 +248,9 @@ def run_evaluate(cfg: Config, node: NodeInfo, shared: Arrays, final_round: bool)
         P.PARTITION_ID: node.partition_id,
         P.EVAL_ACC: acc,
         P.EVAL_LOSS: loss,
-        **_baseline(s),
+        **_baseline(cfg, s),
     }
-    if s.data.label_names == LM_LABELS:
+    if is_causal(cfg):
         metrics[P.PERPLEXITY] = math.exp(min(loss, 50.0))
     if cfg.dp.enabled and s.state.run_plan:
         delta = float(s.state.run_plan["delta"])

@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from client.state import StateStore
-from common.config import Config
+from common.config import Config, is_causal
 from common.data import label_names
-from common.errors import StateError
+from common.errors import ConfigError, StateError
 from common.features import prefix_features
 from common.model import get_backbone
 from common.params import set_arrays
@@ -31,12 +32,14 @@ class Prediction:
     probabilities: dict[str, float]
 
 
-def predict(
-    state_dir: str | Path, texts: Sequence[str], key_file: str | Path | None = None
-) -> list[Prediction]:
-    """Classify ``texts`` with the model this client's state describes."""
-    if not texts:
-        raise ValueError("give at least one text to classify")
+def load_personal_model(
+    state_dir: str | Path, key_file: str | Path | None = None, *, causal: bool
+) -> tuple[Config, Any, Any]:
+    """(config, backbone, personalized model in eval mode) rebuilt from a client's encrypted state.
+
+    ``causal`` says which kind the caller can use (``predict``: a classifier, ``chat``: a causal LM);
+    a state of the other kind, or one without a model yet, is a clear error.
+    """
     if not (Path(state_dir) / "personal.state").is_file():
         raise StateError(f"no personal state in {state_dir}: this client has not taken part in a round yet")
     state = StateStore(state_dir, key_file).load()
@@ -45,12 +48,25 @@ def predict(
             f"the state in {state_dir} holds no model yet (written after the client's first evaluation)"
         )
     cfg = Config.from_run_config(state.meta["config"])
-    names = label_names(cfg.task)
-    backbone = get_backbone(cfg, len(names))
+    if is_causal(cfg) != causal:
+        use = "`fedpers chat` or `fedpers generate`" if is_causal(cfg) else "`fedpers predict`"
+        raise ConfigError(f"{state_dir} holds a {cfg.model.name} model: use {use}")
+    backbone = get_backbone(cfg, len(label_names(cfg.task)))
     model = backbone.new_model().eval()
     roles = split_names([n for n, _ in model.named_parameters()], cfg.personalization.mode)
     set_arrays(model, state.shared, roles["shared"])
     set_arrays(model, state.tensors, roles["personal"])
+    return cfg, backbone, model
+
+
+def predict(
+    state_dir: str | Path, texts: Sequence[str], key_file: str | Path | None = None
+) -> list[Prediction]:
+    """Classify ``texts`` with the model this client's state describes."""
+    if not texts:
+        raise ValueError("give at least one text to classify")
+    cfg, backbone, model = load_personal_model(state_dir, key_file, causal=False)
+    names = label_names(cfg.task)
     hidden, mask, order = prefix_features(backbone, list(texts), cfg.task.max_length)
     with torch.no_grad():
         probs = torch.cat(

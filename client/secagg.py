@@ -26,7 +26,6 @@ from common.config import Config
 from common.errors import ParameterError
 
 Arrays = dict[str, np.ndarray]
-SHARED_NAMES = "shared-names"  # same key as server.secagg (client and server import neither side)
 FITINS = "fitins.parameters"
 
 
@@ -67,7 +66,7 @@ def is_legacy_fit(content: RecordDict) -> bool:
 def read_fitins(content: RecordDict) -> tuple[Arrays, int]:
     """(shared tensors by name, server round) from a FitIns instruction; a clear error if malformed."""
     fitins = compat.recorddict_to_fitins(content, keep_input=True)
-    names = str(fitins.config.get(SHARED_NAMES, ""))
+    names = str(fitins.config.get(P.SHARED_NAMES, ""))
     arrays = parameters_to_ndarrays(fitins.parameters)
     keys = names.split(",") if names else []
     if len(keys) != len(arrays):
@@ -98,7 +97,7 @@ def update_for_secagg(
 def fitres_content(cfg: Config, update: list[np.ndarray], metrics: Mapping[str, float | int]) -> RecordDict:
     """The FitRes reply the SecAgg+ mod masks (its parameters never leave the device unmasked)."""
     weight = int(metrics[P.NUM_EXAMPLES])
-    limit = cfg.secagg.max_weight or cfg.task.train_size
+    limit = cfg.secagg_max_weight()
     if weight > limit:
         raise ParameterError(
             f"{weight} examples exceed secagg.max-weight {limit}: the masked sum would overflow"

@@ -56,10 +56,12 @@ def sample_rate(num_examples: int, batch_size: int) -> float:
     return 1.0 / steps_per_epoch(num_examples, batch_size)
 
 
-def _next_token(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A causal LM's (logits, targets, valid) shifted by one: position t predicts token t + 1."""
+def _token_losses(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A causal LM's per-token losses, predictions and validity, shifted: position t predicts token t+1."""
     logits, y = logits[:, :-1], y[:, 1:]
-    return logits, y, y != -100
+    valid = y != -100
+    tok = F.cross_entropy(logits.transpose(1, 2), y.clamp(min=0), reduction="none") * valid
+    return tok, (logits.argmax(-1) == y) & valid, valid
 
 
 def example_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -69,9 +71,8 @@ def example_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """
     if logits.dim() == 2:
         return F.cross_entropy(logits, y, reduction="none")
-    logits, y, valid = _next_token(logits, y)
-    tok = F.cross_entropy(logits.transpose(1, 2), y.clamp(min=0), reduction="none")
-    return (tok * valid).sum(1) / valid.sum(1).clamp(min=1)
+    tok, _, valid = _token_losses(logits, y)
+    return tok.sum(1) / valid.sum(1).clamp(min=1)
 
 
 def _scores(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int, float]:
@@ -79,10 +80,8 @@ def _scores(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int, float]:
     if logits.dim() == 2:
         loss = float(F.cross_entropy(logits, y, reduction="sum"))
         return int((logits.argmax(-1) == y).sum()), len(y), loss
-    logits, y, valid = _next_token(logits, y)
-    tok = F.cross_entropy(logits.transpose(1, 2), y.clamp(min=0), reduction="none")
-    correct = int(((logits.argmax(-1) == y) & valid).sum())
-    return correct, int(valid.sum()), float((tok * valid).sum())
+    tok, correct, valid = _token_losses(logits, y)
+    return int(correct.sum()), int(valid.sum()), float(tok.sum())
 
 
 @torch.no_grad()

@@ -18,21 +18,19 @@ import copy
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from transformers.masking_utils import create_causal_mask
 
 from common.config import Config
 from common.errors import ModelError
+from common.model import add_lora
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-CAUSAL_MODELS = ("smollm2", "tiny-lm")
 TINY_LM = {
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -42,11 +40,6 @@ TINY_LM = {
     "max_position_embeddings": 256,
     "tie_word_embeddings": True,
 }
-
-
-def is_causal(cfg: Config) -> bool:
-    """Whether ``cfg`` builds the generative model."""
-    return cfg.model.name in CAUSAL_MODELS
 
 
 def _positions(hidden: torch.Tensor) -> torch.Tensor:
@@ -108,33 +101,8 @@ def step_mask(config: LlamaConfig, embeds: torch.Tensor, cache: Any, position_id
     )
 
 
-class CausalPrefix(nn.Module):
-    """Token embeddings and the bottom decoder blocks (no LoRA, never trained)."""
-
-    def __init__(self, lm: LlamaForCausalLM, num_layers: int) -> None:
-        super().__init__()
-        self.config = lm.config
-        self.embed = lm.model.embed_tokens
-        self.rotary = lm.model.rotary_emb
-        self.layers = nn.ModuleList(list(lm.model.layers[:num_layers]))
-        self.requires_grad_(False)
-        self.eval()
-
-    @torch.no_grad()
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: Any,
-        cache: Any = None,
-        position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Hidden states after the frozen blocks, shape (batch, tokens, hidden)."""
-        hidden = self.embed(input_ids)
-        return run_blocks(self.layers, self.rotary, self.config, hidden, attention_mask, cache, position_ids)
-
-
-class _TopBlocks(nn.Module):
-    """The decoder blocks that carry LoRA (a plain container PEFT can wrap)."""
+class _Blocks(nn.Module):
+    """Decoder blocks ``first:end`` with the model's rotary embedding (a plain container PEFT can wrap)."""
 
     def __init__(self, lm: LlamaForCausalLM, first: int, end: int) -> None:
         super().__init__()
@@ -150,6 +118,27 @@ class _TopBlocks(nn.Module):
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return run_blocks(self.layers, self.rotary, self.config, hidden, attention_mask, cache, position_ids)
+
+
+class CausalPrefix(_Blocks):
+    """Token embeddings and the bottom decoder blocks (no LoRA, never trained)."""
+
+    def __init__(self, lm: LlamaForCausalLM, num_layers: int) -> None:
+        super().__init__(lm, 0, num_layers)
+        self.embed = lm.model.embed_tokens
+        self.requires_grad_(False)
+        self.eval()
+
+    @torch.no_grad()
+    def forward(  # type: ignore[override]  # token ids in, not hidden states
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Any,
+        cache: Any = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states after the frozen blocks, shape (batch, tokens, hidden)."""
+        return super().forward(self.embed(input_ids), attention_mask, cache, position_ids)
 
 
 class PersonalAdapter(nn.Module):
@@ -204,6 +193,7 @@ class CausalBackbone:
     template: CausalPersonalModel
     total_params: int
     fingerprint: str
+    causal: ClassVar[bool] = True  # the targets are the text itself, token by token
 
     def new_model(self) -> CausalPersonalModel:
         """A fresh copy of the seeded initial model; the frozen weights are shared, not copied."""
@@ -255,26 +245,11 @@ def build_causal_backbone(cfg: Config) -> CausalBackbone:
         )
     total = sum(p.numel() for p in lm.parameters())
     prefix = CausalPrefix(lm, k)
-    top = _TopBlocks(lm, k, n_layers - 1 if last_block else n_layers)
-    names = {n.rsplit(".", 1)[-1] for n, m in top.named_modules() if isinstance(m, nn.Linear)}
-    missing = [t for t in cfg.lora.targets if t not in names]
-    if missing or not cfg.lora.targets:
-        raise ModelError(
-            f"lora.target-modules {cfg.lora.target_modules!r}: {missing or 'empty'} not found; "
-            f"linear layers of this model: {', '.join(sorted(names))}"
-        )
     torch.manual_seed(cfg.model.seed)
-    peft_cfg = PeftLoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]
-        lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.targets),
-        bias="none",
-    )
-    body = get_peft_model(top, peft_cfg)
+    body = add_lora(_Blocks(lm, k, n_layers - 1 if last_block else n_layers), cfg)
     head: nn.Module
     if last_block:
-        head = get_peft_model(_TopBlocks(lm, n_layers - 1, n_layers), copy.deepcopy(peft_cfg))
+        head = add_lora(_Blocks(lm, n_layers - 1, n_layers), cfg)
     else:
         head = PersonalAdapter(lm.config.hidden_size, cfg.lora.r)
     template = CausalPersonalModel(body, lm.model.norm, lm.lm_head, head)

@@ -22,6 +22,7 @@ from common.errors import ConfigError
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 MODES = ("fedper", "local", "fedavg", "fedavg-ft", "fedsa", "ffa", "fedbias")
+CAUSAL_MODELS = ("smollm2", "tiny-lm")  # model.name values that build the generative model
 
 
 def _choices(*values: str) -> dict[str, Any]:
@@ -56,7 +57,7 @@ class TaskConfig:
 class ModelConfig:
     """Backbone and the frozen/trainable boundary."""
 
-    name: str = dataclasses.field(metadata=_choices("minilm", "tiny", "smollm2", "tiny-lm"))
+    name: str = dataclasses.field(metadata=_choices("minilm", "tiny", *CAUSAL_MODELS))
     frozen_layers: int = dataclasses.field(metadata=_range(0, None))
     seed: int
     personal_part: str = dataclasses.field(metadata=_choices("adapter", "last-block"))
@@ -204,11 +205,20 @@ class Config:
                 flat[_key(section.name, field.name)] = getattr(getattr(self, section.name), field.name)
         return flat
 
+    def secagg_max_weight(self) -> int:
+        """The largest ``num-examples`` one client may report under SecAgg+ (0 means task.train-size)."""
+        return self.secagg.max_weight or self.task.train_size
+
     def replace(self, **dotted: Any) -> Config:
         """A copy with some dotted keys changed (validated like any other input)."""
         flat = self.to_run_config()
         flat.update(validate_keys(dotted))
         return Config.from_run_config(flat)
+
+
+def is_causal(cfg: Config) -> bool:
+    """Whether ``cfg`` builds the generative model (common.causal_model) rather than the classifier."""
+    return cfg.model.name in CAUSAL_MODELS
 
 
 def _key(section: str, field: str) -> str:

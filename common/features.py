@@ -76,7 +76,7 @@ def encode(
             _CACHE.move_to_end(key)
             return _CACHE[key]
     hidden, mask, order = prefix_features(backbone, texts, max_length, chunk, device)
-    if _is_causal(backbone):  # the targets are the text itself, next token by next token
+    if backbone.causal:  # the targets are the text itself, next token by next token
         targets = _token_targets(backbone, [texts[i] for i in order], max_length, mask.shape[1])
         return _store(key, Features(hidden=hidden, mask=mask, labels=targets))
     feats = Features(
@@ -93,10 +93,6 @@ def _store(key: str, feats: Features) -> Features:
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return feats
-
-
-def _is_causal(backbone: Backbone) -> bool:
-    return type(backbone.template).__name__ == "CausalPersonalModel"
 
 
 def _token_targets(backbone: Backbone, texts: Sequence[str], max_length: int, width: int) -> torch.Tensor:

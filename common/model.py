@@ -20,6 +20,7 @@ import hashlib
 import os
 import threading
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -29,7 +30,7 @@ from transformers import BertConfig, BertModel, PreTrainedTokenizerBase
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import logging as hf_logging
 
-from common.config import Config
+from common.config import Config, is_causal
 from common.errors import ModelError
 from common.tokenizer import load_tokenizer
 
@@ -117,6 +118,7 @@ class Backbone:
     template: PersonalModel
     total_params: int
     fingerprint: str
+    causal: ClassVar[bool] = False  # a classifier: one label per example
 
     def new_model(self) -> PersonalModel:
         """A fresh copy of the seeded initial model (frozen weights shared in memory are copied too)."""
@@ -143,6 +145,25 @@ def _load_bert(cfg: Config) -> BertModel:
     return bert
 
 
+def add_lora(module: nn.Module, cfg: Config) -> nn.Module:
+    """``module`` wrapped by PEFT LoRA on ``lora.target-modules`` (a clear error if a target is missing)."""
+    names = {n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+    missing = [t for t in cfg.lora.targets if t not in names]
+    if missing or not cfg.lora.targets:
+        raise ModelError(
+            f"lora.target-modules {cfg.lora.target_modules!r}: {missing or 'empty'} not found; "
+            f"linear layers of this model: {', '.join(sorted(names))}"
+        )
+    peft_cfg = PeftLoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # PEFT accepts floats
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.targets),
+        bias="none",
+    )
+    return get_peft_model(module, peft_cfg)  # type: ignore[arg-type]
+
+
 def build_backbone(cfg: Config, num_classes: int) -> Backbone:
     """Build the frozen prefix and the seeded initial PersonalModel for ``cfg``."""
     if num_classes < 2:
@@ -158,23 +179,8 @@ def build_backbone(cfg: Config, num_classes: int) -> Backbone:
     total = sum(p.numel() for p in bert.parameters())
     bert.requires_grad_(False)
     prefix = FrozenPrefix(bert, k)
-    top = _TopLayers(bert, k)
-    names = {n.rsplit(".", 1)[-1] for n, m in top.named_modules() if isinstance(m, nn.Linear)}
-    missing = [t for t in cfg.lora.targets if t not in names]
-    if missing or not cfg.lora.targets:
-        raise ModelError(
-            f"lora.target-modules {cfg.lora.target_modules!r}: {missing or 'empty'} not found; "
-            f"linear layers of this encoder: {', '.join(sorted(names))}"
-        )
     torch.manual_seed(cfg.model.seed)
-    peft_cfg = PeftLoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # PEFT accepts floats
-        lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.targets),
-        bias="none",
-    )
-    body = get_peft_model(top, peft_cfg)
+    body = add_lora(_TopLayers(bert, k), cfg)
     template = PersonalModel(body, bert.config.hidden_size, num_classes)
     total += sum(p.numel() for n, p in template.named_parameters() if "lora_" in n or n.startswith("head."))
     fp = hashlib.sha256(repr((cfg.model, cfg.lora, num_classes)).encode()).hexdigest()[:16]
@@ -195,7 +201,7 @@ def get_backbone(cfg: Config, num_classes: int) -> Backbone:
     key = (cfg.model, cfg.lora, num_classes)
     with _LOCK:
         if key not in _CACHE:
-            if cfg.model.name in ("smollm2", "tiny-lm"):
+            if is_causal(cfg):
                 from common.causal_model import build_causal_backbone
 
                 _CACHE[key] = build_causal_backbone(cfg)  # type: ignore[assignment]

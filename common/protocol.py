@@ -9,6 +9,7 @@ METRICS = "metrics"
 # Config keys sent by the server.
 SERVER_ROUND = "server-round"
 FINAL_ROUND = "final-round"
+SHARED_NAMES = "shared-names"  # SecAgg+ FitIns: the order of the tensors in the legacy Parameters list
 
 # Metric keys sent back by clients (scalars only).
 NUM_EXAMPLES = "num-examples"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -39,7 +39,6 @@ class LinkOptions:
     public_host: str = ""  # the name clients and `flwr` dial ("" = the listening host)
     node_auth: bool = True
     insecure: bool = False
-    extra_env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -165,7 +164,6 @@ def plan_link(opts: LinkOptions, flower_superlink: str | None = None) -> LinkLau
     # flower-superlink starts flower-superexec and flwr-serverapp by name: same env as itself
     env["PATH"] = os.pathsep.join([str(Path(exe).parent), os.environ.get("PATH", "")])
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env.update(opts.extra_env)
     return LinkLaunch(argv, env, config, checks)
 
 

@@ -55,8 +55,6 @@ from common.errors import ConfigError, ParameterError
 from common.params import check_arrays, to_record
 from server.strategy import FedpersStrategy
 
-SHARED_NAMES = "shared-names"  # FitIns config: the order of the tensors in the legacy Parameters list
-
 
 def check_secagg(cfg: Config, shared: list[str]) -> None:
     """Raise a ConfigError for a setting SecAgg+ cannot run with (called on server and client)."""
@@ -88,11 +86,6 @@ def check_secagg(cfg: Config, shared: list[str]) -> None:
             f"personalization.mode = {cfg.personalization.mode!r} shares no tensors: nothing to aggregate "
             "securely (turn secagg.enabled off)"
         )
-
-
-def max_weight(cfg: Config) -> int:
-    """The largest ``num-examples`` a client may report (its weight must stay ≤ this for SecAgg+)."""
-    return cfg.secagg.max_weight or cfg.task.train_size
 
 
 class SecAggStrategy(Strategy):
@@ -127,7 +120,7 @@ class SecAggStrategy(Strategy):
         config: dict[str, Scalar] = {
             P.SERVER_ROUND: rnd,
             "num-rounds": s.total_rounds,
-            SHARED_NAMES: ",".join(self.names),
+            P.SHARED_NAMES: ",".join(self.names),
         }
         log(INFO, "round %d: SecAgg+ over %d of %d clients", rnd, len(proxies), available)
         return [(p, FitIns(parameters, dict(config))) for p in proxies]
@@ -252,7 +245,7 @@ def run_secagg(
         fit_workflow=SecAggPlusWorkflow(
             num_shares=sa.num_shares,
             reconstruction_threshold=sa.threshold,
-            max_weight=float(max_weight(cfg)),
+            max_weight=float(cfg.secagg_max_weight()),
             clipping_range=sa.clipping_range,
             timeout=cfg.fed.round_timeout,
         ),

@@ -48,40 +48,34 @@ def compare(
     return rows
 
 
-def lm_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of a causal LM's compare rows: per-user test perplexity (lower is better)."""
-    out = [
-        "| mode | perplexity mean | median | p10 | p90 (worst users) | next-token acc mean | ε max "
-        "| bytes up / client / round | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    nan = float("nan")
-    for r in rows:
-        eps = f"{r['epsilon-max']:.2f}" if "epsilon-max" in r else "–"
-        secs = f"{r['seconds']:.0f}" if "seconds" in r else "–"
-        out.append(
-            f"| {r['mode']} | {r.get('perplexity-mean', nan):.2f} | {r.get('perplexity-median', nan):.2f} "
-            f"| {r.get('perplexity-p10', nan):.2f} | {r.get('perplexity-p90', nan):.2f} "
-            f"| {r.get('acc-mean', nan):.3f} | {eps} | {r.get('bytes-up-per-client-round', 0):.0f} | {secs} |"
-        )
-    return "\n".join(out) + "\n"
+_NAN = float("nan")
+_TAIL = [  # (header, key, format, shown when the key is missing)
+    ("ε max", "epsilon-max", "{:.2f}", "–"),
+    ("bytes up / client / round", "bytes-up-per-client-round", "{:.0f}", "0"),
+    ("seconds", "seconds", "{:.0f}", "–"),
+]
+_CLASSIFIER = [
+    ("acc mean", "acc-mean", "{:.3f}", "nan"),
+    ("acc median", "acc-median", "{:.3f}", "nan"),
+    ("acc p10", "acc-p10", "{:.3f}", "nan"),
+]
+_LM = [  # per-user test perplexity: lower is better, p90 is the worst users
+    ("perplexity mean", "perplexity-mean", "{:.2f}", "nan"),
+    ("median", "perplexity-median", "{:.2f}", "nan"),
+    ("p10", "perplexity-p10", "{:.2f}", "nan"),
+    ("p90 (worst users)", "perplexity-p90", "{:.2f}", "nan"),
+    ("next-token acc mean", "acc-mean", "{:.3f}", "nan"),
+]
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of compare rows."""
-    if rows and "perplexity-mean" in rows[0]:
-        return lm_table(rows)
+    """A Markdown table of compare rows (perplexity columns for a causal LM, accuracy otherwise)."""
+    columns = (_LM if rows and "perplexity-mean" in rows[0] else _CLASSIFIER) + _TAIL
     out = [
-        "| mode | acc mean | acc median | acc p10 | ε max | bytes up / client / round | seconds |",
-        "|---|---|---|---|---|---|---|",
+        "| mode | " + " | ".join(h for h, *_ in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
     ]
-    nan = float("nan")
     for r in rows:
-        eps = f"{r['epsilon-max']:.2f}" if "epsilon-max" in r else "–"
-        secs = f"{r['seconds']:.0f}" if "seconds" in r else "–"
-        out.append(
-            f"| {r['mode']} | {r.get('acc-mean', nan):.3f} | {r.get('acc-median', nan):.3f} "
-            f"| {r.get('acc-p10', nan):.3f} | {eps} | {r.get('bytes-up-per-client-round', 0):.0f} "
-            f"| {secs} |"
-        )
+        cells = [fmt.format(r[key]) if key in r else missing for _, key, fmt, missing in columns]
+        out.append(f"| {r['mode']} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"

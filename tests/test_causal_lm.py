@@ -18,6 +18,7 @@ from opacus import GradSampleModule
 
 from client.app import make_client_app
 from client.generate import load_assistant, stream
+from client.predict import predict
 from client.training import DPPlan, evaluate, example_losses, sample_rate, train
 from common.config import Config
 from common.data import load_client_data
@@ -152,8 +153,9 @@ def test_a_federation_sends_only_shared_adapters_reports_perplexity_and_the_user
     assert "majority-mean" not in summary
     state_dir = tmp_path / "dev" / "client-0000"
     backbone, model = load_assistant(state_dir)
-    reply = "".join(stream(backbone, model, "To be", chat=False, max_new_tokens=5, temperature=0))
-    assert isinstance(reply, str)
+    "".join(stream(backbone, model, "To be", chat=False, max_new_tokens=5))  # from the real state
+    with pytest.raises(ConfigError, match="use `fedpers chat` or `fedpers generate`"):
+        predict(state_dir, ["to be or not to be"])
     # Continual personalization: the same devices join a second run and keep composing their ε.
     eps1 = json.loads((tmp_path / "run1" / "ledger.json").read_text())["entries"]
     over2 = {**over, "output.run-dir": str(tmp_path / "run2")}
