@@ -52,16 +52,12 @@ def stream(
     from transformers import DynamicCache
 
     from common.causal_model import step_mask
+    from common.chat_format import chat_prompt
 
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     tok = backbone.tokenizer
-    if chat and getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    else:
-        text = prompt
+    text = chat_prompt(tok, prompt) if chat else prompt  # the format chat-turn training used
     ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]  # the template has them
     cache = DynamicCache(config=backbone.prefix.config)
     gen = torch.Generator()

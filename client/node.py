@@ -65,17 +65,29 @@ class _Session:
     def train(self) -> Features:
         """Training features (computed on first use: an evaluation without fine-tuning never needs them)."""
         d = self.data
-        return encode(self.backbone, d.train_texts, d.train_labels, self.max_length, device=self.device).to(
-            self.device
+        feats = encode(
+            self.backbone,
+            d.train_texts,
+            d.train_labels,
+            self.max_length,
+            device=self.device,
+            prompts=d.train_prompts,
         )
+        return feats.to(self.device)
 
     @functools.cached_property
     def test(self) -> Features:
         """Test features (cached per process by common.features)."""
         d = self.data
-        return encode(self.backbone, d.test_texts, d.test_labels, self.max_length, device=self.device).to(
-            self.device
+        feats = encode(
+            self.backbone,
+            d.test_texts,
+            d.test_labels,
+            self.max_length,
+            device=self.device,
+            prompts=d.test_prompts,
         )
+        return feats.to(self.device)
 
 
 def _seed(*parts: int) -> int:

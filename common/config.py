@@ -51,6 +51,7 @@ class TaskConfig:
     pii_scrub: bool
     pii_patterns: str
     min_speeches: int = dataclasses.field(metadata=_range(2, None))
+    lm_format: str = dataclasses.field(metadata=_choices("text", "chat"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +197,17 @@ class Config:
                 values[field] = _coerce(key, merged[key], ftype, _metadata(section_cls, field))
             sections[section.name] = section_cls(**values)
         return cls(**sections)
+
+    def __post_init__(self) -> None:
+        causal, text = self.model.name in CAUSAL_MODELS, self.task.dataset == "shakespeare"
+        if causal != text:
+            raise ConfigError(
+                f"model.name = {self.model.name!r} does not fit task.dataset = {self.task.dataset!r}: the causal "
+                f"LMs ({', '.join(CAUSAL_MODELS)}) learn from text (task.dataset = 'shakespeare'), the "
+                "classifiers (minilm, tiny) from labelled examples (tweets, news, file)"
+            )
+        if self.task.lm_format == "chat" and not causal:
+            raise ConfigError("task.lm-format = 'chat' trains a causal LM on chat turns: set model.name to one")
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
         """Flatten back to dotted keys (the inverse of :meth:`from_run_config`)."""

@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import re
 import warnings
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,14 @@ class ClientData:
     test_labels: np.ndarray
     label_names: tuple[str, ...]
     user: str
+    train_prompts: tuple[str, ...] = ()  # causal LM chat turns: the user turn each text replies to
+    test_prompts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            prompts, texts = getattr(self, f"{split}_prompts"), getattr(self, f"{split}_texts")
+            if prompts and len(prompts) != len(texts):
+                raise DataError(f"{self.user}: {len(prompts)} {split} prompts for {len(texts)} texts")
         for split in ("train", "test"):
             labels = np.array(getattr(self, f"{split}_labels"), dtype=np.int64).reshape(-1)
             labels.flags.writeable = False
@@ -125,7 +132,7 @@ def _roles(root: str, min_speeches: int) -> tuple[Any, ...]:
 
 def _shakespeare_client(task: TaskConfig, partition_id: int) -> ClientData:
     """User ``partition_id``: the play × speaker with the (partition_id+1)-th most speeches."""
-    from common.shakespeare import split_speeches
+    from common.shakespeare import split_indices
 
     roles = _roles(str(ensure("shakespeare")), task.min_speeches)
     if partition_id >= len(roles):
@@ -135,19 +142,42 @@ def _shakespeare_client(task: TaskConfig, partition_id: int) -> ClientData:
         )
     role = roles[partition_id]
     fraction = task.test_size / (task.train_size + task.test_size)
-    train, test = split_speeches(role, fraction, task.seed)
+    train, test = split_indices(role, fraction, task.seed)
     train, test = train[: task.train_size], test[: task.test_size]
     if task.evaluate_on == "validation":  # tuning: the tail of the train speeches, never the test ones
         n_val = max(1, round(len(train) * task.validation_fraction))
         if len(train) - n_val < 2:
             raise DataError(f"{role.user}: {len(train)} training speeches are too few for a validation split")
         train, test = train[:-n_val], train[-n_val:]
-    if task.pii_scrub:
-        extra = parse_patterns(task.pii_patterns)
-        train, test = [scrub(t, extra) for t in train], [scrub(t, extra) for t in test]
+    clean = _scrubber(task)
+    texts = {
+        split: tuple(clean(role.speeches[i]) for i in idx)
+        for split, idx in (("train", train), ("test", test))
+    }
+    prompts: dict[str, tuple[str, ...]] = {"train": (), "test": ()}
+    if task.lm_format == "chat":  # each speech answers its cue (the speech before it in the scene)
+        prompts = {
+            split: tuple(clean(role.cues[i]) for i in idx)
+            for split, idx in (("train", train), ("test", test))
+        }
     return ClientData(
-        tuple(train), np.zeros(len(train)), tuple(test), np.zeros(len(test)), LM_LABELS, role.user
+        texts["train"],
+        np.zeros(len(train)),
+        texts["test"],
+        np.zeros(len(test)),
+        LM_LABELS,
+        role.user,
+        train_prompts=prompts["train"],
+        test_prompts=prompts["test"],
     )
+
+
+def _scrubber(task: TaskConfig) -> Callable[[str], str]:
+    """The PII scrubber ``task`` asks for (the identity when ``task.pii-scrub`` is off)."""
+    if not task.pii_scrub:
+        return lambda text: text
+    extra = parse_patterns(task.pii_patterns)
+    return lambda text: scrub(text, extra)
 
 
 def majority_baseline_accuracy(data: ClientData) -> float:
@@ -194,10 +224,8 @@ def _split(
             )
         tr, te = tr[: n_train - n_val], tr[n_train - n_val :]
     train_texts, test_texts = tuple(texts[i] for i in tr), tuple(texts[i] for i in te)
-    if task.pii_scrub:  # on the device, before anything is encoded or trained on
-        extra = parse_patterns(task.pii_patterns)
-        train_texts = tuple(scrub(t, extra) for t in train_texts)
-        test_texts = tuple(scrub(t, extra) for t in test_texts)
+    clean = _scrubber(task)  # on the device, before anything is encoded or trained on
+    train_texts, test_texts = tuple(map(clean, train_texts)), tuple(map(clean, test_texts))
     return ClientData(train_texts, labels[tr], test_texts, labels[te], names, user)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common.chat_format import tokenize_turns
 from common.device import frozen_autocast
 from common.errors import DataError
 from common.model import Backbone
@@ -54,20 +55,25 @@ def encode(
     max_length: int,
     chunk: int = 64,
     device: torch.device | None = None,
+    prompts: Sequence[str] = (),
 ) -> Features:
     """Features of ``texts`` under ``backbone``, rows sorted by token length (cached per process).
 
     The prefix is frozen, so caching is exact; the row order does not matter to training (Poisson or
     shuffled batches) or evaluation, and ``labels`` are reordered with the rows. The prefix runs on
     ``device`` (bf16 autocast on CUDA, see common.device); the cached features live on the CPU.
+    With ``prompts`` (a causal LM trained on chat turns) each text is the reply to its prompt: the
+    prompt's tokens are attended to but not scored (see common.chat_format).
     """
     if len(texts) != len(labels):
         raise DataError(f"{len(texts)} texts but {len(labels)} labels")
     if len(texts) == 0:
         raise DataError("no examples to encode")
+    if prompts and not backbone.causal:
+        raise DataError("prompts (chat turns) need a causal LM; a classifier reads texts only")
     digest = hashlib.sha256()
-    digest.update(f"{backbone.fingerprint}|{max_length}|".encode())
-    for t in texts:
+    digest.update(f"{backbone.fingerprint}|{max_length}|{len(prompts)}|".encode())
+    for t in (*texts, *prompts):
         digest.update(t.encode("utf-8", "replace") + b"\x00")
     digest.update(np.asarray(labels, dtype=np.int64).tobytes())
     key = digest.hexdigest()
@@ -75,9 +81,13 @@ def encode(
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
-    hidden, mask, order = prefix_features(backbone, texts, max_length, chunk, device)
+    if prompts:
+        ids, unscored = tokenize_turns(backbone.tokenizer, prompts, texts, max_length)
+    else:
+        ids, unscored = _token_ids(backbone, texts, max_length), [0] * len(texts)
+    hidden, mask, order = run_prefix(backbone, ids, chunk, device)
     if backbone.causal:  # the targets are the text itself, next token by next token
-        targets = _token_targets(backbone, [texts[i] for i in order], max_length, mask.shape[1])
+        targets = _token_targets(ids, unscored, order, mask.shape[1])
         return _store(key, Features(hidden=hidden, mask=mask, labels=targets))
     feats = Features(
         hidden=hidden,
@@ -95,13 +105,18 @@ def _store(key: str, feats: Features) -> Features:
     return feats
 
 
-def _token_targets(backbone: Backbone, texts: Sequence[str], max_length: int, width: int) -> torch.Tensor:
-    """(N, width) token ids of ``texts`` (already in row order), -100 where there is no token."""
-    ids = backbone.tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+def _token_targets(
+    ids: Sequence[Sequence[int]], unscored: Sequence[int], order: np.ndarray, width: int
+) -> torch.Tensor:
+    """(N, width) target ids in row order: -100 where there is no token and on unscored prompt tokens."""
     out = torch.full((len(ids), width), -100, dtype=torch.long)
-    for i, row in enumerate(ids):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    for row, i in enumerate(order):
+        out[row, unscored[i] : len(ids[i])] = torch.tensor(ids[i][unscored[i] :], dtype=torch.long)
     return out
+
+
+def _token_ids(backbone: Backbone, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    return list(backbone.tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"])
 
 
 def prefix_features(
@@ -111,15 +126,23 @@ def prefix_features(
     chunk: int = 64,
     device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Prefix hidden states of ``texts``, sorted by token length; returns (hidden, mask, order).
+    """Prefix hidden states of ``texts``, sorted by token length; returns (hidden, mask, order)."""
+    return run_prefix(backbone, _token_ids(backbone, texts, max_length), chunk, device)
 
-    Texts are run shortest first in chunks padded only to the chunk's longest text, so the frozen layers
+
+def run_prefix(
+    backbone: Backbone,
+    ids: Sequence[Sequence[int]],
+    chunk: int = 64,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Prefix hidden states of token sequences ``ids``, sorted by length; returns (hidden, mask, order).
+
+    Sequences run shortest first in chunks padded only to the chunk's longest one, so the frozen layers
     never compute on padding beyond that (tweets: about half the tokens of padding to the longest text).
     Real tokens do not attend to padding, so their states equal a full-batch forward up to float rounding;
     padded positions are zero and masked. ``order[i]`` is the input index of row ``i``.
     """
-    enc = backbone.tokenizer(list(texts), truncation=True, max_length=max_length)
-    ids: list[list[int]] = enc["input_ids"]
     lengths = np.array([len(x) for x in ids])
     order = np.argsort(lengths, kind="stable")
     width = int(lengths.max())

@@ -1,0 +1,77 @@
+"""How a causal LM sees a conversation turn: one format for training on (cue, reply) pairs and for chat.
+
+Training on chat turns (``task.lm-format = "chat"``) and ``fedpers chat`` must put exactly the same tokens
+before the reply, or the personal model is trained for one prompt and asked with another. Both go
+through :func:`chat_prompt`; the prompt and the reply are tokenized separately (as generation does: the
+prompt is tokenized, the reply is produced token by token), and only the reply's tokens and the
+end-of-turn marker are scored.
+
+The system turn is empty: SmolLM2's template would otherwise insert its default persona ("You are a
+helpful AI assistant named SmolLM…", ~20 tokens on every example), which is the voice a personal
+assistant is meant to move away from. Tokenizers without a chat template (the tiny test LM) use
+``message + "\\n"`` as the prompt and their end-of-sequence token as the end of turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from common.errors import DataError
+
+SYSTEM = ""
+
+
+def has_template(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` brings a chat template."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_prompt(tokenizer: Any, message: str) -> str:
+    """The text a causal LM continues to answer ``message`` (a user turn and the assistant's start)."""
+    if has_template(tokenizer):
+        turns = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": message}]
+        return str(tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
+    return message + "\n"
+
+
+def end_of_turn(tokenizer: Any) -> list[int]:
+    """The token ids that close an assistant turn (what the model must learn to stop with)."""
+    if has_template(tokenizer):
+        marker = "\x00reply\x00"
+        turns = [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": "?"},
+            {"role": "assistant", "content": marker},
+        ]
+        full = str(tokenizer.apply_chat_template(turns, tokenize=False))
+        tail = full[full.index(marker) + len(marker) :]
+        return list(tokenizer(tail, add_special_tokens=False)["input_ids"])
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    return [] if eos is None else [int(eos)]
+
+
+def tokenize_turns(
+    tokenizer: Any, prompts: Sequence[str], replies: Sequence[str], max_length: int
+) -> tuple[list[list[int]], list[int]]:
+    """Token ids of each (prompt, reply) turn and how many leading ids are the prompt (never scored).
+
+    The reply keeps its first ``max_length`` tokens (then the end of turn); the cue inside the prompt
+    keeps its last ``max_length // 2`` tokens, so the words right before the reply survive.
+    """
+    if len(prompts) != len(replies):
+        raise DataError(f"{len(prompts)} prompts for {len(replies)} replies")
+    if max_length < 2:
+        raise DataError(f"max_length must be at least 2, got {max_length}")
+    end = end_of_turn(tokenizer)
+    keep = max_length // 2
+    ids, prompt_lengths = [], []
+    for cue, reply in zip(prompts, replies, strict=True):
+        cue_ids = tokenizer(cue, add_special_tokens=False)["input_ids"]
+        if len(cue_ids) > keep:
+            cue = tokenizer.decode(cue_ids[-keep:])
+        head = tokenizer(chat_prompt(tokenizer, cue), add_special_tokens=False)["input_ids"]
+        body = tokenizer(reply, add_special_tokens=False)["input_ids"][:max_length] + end
+        ids.append(list(head) + list(body))
+        prompt_lengths.append(len(head))
+    return ids, prompt_lengths

@@ -1,0 +1,132 @@
+"""Chat-turn training (task.lm-format = "chat"): cue → reply pairs, only the reply scored, same prompt as chat."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from client.generate import stream
+from client.training import example_losses
+from common.assets import ensure
+from common.chat_format import chat_prompt, end_of_turn, tokenize_turns
+from common.config import Config
+from common.data import load_client_data
+from common.errors import ConfigError
+from common.features import encode
+from common.model import get_backbone
+from common.shakespeare import parse_turns
+
+CHAT: dict[str, Any] = {
+    "model.name": "tiny-lm",
+    "model.frozen-layers": 1,
+    "lora.target-modules": "q_proj,v_proj",
+    "task.dataset": "shakespeare",
+    "task.lm-format": "chat",
+    "task.min-speeches": 50,
+    "task.train-size": 40,
+    "task.test-size": 10,
+    "task.max-length": 32,
+}
+
+
+@pytest.fixture(scope="module")
+def chat() -> tuple[Config, Any, Any]:
+    cfg = Config.from_run_config(CHAT)
+    return cfg, get_backbone(cfg, 1), load_client_data(cfg.task, 1, 4)
+
+
+def test_a_cue_is_the_speech_before_in_the_same_scene() -> None:
+    text = "# P\n\n## ACT I\n\n**A**\nHello.\n\n**B**\nHi.\n\n_Exit B_\n\n**A**\nBye.\n\n### SCENE II\n\n**B**\nAlone.\n"
+    _, turns = parse_turns(text)
+    assert turns == {"A": [("", "Hello."), ("Hi.", "Bye.")], "B": [("Hello.", "Hi."), ("", "Alone.")]}
+
+
+def test_chat_data_pairs_each_speech_with_its_cue_from_the_play(chat: tuple[Config, Any, Any]) -> None:
+    _, _, data = chat
+    play, speaker = data.user.split("/")
+    source = next(Path(ensure("shakespeare")).rglob(f"{play}.md"))
+    pairs = set(parse_turns(source.read_text(encoding="utf-8"))[1][speaker])
+    for prompts, texts in ((data.train_prompts, data.train_texts), (data.test_prompts, data.test_texts)):
+        assert len(prompts) == len(texts) and set(zip(prompts, texts, strict=True)) <= pairs
+    assert sum(bool(p) for p in data.train_prompts) > len(data.train_prompts) // 2
+    plain = load_client_data(Config.from_run_config({**CHAT, "task.lm-format": "text"}).task, 1, 4)
+    assert plain.train_texts == data.train_texts and plain.train_prompts == ()  # same speeches, no cues
+
+
+def test_only_the_reply_and_its_end_of_turn_are_scored(chat: tuple[Config, Any, Any]) -> None:
+    cfg, backbone, data = chat
+    tok, n = backbone.tokenizer, cfg.task.max_length
+    feats = encode(backbone, data.train_texts, data.train_labels, n, prompts=data.train_prompts)
+    ids, heads = tokenize_turns(tok, data.train_prompts, data.train_texts, n)
+    end = end_of_turn(tok)
+    assert end == [tok.sep_token_id]  # no chat template: the end-of-sequence token closes the turn
+    by_length: dict[int, list[int]] = {}
+    for i, row in enumerate(ids):
+        by_length.setdefault(len(row), []).append(i)
+    for row in range(len(feats)):
+        valid = feats.mask[row].sum().item()
+        scored = feats.labels[row][feats.labels[row] != -100].tolist()
+        matches = [i for i in by_length[valid] if ids[i][heads[i] :] == scored]
+        assert matches, "the scored tokens of every row are exactly one reply + end of turn"
+        i = matches[0]
+        assert (feats.labels[row][: heads[i]] == -100).all() and feats.mask[row][: heads[i]].all()
+        assert scored[-len(end) :] == end and len(scored) - len(end) <= n
+        cue = data.train_prompts[i]
+        if len(tok(cue, add_special_tokens=False)["input_ids"]) <= n // 2:  # longer cues keep their tail
+            assert ids[i][: heads[i]] == tok(chat_prompt(tok, cue), add_special_tokens=False)["input_ids"]
+
+
+def test_the_cue_is_attended_but_not_scored(chat: tuple[Config, Any, Any]) -> None:
+    cfg, backbone, data = chat
+    model = backbone.new_model().eval()
+    texts, labels = data.train_texts[:8], data.train_labels[:8]
+    cues = encode(backbone, texts, labels, cfg.task.max_length, prompts=data.train_prompts[:8])
+    other = encode(backbone, texts, labels, cfg.task.max_length, prompts=["Who is there?"] * 8)
+    a, b = (example_losses(model(*f.batch(slice(None))[:2]), f.labels) for f in (cues, other))
+    counts = [sorted((f.labels != -100).sum(1).tolist()) for f in (cues, other)]
+    assert counts[0] == counts[1]  # the same reply tokens are scored
+    assert not torch.allclose(torch.sort(a).values, torch.sort(b).values)  # … given a different cue
+
+
+def test_chat_asks_with_the_prompt_training_used(chat: tuple[Config, Any, Any]) -> None:
+    cfg, backbone, _ = chat
+    torch.manual_seed(0)
+    model = backbone.new_model().eval()
+    with torch.no_grad():
+        model.head.up.weight.normal_(0, 0.5)  # an untrained-looking but non-trivial personal part
+    cue = "What say you, my lord?"
+    ids, heads = tokenize_turns(backbone.tokenizer, [cue], ["x"], cfg.task.max_length)
+    head = torch.tensor([ids[0][: heads[0]]])
+    mask = torch.ones_like(head)
+    with torch.no_grad():
+        greedy = int(model(backbone.prefix(head, mask), mask)[0, -1].argmax())
+    first = next(stream(backbone, model, cue, chat=True, max_new_tokens=1, temperature=0.0))
+    assert first.strip() == backbone.tokenizer.decode([greedy]).strip()
+
+
+def test_a_chat_template_sets_the_prompt_and_the_end_of_turn() -> None:
+    cfg = Config.from_run_config(CHAT)
+    tok = copy.deepcopy(get_backbone(cfg, 1).tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} [end] {% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    assert chat_prompt(tok, "hail") == "[system]  [end] [user] hail [end] [assistant] "
+    assert tok.decode(end_of_turn(tok)).replace(" ", "") == "[end]"
+    ids, heads = tokenize_turns(tok, ["hail"], ["well met"], 16)
+    assert tok.decode(ids[0][heads[0] :]).replace(" ", "") == "wellmet[end]"
+
+
+def test_chat_format_needs_a_causal_lm_and_text() -> None:
+    with pytest.raises(ConfigError, match="lm-format = 'chat' trains a causal LM"):
+        Config.from_run_config({"task.lm-format": "chat"})
+    with pytest.raises(ConfigError, match="does not fit task.dataset"):
+        Config.from_run_config({"model.name": "tiny-lm"})
+    with pytest.raises(ConfigError, match="does not fit task.dataset"):
+        Config.from_run_config({"task.dataset": "shakespeare"})
+    assert np.isclose(Config.from_run_config(CHAT).task.max_length, 32)
