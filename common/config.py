@@ -202,12 +202,12 @@ class Config:
         causal, text = self.model.name in CAUSAL_MODELS, self.task.dataset == "shakespeare"
         if causal != text:
             raise ConfigError(
-                f"model.name = {self.model.name!r} does not fit task.dataset = {self.task.dataset!r}: the causal "
-                f"LMs ({', '.join(CAUSAL_MODELS)}) learn from text (task.dataset = 'shakespeare'), the "
+                f"model.name = {self.model.name!r} does not fit task.dataset = {self.task.dataset!r}: "
+                f"the causal LMs ({', '.join(CAUSAL_MODELS)}) learn from text (task.dataset = 'shakespeare'), the "
                 "classifiers (minilm, tiny) from labelled examples (tweets, news, file)"
             )
         if self.task.lm_format == "chat" and not causal:
-            raise ConfigError("task.lm-format = 'chat' trains a causal LM on chat turns: set model.name to one")
+            raise ConfigError("task.lm-format = 'chat' trains a causal LM on chat turns: choose one in model.name")
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
         """Flatten back to dotted keys (the inverse of :meth:`from_run_config`)."""

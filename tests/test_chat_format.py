@@ -1,4 +1,4 @@
-"""Chat-turn training (task.lm-format = "chat"): cue → reply pairs, only the reply scored, same prompt as chat."""
+"""Chat-turn training (task.lm-format = "chat"): cue → reply pairs, only the reply scored, chat's prompt."""
 
 from __future__ import annotations
 
@@ -41,7 +41,10 @@ def chat() -> tuple[Config, Any, Any]:
 
 
 def test_a_cue_is_the_speech_before_in_the_same_scene() -> None:
-    text = "# P\n\n## ACT I\n\n**A**\nHello.\n\n**B**\nHi.\n\n_Exit B_\n\n**A**\nBye.\n\n### SCENE II\n\n**B**\nAlone.\n"
+    text = (
+        "# P\n\n## ACT I\n\n**A**\nHello.\n\n**B**\nHi.\n\n_Exit B_\n\n**A**\nBye.\n\n"
+        "### SCENE II\n\n**B**\nAlone.\n"
+    )
     _, turns = parse_turns(text)
     assert turns == {"A": [("", "Hello."), ("Hi.", "Bye.")], "B": [("Hello.", "Hi."), ("", "Alone.")]}
 
