@@ -203,11 +203,13 @@ class Config:
         if causal != text:
             raise ConfigError(
                 f"model.name = {self.model.name!r} does not fit task.dataset = {self.task.dataset!r}: "
-                f"the causal LMs ({', '.join(CAUSAL_MODELS)}) learn from text (task.dataset = 'shakespeare'), the "
-                "classifiers (minilm, tiny) from labelled examples (tweets, news, file)"
+                f"the causal LMs ({', '.join(CAUSAL_MODELS)}) learn from text (task.dataset = "
+                "'shakespeare'), the classifiers (minilm, tiny) from labelled examples (tweets, news, file)"
             )
         if self.task.lm_format == "chat" and not causal:
-            raise ConfigError("task.lm-format = 'chat' trains a causal LM on chat turns: choose one in model.name")
+            raise ConfigError(
+                "task.lm-format = 'chat' trains a causal LM on chat turns: choose one in model.name"
+            )
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
         """Flatten back to dotted keys (the inverse of :meth:`from_run_config`)."""
