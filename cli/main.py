@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from common.errors import FedpersError
+from simulations.bench.lm_tune import CANDIDATES as LM_CANDIDATES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated DP-LoRA personalization.")
@@ -564,6 +565,29 @@ def bench_tune_cmd(
         with progress:
             run, table = bench_tune(workers, run_dir, update)
     except FedpersError as exc:
+        _fail(exc)
+    print(table)
+    console.print(f"outputs: {run.dir}")
+
+
+@bench_app.command("lm-tune")
+def bench_lm_tune_cmd(
+    candidates: str = typer.Option(",".join(LM_CANDIDATES), help="comma-separated candidates, in run order"),
+    modes: str = typer.Option("fedper,local,fedavg", help="comma-separated modes (each tuned alike)"),
+    workers: int = typer.Option(2, help="worker processes (one thread each)"),
+    run_dir: Path = typer.Option(None, help="folder of an earlier run to resume (finished cells are kept)"),
+    no_write: bool = typer.Option(False, help="do not rewrite simulations/configs/shakespeare-tuned.toml"),
+) -> None:
+    """Tune the generative assistant per mode on validation splits → shakespeare-tuned.toml."""
+    from simulations.bench.commands import bench_lm_tune
+
+    progress, update = _grid_progress("lm-tune cells")
+    try:
+        with progress:
+            run, table = bench_lm_tune(
+                _split_csv(candidates), _split_csv(modes), workers, run_dir, update, write=not no_write
+            )
+    except (FedpersError, ValueError) as exc:
         _fail(exc)
     print(table)
     console.print(f"outputs: {run.dir}")

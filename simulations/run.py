@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import Config, ConfigError, load_overrides_toml, validate_keys
+from common.config import MODES, Config, ConfigError, load_overrides_toml, validate_keys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-SIM_KEYS = {"num-clients", "client-cpus", "compare"}
+SIM_KEYS = {"num-clients", "client-cpus", "compare", "mode-settings"}
 
 
 @dataclass(frozen=True)
@@ -31,28 +31,58 @@ class SimSettings:
     client_cpus: float = 1.0
     compare: tuple[str, ...] = ()
     overrides: dict[str, Any] = field(default_factory=dict)
+    per_mode: dict[str, dict[str, Any]] = field(default_factory=dict)  # [mode.<name>] tables
+
+    def for_mode(self, mode: str | None = None) -> dict[str, Any]:
+        """The run config of ``mode`` (default: the configured one): overrides + that mode's table."""
+        mode = mode or Config.from_run_config(self.overrides).personalization.mode
+        return {**self.overrides, **self.per_mode.get(mode, {}), "personalization.mode": mode}
 
 
 def load_settings(path: str | Path | None, sets: dict[str, Any] | None = None) -> SimSettings:
     """Read a simulation TOML (or none) plus ``--set`` overrides into SimSettings."""
     sim: dict[str, Any] = {}
     overrides: dict[str, Any] = {}
+    per_mode: dict[str, dict[str, Any]] = {}
     if path is not None:
         with Path(path).open("rb") as fh:
-            sim = tomllib.load(fh).get("simulation", {})
+            data = tomllib.load(fh)
+        sim = data.get("simulation", {})
         overrides = load_overrides_toml(path)
         unknown = set(sim) - SIM_KEYS
         if unknown:
             raise ConfigError(
                 f"unknown [simulation] keys {sorted(unknown)} in {path}; allowed: {sorted(SIM_KEYS)}"
             )
-    overrides.update(validate_keys(sets or {}))
+        if sim.get("mode-settings"):  # e.g. the tuned file `fedpers bench lm-tune` writes
+            per_mode = _mode_tables(Path(path).parent / str(sim["mode-settings"]))
+        for mode, table in _mode_tables(Path(path)).items():
+            per_mode.setdefault(mode, {}).update(table)
+    explicit = validate_keys(sets or {})
+    overrides.update(explicit)
+    per_mode = {m: {k: v for k, v in t.items() if k not in explicit} for m, t in per_mode.items()}
     Config.from_run_config(overrides)  # validate early, before any engine starts
+    for mode in per_mode:
+        Config.from_run_config({**overrides, **per_mode[mode], "personalization.mode": mode})
     num = int(sim.get("num-clients", 4))
     if num < 1:
         raise ConfigError("[simulation] num-clients must be ≥ 1")
     compare = tuple(sim.get("compare", ()))
-    return SimSettings(num, float(sim.get("client-cpus", 1.0)), compare, overrides)
+    return SimSettings(num, float(sim.get("client-cpus", 1.0)), compare, overrides, per_mode)
+
+
+def _mode_tables(path: Path) -> dict[str, dict[str, Any]]:
+    """The ``[mode.<name>]`` tables of a TOML file: run-config overrides for one mode only."""
+    if not path.is_file():
+        raise ConfigError(f"mode settings file {path} does not exist ([simulation] mode-settings)")
+    with path.open("rb") as fh:
+        tables = tomllib.load(fh).get("mode", {})
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError(f"{path}: [mode.<name>] must be tables of run-config keys")
+    unknown = sorted(set(tables) - set(MODES))
+    if unknown:
+        raise ConfigError(f"{path}: unknown mode(s) {unknown} in [mode.<name>]; allowed: {', '.join(MODES)}")
+    return {str(m): validate_keys(t) for m, t in tables.items()}
 
 
 def new_run_id(prefix: str) -> str:
@@ -71,12 +101,13 @@ def simulate(
     from server import recorder
     from server.app import make_server_app
 
-    cfg = Config.from_run_config(settings.overrides)
+    run_config = settings.for_mode()
+    cfg = Config.from_run_config(run_config)
     needed = {cfg.task.dataset} - {"file"}
     needed.add("minilm" if cfg.model.name == "minilm" else "tweets")  # the tiny tokenizer trains on tweets
     for name in sorted(needed):
         ensure(name)
-    overrides = {**settings.overrides, "output.run-dir": str(run_dir)}
+    overrides = {**run_config, "output.run-dir": str(run_dir)}
     if cfg.fed.min_clients > settings.num_clients:
         overrides["fed.min-clients"] = settings.num_clients
     if cfg.train.threads == 0:

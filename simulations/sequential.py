@@ -94,6 +94,11 @@ def run_sequential(
         {"client": int(e[P.PARTITION_ID]), "acc": float(e[P.EVAL_ACC]), "majority": float(e[P.MAJORITY_ACC])}
         for e in final
     ]
+    ppl = [float(e[P.PERPLEXITY]) for e in final if P.PERPLEXITY in e]
+    if ppl:  # a causal LM: per-user perplexity on the evaluated split (lower is better)
+        summary.update(distribution(ppl, "perplexity"))
+        for row, e in zip(summary["clients"], final, strict=True):
+            row["ppl"] = float(e[P.PERPLEXITY])
     summary["rounds"] = lines
     summary["epsilon-max"] = float(np.max([ln.get("epsilon-max", 0.0) for ln in lines]))
     return summary

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from simulations.bench.grid import Cell, load_done, run_grid
+from simulations.bench.grid import Cell, load_done, read_ledger, run_grid
 from simulations.bench.output import BenchRun, markdown_table, update_block
 from simulations.bench.quality import aggregate, ledger_check, plan, targets
 
@@ -34,9 +34,12 @@ def test_grid_runs_resumes_and_aggregates(tmp_path: Path) -> None:
     done = run_grid(tmp_path, cells, workers=1)  # resumes: the two finished cells are not rerun
     assert len(done) == 4 and (tmp_path / "cells" / f"{cells[0].key}.json").stat().st_mtime_ns == first
     dp = done["tweets-a0.3/eps8/fedper/seed0"]
-    ledger = json.loads(Path(dp["ledger"]).read_text())["entries"]
+    kept = read_ledger(tmp_path, dp)
+    assert kept is not None and not Path(dp["ledger"]).is_absolute()  # kept inside the run folder
+    shutil.rmtree(tmp_path / "work")  # scratch: the kept results need nothing from it
+    ledger = kept["entries"]
     assert max(e["epsilon"] for e in ledger) == dp["epsilon-max"] <= 8.0 + 1e-9
-    assert ledger_check(load_done(tmp_path, cells)) == (2, 2)  # the two DP cells, both matching
+    assert ledger_check(tmp_path, load_done(tmp_path, cells)) == (2, 2)  # the two DP cells, both matching
     rows = aggregate(load_done(tmp_path, cells))
     assert {(r["privacy"], r["mode"]) for r in rows} == {
         (p, m) for p in ("none", "eps8") for m in ("local", "fedper")

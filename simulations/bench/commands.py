@@ -55,6 +55,33 @@ def bench_tune(
     return run, table
 
 
+def bench_lm_tune(
+    candidates: Sequence[str],
+    modes: Sequence[str],
+    workers: int,
+    folder: Path | None = None,
+    progress: Progress | None = None,
+    write: bool = True,
+) -> tuple[BenchRun, str]:
+    """Tune the generative assistant per mode on validation splits → shakespeare-tuned.toml."""
+    from simulations.bench.grid import load_done, run_grid
+    from simulations.bench.lm_tune import choose, lm_tune_cells, lm_tune_table, write_tuned_lm
+
+    run = _run("lm-tune", folder)
+    cells = lm_tune_cells(candidates, modes)
+    try:
+        run_grid(run.dir, cells, workers, on_progress=progress)
+    finally:  # keep what finished when interrupted
+        done = load_done(run.dir, cells)
+        chosen = choose(cells, done)
+        run.results = {"chosen": chosen, "cells": done}
+        table = lm_tune_table(cells, done)
+        run.save(table)
+        if write and chosen:
+            write_tuned_lm(chosen, cells, done, run.command)
+    return run, table
+
+
 def bench_quality(
     settings: Sequence[str],
     privacies: Sequence[str],
@@ -83,7 +110,7 @@ def bench_quality(
         done = load_done(run.dir, cells)
         rows = aggregate(done)
         run.results = {"planned": [c.key for c in cells], "rows": rows, "tuned": load_tuned()}
-        table = quality_table(rows, len(cells), len(done), ledger_check(done))
+        table = quality_table(rows, len(cells), len(done), ledger_check(run.dir, done))
         run.save(table)
         if rows:
             quality_plot(rows, run.dir / "quality.png")
@@ -174,6 +201,7 @@ def bench_names() -> dict[str, str]:
     return {
         "quality": "per-client accuracy: modes × privacy × seeds on tweets α=0.3/1.0 and news",
         "tune": "choose learning rates on validation splits (feeds quality)",
+        "lm-tune": "tune the generative assistant per mode on validation splits (feeds shakespeare.toml)",
         "dp-cost": "time per step and peak memory: non-private vs Opacus hooks/functorch/ghost",
         "comm": "bytes per client per round for every mode and LoRA rank",
         "sim-speed": "the same workload on Flower's simulation engine, a plain loop and pfl-research",

@@ -8,6 +8,7 @@ the same task so a worker encodes each client's features once (the per-process f
 
 from __future__ import annotations
 
+import gzip
 import json
 import multiprocessing as mp
 import shutil
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.fileio import write_json_atomic
+from common.fileio import write_bytes_atomic, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,18 @@ class Cell:
 def cell_path(root: Path, cell: Cell) -> Path:
     """Where a finished cell's summary lives."""
     return root / "cells" / f"{cell.key}.json"
+
+
+def read_ledger(root: Path, summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The ledger a finished cell kept (``None`` when it has none), from ``root``."""
+    rel = summary.get("ledger")
+    if not rel:
+        return None
+    path = Path(rel) if Path(rel).is_absolute() else root / rel
+    if not path.is_file():
+        return None
+    raw = path.read_bytes()
+    return json.loads(gzip.decompress(raw) if path.suffix == ".gz" else raw)
 
 
 def load_done(root: Path, cells: Sequence[Cell]) -> dict[str, dict[str, Any]]:
@@ -65,8 +78,10 @@ def run_cells(root: Path, cells: Sequence[Cell], evaluate_every: int) -> list[st
             {"key": cell.key, "overrides": cell.overrides, "wall-seconds": time.perf_counter() - t0}
         )
         ledger = work / "ledger.json"
-        if ledger.is_file():
-            summary["ledger"] = str(ledger)
+        if ledger.is_file():  # kept next to the summary (the work folder is scratch, never committed)
+            kept = path.with_name(path.stem + ".ledger.json.gz")
+            write_bytes_atomic(kept, gzip.compress(ledger.read_bytes(), mtime=0))
+            summary["ledger"] = str(kept.relative_to(root))
         write_json_atomic(path, summary)
         keys.append(cell.key)
     return keys

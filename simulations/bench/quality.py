@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.bench.grid import Cell
+from simulations.bench.grid import Cell, read_ledger
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "tweets-a0.3": {"task.dataset": "tweets", "task.dirichlet-alpha": 0.3},
@@ -160,17 +160,16 @@ def targets(rows: list[dict[str, Any]], setting: str) -> list[tuple[str, str, st
     return [(f"{name}: {t}", fig, v) for t, fig, v in out]
 
 
-def ledger_check(done: dict[str, dict[str, Any]]) -> tuple[int, int]:
-    """(cells whose table ε equals the max ε in their ledger.json, DP cells with a ledger)."""
-    import json
-
+def ledger_check(root: Path, done: dict[str, dict[str, Any]]) -> tuple[int, int]:
+    """(cells whose table ε equals the max ε in their kept ledger, DP cells with a ledger)."""
     matched = total = 0
     for summary in done.values():
-        path = summary.get("ledger")
-        if not path or not summary.get("overrides", {}).get("dp.enabled", True) or not Path(path).is_file():
+        if not summary.get("overrides", {}).get("dp.enabled", True):
             continue
-        entries = json.loads(Path(path).read_text()).get("entries", [])
-        eps = [float(e["epsilon"]) for e in entries if "epsilon" in e]
+        ledger = read_ledger(root, summary)
+        if ledger is None:
+            continue
+        eps = [float(e["epsilon"]) for e in ledger.get("entries", []) if "epsilon" in e]
         total += 1
         matched += bool(eps) and max(eps) == float(summary.get("epsilon-max", -1.0))
     return matched, total

@@ -1,0 +1,132 @@
+"""Tune the generative assistant's training on VALIDATION splits (never test): `fedpers bench lm-tune`.
+
+The workload is ``simulations/configs/shakespeare.toml`` (20 roles, ε = 8 per user) with
+``task.evaluate-on = validation``: each role's last 20 % of training speeches are held out and scored,
+its test speeches are never read. Every candidate runs for every compared mode (``fedper``, ``local``,
+``fedavg``), so each mode is tuned equally; each mode's best candidate (lowest mean validation
+perplexity, then p90) is written with every candidate's scores to
+``simulations/configs/shakespeare-tuned.toml``, which the shakespeare simulation reads per mode.
+Cells run through the sequential runner (the same client code as the Flower simulation), so the frozen
+prefix of every speech is computed once per worker process and shared by all cells of that worker.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from common.fileio import write_bytes_atomic
+from simulations.bench.grid import Cell
+from simulations.bench.output import markdown_table
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+WORKLOAD = CONFIGS / "shakespeare.toml"
+TUNED_LM = CONFIGS / "shakespeare-tuned.toml"
+MODES = ("fedper", "local", "fedavg")
+# Candidates in the order they run. "e1" is the untuned setting (1 local epoch = 4 DP steps per round).
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "e1": {"train.local-epochs": 1},
+    "e4": {"train.local-epochs": 4},
+    "e4-lora0.5": {"train.local-epochs": 4, "train.lr-lora": 0.5},
+    "e4-head0.2": {"train.local-epochs": 4, "train.lr-head": 0.2},
+    "e4-lora0.5-head0.2": {"train.local-epochs": 4, "train.lr-lora": 0.5, "train.lr-head": 0.2},
+}
+TUNED_KEYS = ("train.local-epochs", "train.lr-lora", "train.lr-head")
+
+
+def workload(path: Path = WORKLOAD) -> tuple[int, dict[str, Any]]:
+    """(number of users, run-config overrides) of the shakespeare simulation."""
+    with path.open("rb") as fh:
+        data = tomllib.load(fh)
+    return int(data["simulation"]["num-clients"]), dict(data["run-config"])
+
+
+def lm_tune_cells(candidates: Sequence[str], modes: Sequence[str] = MODES) -> list[Cell]:
+    """Every candidate × mode on validation splits; one group per candidate (its modes share features)."""
+    bad = [c for c in candidates if c not in CANDIDATES]
+    if bad:
+        raise ValueError(f"unknown candidate {bad}; choose from {', '.join(CANDIDATES)}")
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"unknown mode {bad}; choose from {', '.join(MODES)}")
+    users, base = workload()
+    cells = []
+    for name in candidates:
+        for mode in modes:
+            over = {
+                **base,
+                **CANDIDATES[name],
+                "personalization.mode": mode,
+                "task.evaluate-on": "validation",
+                "train.threads": 1,
+                "client.report-before-after": False,
+            }
+            cells.append(Cell(f"lm-tune/{name}/{mode}", over, users, group=f"lm-tune/{name}"))
+    return cells
+
+
+def _score(summary: dict[str, Any]) -> tuple[float, float]:
+    return float(summary["perplexity-mean"]), float(summary["perplexity-p90"])
+
+
+def choose(cells: Sequence[Cell], done: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each mode's candidate with the lowest mean validation perplexity (ties: the lower p90)."""
+    best: dict[str, tuple[tuple[float, float], Cell]] = {}
+    for cell in cells:
+        if cell.key not in done:
+            continue
+        mode = str(cell.overrides["personalization.mode"])
+        score = _score(done[cell.key])
+        if mode not in best or score < best[mode][0]:
+            best[mode] = (score, cell)
+    return {mode: {k: cell.overrides[k] for k in TUNED_KEYS} for mode, (_, cell) in best.items()}
+
+
+def lm_tune_table(cells: Sequence[Cell], done: dict[str, dict[str, Any]]) -> str:
+    """Validation perplexity of every finished cell, and each mode's choice."""
+    rows = []
+    for cell in cells:
+        if cell.key not in done:
+            continue
+        d = done[cell.key]
+        _, name, mode = cell.key.split("/")
+        rows.append(
+            [
+                name,
+                mode,
+                *(f"{d[f'perplexity-{s}']:.2f}" for s in ("mean", "median", "p10", "p90")),
+                f"{d.get('epsilon-max', 0.0):.2f}",
+                f"{d['wall-seconds']:.0f}",
+            ]
+        )
+    head = ["candidate", "mode", "ppl mean", "median", "p10", "p90 (worst)", "ε max", "s"]
+    out = markdown_table(head, rows) + "\n"
+    for mode, values in choose(cells, done).items():
+        out += f"- {mode}: " + ", ".join(f"`{k} = {v}`" for k, v in values.items()) + "\n"
+    return out
+
+
+def write_tuned_lm(
+    chosen: dict[str, dict[str, Any]],
+    cells: Sequence[Cell],
+    done: dict[str, dict[str, Any]],
+    command: str,
+    path: Path = TUNED_LM,
+) -> None:
+    """Write each mode's chosen values as ``[mode.<name>]`` tables, with every candidate's scores."""
+    lines = [
+        "# Training settings of the generative assistant per mode, chosen on VALIDATION splits (never test):",
+        f"#   {command}",
+        "# Candidates (candidate, mode → validation perplexity mean / p90):",
+    ]
+    for cell in cells:
+        if cell.key in done:
+            _, name, mode = cell.key.split("/")
+            mean, p90 = _score(done[cell.key])
+            lines.append(f"#   {name:<20} {mode:<7} → {mean:.2f} / {p90:.2f}")
+    for mode, values in chosen.items():
+        lines.append(f"\n[mode.{mode}]")
+        lines += [f'"{k}" = {v}' for k, v in values.items()]
+    write_bytes_atomic(path, ("\n".join(lines) + "\n").encode())

@@ -1,0 +1,67 @@
+"""Simulation settings: per-mode tables ([mode.<name>], or a tuned file named by mode-settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.errors import ConfigError
+from simulations.run import load_settings
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_each_mode_gets_its_own_table_and_set_options_win(tmp_path: Path) -> None:
+    _write(tmp_path / "tuned.toml", '[mode.local]\n"train.lr-head" = 0.2\n"train.local-epochs" = 4\n')
+    cfg = _write(
+        tmp_path / "sim.toml",
+        '[simulation]\nnum-clients = 3\ncompare = ["fedper", "local"]\nmode-settings = "tuned.toml"\n'
+        '[run-config]\n"train.lr-head" = 0.5\n'
+        '[mode.fedper]\n"train.lr-lora" = 0.3\n[mode.local]\n"train.local-epochs" = 2\n',
+    )
+    s = load_settings(cfg, {"train.lr-head": 0.9})
+    local, fedper = s.for_mode("local"), s.for_mode("fedper")
+    assert local["train.local-epochs"] == 2  # the config's own table refines the tuned file
+    assert local["train.lr-head"] == 0.9 and fedper["train.lr-head"] == 0.9  # --set beats every table
+    assert fedper["train.lr-lora"] == 0.3 and "train.lr-lora" not in local
+    assert s.for_mode("fedavg") == {**s.overrides, "personalization.mode": "fedavg"}
+    assert load_settings(cfg).for_mode("local")["train.lr-head"] == 0.2
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[mode.fedpr]\n"train.lr-head" = 0.2\n', "unknown mode"),
+        ('[mode.local]\n"train.lr-hed" = 0.2\n', "train.lr-hed"),
+        ('[mode.local]\n"train.lr-head" = -1.0\n', "out of range"),
+        ('[simulation]\nmode-settings = "missing.toml"\n', "does not exist"),
+    ],
+)
+def test_bad_mode_tables_fail_clearly(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(_write(tmp_path / "sim.toml", text))
+
+
+def test_lm_tuning_chooses_per_mode_and_its_file_feeds_the_simulation(tmp_path: Path) -> None:
+    from simulations.bench.lm_tune import choose, lm_tune_cells, write_tuned_lm
+
+    cells = lm_tune_cells(["e1", "e4-lora0.5"], ["fedper", "local"])
+    ppl = {"e1/fedper": 150.0, "e4-lora0.5/fedper": 140.0, "e1/local": 145.0, "e4-lora0.5/local": 146.0}
+    done = {
+        c.key: {"perplexity-mean": ppl[c.key.split("/", 1)[1]], "perplexity-p90": 200.0, "wall-seconds": 1.0}
+        for c in cells
+    }
+    assert all(c.overrides["task.evaluate-on"] == "validation" for c in cells)  # never tuned on test
+    chosen = choose(cells, done)
+    assert chosen["fedper"]["train.lr-lora"] == 0.5 and chosen["fedper"]["train.local-epochs"] == 4
+    assert chosen["local"]["train.local-epochs"] == 1
+    tuned = tmp_path / "tuned.toml"
+    write_tuned_lm(chosen, cells, done, "fedpers bench lm-tune", tuned)
+    sim = _write(tmp_path / "sim.toml", '[simulation]\nmode-settings = "tuned.toml"\n')
+    assert load_settings(sim).for_mode("fedper")["train.lr-lora"] == 0.5
+    with pytest.raises(ValueError, match="unknown candidate"):
+        lm_tune_cells(["e9"])
