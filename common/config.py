@@ -21,6 +21,7 @@ from common.errors import ConfigError
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
+TEXT_DATASETS = ("shakespeare", "text-file")  # free text for the causal LMs (no labels)
 MODES = ("fedper", "local", "fedavg", "fedavg-ft", "fedsa", "ffa", "fedbias")
 CAUSAL_MODELS = ("smollm2", "tiny-lm")  # model.name values that build the generative model
 
@@ -37,7 +38,7 @@ def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
 class TaskConfig:
     """What data each client learns from."""
 
-    dataset: str = dataclasses.field(metadata=_choices("tweets", "news", "file", "shakespeare"))
+    dataset: str = dataclasses.field(metadata=_choices("tweets", "news", "file", "shakespeare", "text-file"))
     data_path: str
     labels: str
     dirichlet_alpha: float = dataclasses.field(metadata=_range(1e-6, None))
@@ -199,12 +200,13 @@ class Config:
         return cls(**sections)
 
     def __post_init__(self) -> None:
-        causal, text = self.model.name in CAUSAL_MODELS, self.task.dataset == "shakespeare"
+        causal, text = self.model.name in CAUSAL_MODELS, self.task.dataset in TEXT_DATASETS
         if causal != text:
             raise ConfigError(
                 f"model.name = {self.model.name!r} does not fit task.dataset = {self.task.dataset!r}: "
                 f"the causal LMs ({', '.join(CAUSAL_MODELS)}) learn from text (task.dataset = "
-                "'shakespeare'), the classifiers (minilm, tiny) from labelled examples (tweets, news, file)"
+                "'shakespeare' or 'text-file'), the classifiers (minilm, tiny) from labelled examples "
+                "(tweets, news, file)"
             )
         if self.task.lm_format == "chat" and not causal:
             raise ConfigError(

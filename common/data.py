@@ -13,7 +13,7 @@ import csv
 import dataclasses
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from common.assets import ensure
-from common.config import TaskConfig
+from common.config import TEXT_DATASETS, TaskConfig
 from common.datafile import Table, read_file
 from common.errors import ConfigError, DataError
 from common.pii import parse_patterns, scrub
@@ -64,7 +64,7 @@ LM_LABELS = ("next-token",)  # a causal LM's targets are the text itself: one pl
 
 def label_names(task: TaskConfig) -> tuple[str, ...]:
     """The class names of ``task.dataset`` (read from ``task.labels`` for "file"), without loading data."""
-    if task.dataset == "shakespeare":
+    if task.dataset in TEXT_DATASETS:
         return LM_LABELS
     if task.dataset == "tweets":
         return TWEET_LABELS
@@ -95,15 +95,12 @@ def load_client_data(
         return _news_client(task, partition_id)
     if task.dataset == "shakespeare":
         return _shakespeare_client(task, partition_id)
+    if task.dataset == "text-file":
+        return _text_file_client(task, partition_id, data_path)
     if task.dataset == "tweets":
         source: tuple[Any, ...] = ("tweets", str(ensure("tweets")))
     else:
-        raw_path = (data_path or task.data_path).strip()
-        if not raw_path:
-            raise ConfigError("task.data-path must name a CSV or JSONL file when task.dataset = 'file'")
-        path = Path(raw_path).expanduser()
-        if not path.is_file():
-            raise DataError(f"data file {path} does not exist (task.data-path)")
+        path = _data_file(task, data_path)
         st = path.stat()
         source = ("file", str(path.resolve()), st.st_mtime_ns, st.st_size, names)
     texts, labels, users = _load_source(source)
@@ -141,35 +138,87 @@ def _shakespeare_client(task: TaskConfig, partition_id: int) -> ClientData:
             "(lower task.min-speeches or use fewer clients)"
         )
     role = roles[partition_id]
+    train, test = split_indices(role, task.test_size / (task.train_size + task.test_size), task.seed)
+    return _text_client(task, role.user, role.speeches, role.cues, train, test)
+
+
+def _text_file_client(task: TaskConfig, partition_id: int, data_path: str | None) -> ClientData:
+    """User ``partition_id`` (in sorted order) of a free-text file: their texts, split train/test."""
+    from common.shakespeare import seeded_split
+
+    path = _data_file(task, data_path)
+    st = path.stat()
+    texts, users, prompts = _text_source(str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if task.lm_format == "chat" and prompts is None:
+        raise DataError(
+            f"{path} has no prompt column: task.lm-format = 'chat' trains each text as the reply to its "
+            "prompt (add a prompt field, or use task.lm-format = 'text')"
+        )
+    unique = sorted(set(users))
+    if partition_id >= len(unique):
+        raise DataError(
+            f"client {partition_id} has no user in {path}: the file has {len(unique)} users "
+            f"(partition ids 0..{len(unique) - 1})"
+        )
+    user = unique[partition_id]
+    rows = [i for i, u in enumerate(users) if u == user]
+    if len(rows) < 2:
+        raise DataError(f"user {user!r} has {len(rows)} text(s) in {path}: need 2 to split train/test")
+    own = tuple(texts[i] for i in rows)
+    cues = tuple(prompts[i] for i in rows) if prompts is not None else ()
     fraction = task.test_size / (task.train_size + task.test_size)
-    train, test = split_indices(role, fraction, task.seed)
+    train, test = seeded_split(len(own), fraction, f"{task.seed}/{user}")
+    return _text_client(task, user, own, cues, train, test)
+
+
+@lru_cache(maxsize=2)
+def _text_source(path: str, mtime_ns: int, size: int) -> tuple[Any, ...]:
+    from common.datafile import read_text_file
+
+    return read_text_file(Path(path))
+
+
+def _text_client(
+    task: TaskConfig,
+    user: str,
+    texts: Sequence[str],
+    cues: Sequence[str],
+    train: list[int],
+    test: list[int],
+) -> ClientData:
+    """A causal-LM user: train/test texts (capped by the task sizes), the validation tail, cues if chat."""
     train, test = train[: task.train_size], test[: task.test_size]
-    if task.evaluate_on == "validation":  # tuning: the tail of the train speeches, never the test ones
+    if task.evaluate_on == "validation":  # tuning: the tail of the train texts, never the test ones
         n_val = max(1, round(len(train) * task.validation_fraction))
         if len(train) - n_val < 2:
-            raise DataError(f"{role.user}: {len(train)} training speeches are too few for a validation split")
+            raise DataError(f"{user}: {len(train)} training texts are too few for a validation split")
         train, test = train[:-n_val], train[-n_val:]
     clean = _scrubber(task)
-    texts = {
-        split: tuple(clean(role.speeches[i]) for i in idx)
-        for split, idx in (("train", train), ("test", test))
-    }
+    split = {"train": train, "test": test}
+    out = {name: tuple(clean(texts[i]) for i in idx) for name, idx in split.items()}
     prompts: dict[str, tuple[str, ...]] = {"train": (), "test": ()}
-    if task.lm_format == "chat":  # each speech answers its cue (the speech before it in the scene)
-        prompts = {
-            split: tuple(clean(role.cues[i]) for i in idx)
-            for split, idx in (("train", train), ("test", test))
-        }
+    if task.lm_format == "chat":  # each text answers its cue (Shakespeare: the speech before it)
+        prompts = {name: tuple(clean(cues[i]) for i in idx) for name, idx in split.items()}
     return ClientData(
-        texts["train"],
+        out["train"],
         np.zeros(len(train)),
-        texts["test"],
+        out["test"],
         np.zeros(len(test)),
         LM_LABELS,
-        role.user,
+        user,
         train_prompts=prompts["train"],
         test_prompts=prompts["test"],
     )
+
+
+def _data_file(task: TaskConfig, data_path: str | None) -> Path:
+    raw_path = (data_path or task.data_path).strip()
+    if not raw_path:
+        raise ConfigError(f"task.data-path must name a CSV or JSONL file for task.dataset = {task.dataset!r}")
+    path = Path(raw_path).expanduser()
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist (task.data-path)")
+    return path
 
 
 def _scrubber(task: TaskConfig) -> Callable[[str], str]:

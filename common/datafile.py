@@ -1,5 +1,8 @@
 """Bring-your-own-data files: CSV (header row) or JSONL/JSON with ``text``, ``label`` and optional ``user``.
 
+For the generative assistant (``task.dataset = "text-file"``) the same formats hold free text per user:
+``text`` and ``user`` and, for chat-turn training, ``prompt`` (the message each text answers).
+
 Every problem is a :class:`DataError` naming the file and the line, never a crash deep inside torch.
 """
 
@@ -21,8 +24,47 @@ log = logging.getLogger("common.data")
 Table = tuple[tuple[str, ...], np.ndarray, "tuple[str, ...] | None"]  # texts, labels, users (or None)
 
 
+def read_text_file(path: Path) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...] | None]:
+    """(texts, users, prompts or None) of a free-text file with ``text``, ``user`` and optional ``prompt``.
+
+    Rows with empty text are skipped (logged); an empty prompt is allowed (a turn that opens a dialogue).
+    """
+    records = _records(path, ("text", "user"), "text, user and optionally prompt")
+    has_prompt = any("prompt" in rec for _, rec in records)
+    texts, users, prompts, skipped = [], [], [], 0
+    for loc, rec in records:
+        missing = [k for k in ("text", "user") + (("prompt",) if has_prompt else ()) if rec.get(k) is None]
+        if missing:
+            raise DataError(f"{path} {loc} lacks field(s) {', '.join(map(repr, missing))}")
+        fields = {k: rec[k] for k in ("text", "prompt") if k in rec}
+        bad = [k for k, v in fields.items() if not isinstance(v, str)]
+        if bad:
+            raise DataError(f"{path} {loc}: {bad[0]} must be a string, got {fields[bad[0]]!r}")
+        if not rec["text"].strip():
+            skipped += 1
+            continue
+        user = str(rec["user"]).strip()
+        if not user:
+            raise DataError(f"{path} {loc}: the user is empty")
+        texts.append(rec["text"].strip())
+        users.append(user)
+        if has_prompt:
+            prompts.append(rec["prompt"].strip())
+    if skipped:
+        log.warning("%s: skipped %d rows with empty text", path, skipped)
+    if not texts:
+        raise DataError(f"data file {path} has no texts ({skipped} rows with empty text skipped)")
+    return tuple(texts), tuple(users), tuple(prompts) if has_prompt else None
+
+
 def read_file(path: Path, names: tuple[str, ...]) -> Table:
     """Read a CSV (header row) or JSONL/JSON file with text, label and optional user."""
+    records = _records(path, ("text", "label"), "text, label and optionally user")
+    return _labelled(records, names, path)
+
+
+def _records(path: Path, required: tuple[str, ...], expected: str) -> list[tuple[str, dict[str, Any]]]:
+    """(location, record) pairs of a CSV or JSON(L) file, UTF-8 checked, ``required`` CSV columns checked."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -35,11 +77,13 @@ def read_file(path: Path, names: tuple[str, ...]) -> Table:
         raise DataError(f"data file {path} is not UTF-8 text (line {line}); save it as UTF-8") from exc
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        records = _csv_records(content, path)
-    elif suffix in (".jsonl", ".json"):
-        records = _json_records(content, path)
-    else:
-        raise DataError(f"data file {path} must end in .csv, .jsonl or .json (got {suffix or 'no suffix'!r})")
+        return _csv_records(content, path, required, expected)
+    if suffix in (".jsonl", ".json"):
+        return _json_records(content, path)
+    raise DataError(f"data file {path} must end in .csv, .jsonl or .json (got {suffix or 'no suffix'!r})")
+
+
+def _labelled(records: list[tuple[str, dict[str, Any]]], names: tuple[str, ...], path: Path) -> Table:
     has_user = any("user" in rec for _, rec in records)
     texts, labels, users, skipped = [], [], [], 0
     for loc, rec in records:
@@ -66,16 +110,18 @@ def read_file(path: Path, names: tuple[str, ...]) -> Table:
     return tuple(texts), np.array(labels, dtype=np.int64), tuple(users) if has_user else None
 
 
-def _csv_records(content: str, path: Path) -> list[tuple[str, dict[str, Any]]]:
+def _csv_records(
+    content: str, path: Path, required: tuple[str, ...], expected: str
+) -> list[tuple[str, dict[str, Any]]]:
     reader = csv.DictReader(io.StringIO(content, newline=""))
     if not reader.fieldnames:
-        raise DataError(f"data file {path} is empty (expected a header row: text,label[,user])")
+        raise DataError(f"data file {path} is empty (expected a header row: {expected})")
     reader.fieldnames = [f.strip() for f in reader.fieldnames]
-    missing = [c for c in ("text", "label") if c not in reader.fieldnames]
+    missing = [c for c in required if c not in reader.fieldnames]
     if missing:
         raise DataError(
             f"data file {path} lacks column(s) {', '.join(map(repr, missing))}; the header has "
-            f"{', '.join(map(repr, reader.fieldnames))} (expected text, label and optionally user)"
+            f"{', '.join(map(repr, reader.fieldnames))} (expected {expected})"
         )
     records = []
     try:

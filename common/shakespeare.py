@@ -113,11 +113,18 @@ def split_speeches(role: Role, test_fraction: float, seed: int) -> tuple[list[st
 
 def split_indices(role: Role, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """(train, test) indices into ``role.speeches`` (and ``role.cues``), each in play order."""
-    if not 0 < test_fraction < 1:
-        raise DataError(f"test fraction must be in (0, 1), got {test_fraction}")
     if len(role.speeches) < 2:
         raise DataError(f"{role.user} has {len(role.speeches)} speech(es): need 2 to split")
-    order = list(range(len(role.speeches)))
-    random.Random(f"{seed}/{role.user}").shuffle(order)
-    n_test = min(max(1, round(len(order) * test_fraction)), len(order) - 1)
+    return seeded_split(len(role.speeches), test_fraction, f"{seed}/{role.user}")
+
+
+def seeded_split(count: int, test_fraction: float, key: str) -> tuple[list[int], list[int]]:
+    """(train, test) indices of ``count`` items by a shuffle seeded with ``key``, at least one in each."""
+    if not 0 < test_fraction < 1:
+        raise DataError(f"test fraction must be in (0, 1), got {test_fraction}")
+    if count < 2:
+        raise DataError(f"{count} item(s) cannot be split into train and test")
+    order = list(range(count))
+    random.Random(key).shuffle(order)
+    n_test = min(max(1, round(count * test_fraction)), count - 1)
     return sorted(order[n_test:]), sorted(order[:n_test])

@@ -88,10 +88,11 @@ def run_sequential(
             on_round(line)
     summary: dict[str, Any] = {"mode": cfg.personalization.mode, "seconds": time.perf_counter() - start}
     summary.update(distribution([float(e[P.EVAL_ACC]) for e in final], "acc"))
-    summary.update(distribution([float(e[P.MAJORITY_ACC]) for e in final], "majority"))
+    summary.update(distribution([float(e[P.MAJORITY_ACC]) for e in final if P.MAJORITY_ACC in e], "majority"))
     summary["bytes-up-per-client-round"] = float(nbytes(shared))
     summary["clients"] = [
-        {"client": int(e[P.PARTITION_ID]), "acc": float(e[P.EVAL_ACC]), "majority": float(e[P.MAJORITY_ACC])}
+        {"client": int(e[P.PARTITION_ID]), "acc": float(e[P.EVAL_ACC])}
+        | ({"majority": float(e[P.MAJORITY_ACC])} if P.MAJORITY_ACC in e else {})  # none for a causal LM
         for e in final
     ]
     ppl = [float(e[P.PERPLEXITY]) for e in final if P.PERPLEXITY in e]
