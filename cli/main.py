@@ -295,9 +295,12 @@ def agent(
     root_certificates: Path = typer.Option(None, help="CA certificate (ca.crt from `fedpers certs`)"),
     node_key: Path = typer.Option(None, help="this device's private key (`fedpers node-key`, 0600)"),
     data: Path = typer.Option(
-        None, help="this user's CSV/JSONL (text,label[,user]); server sets task.dataset=file"
+        None, help="this user's CSV/JSONL (text,label[,user]; or free text, see --text)"
     ),
     labels: str = typer.Option("", help="comma-separated label names: check --data before connecting"),
+    text: bool = typer.Option(
+        False, "--text", help="--data is free text (text,user[,prompt]; task.dataset=text-file): check it"
+    ),
     key_file: Path = typer.Option(
         None, help="state key file (default <state-dir>/state.key or $FEDPERS_STATE_KEY)"
     ),
@@ -328,6 +331,7 @@ def agent(
         node_key=node_key,
         data=data,
         labels=tuple(_split_csv(labels)),
+        free_text=text,
         key_file=key_file,
         partition_id=partition_id,
         num_partitions=num_partitions,

@@ -45,6 +45,7 @@ class AgentOptions:
     node_key: Path | None = None
     data: Path | None = None
     labels: tuple[str, ...] = ()
+    free_text: bool = False  # --data is free text for the generative assistant (text, user[, prompt])
     key_file: Path | None = None
     partition_id: int = 0
     num_partitions: int = 1
@@ -90,6 +91,14 @@ def _check_data(opts: AgentOptions) -> str | None:
     path = opts.data.expanduser()
     if not path.is_file():
         raise DataError(f"data file {path} does not exist (--data)")
+    if opts.free_text and opts.labels:
+        raise ConfigError("--text (free text for the generative assistant) takes no --labels")
+    if opts.free_text:
+        from common.datafile import read_text_file
+
+        texts, users, prompts = read_text_file(path)
+        turns = "with prompts (chat turns)" if prompts is not None else "no prompt column"
+        return f"data {path}: {len(texts)} texts, {len(set(users))} user(s), {turns}"
     if opts.labels:
         from common.datafile import read_file
 

@@ -95,6 +95,12 @@ def test_agent_checks_the_data_file_before_connecting(tmp_path: Path, certs: Pat
     launch = plan_agent(_agent(tmp_path, certs, data=good, labels=("negative", "positive")))
     assert any("2 examples" in line for line in launch.checks)
     assert f'data-path="{good.resolve()}"' in launch.argv[launch.argv.index("--node-config") + 1]
+    chats = tmp_path / "mine.jsonl"
+    chats.write_text('{"user": "me", "prompt": "hi", "text": "hello there"}\n', encoding="utf-8")
+    launch = plan_agent(_agent(tmp_path, certs, data=chats, free_text=True))
+    assert any("1 texts, 1 user(s), with prompts" in line for line in launch.checks)
+    with pytest.raises(DataError, match="lacks column"):
+        plan_agent(_agent(tmp_path, certs, data=good, free_text=True))  # a labelled file is not free text
 
 
 def test_server_command_has_tls_node_auth_and_writes_the_operator_connection(
