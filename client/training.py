@@ -75,13 +75,39 @@ def example_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return tok.sum(1) / valid.sum(1).clamp(min=1)
 
 
-def _scores(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int, float]:
+def _scored(
+    model: nn.Module, h: torch.Tensor, m: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, targets, example row) of every scored prediction.
+
+    A classifier scores one label per example. A causal LM scores position t by token t+1 where that
+    token is a target (not padding, not an unscored prompt), and only those positions are projected
+    onto the vocabulary (``select``); the result equals slicing the full logits.
+    """
+    if y.dim() == 1:
+        return model(h, m), y, torch.arange(len(y), device=y.device)
+    keep = y[:, 1:] != -100
+    select = F.pad(keep, (0, 1))  # the last position predicts nothing
+    rows = torch.arange(len(y), device=y.device).unsqueeze(1).expand_as(keep)[keep]
+    return model(h, m, select=select), y[:, 1:][keep], rows
+
+
+def model_losses(model: nn.Module, h: torch.Tensor, m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each example's loss under ``model`` (what DP-SGD clips); equals ``example_losses(model(h, m), y)``."""
+    logits, target, rows = _scored(model, h, m, y)
+    tok = F.cross_entropy(logits, target, reduction="none")
+    if y.dim() == 1:
+        return tok
+    total = torch.zeros(len(y), dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
+    count = torch.zeros_like(total).index_add(0, rows, torch.ones_like(tok))
+    return total / count.clamp(min=1)
+
+
+def _scores(model: nn.Module, h: torch.Tensor, m: torch.Tensor, y: torch.Tensor) -> tuple[int, int, float]:
     """(correct, counted, summed loss): per example for a classifier, per next token for a causal LM."""
-    if logits.dim() == 2:
-        loss = float(F.cross_entropy(logits, y, reduction="sum"))
-        return int((logits.argmax(-1) == y).sum()), len(y), loss
-    tok, correct, valid = _token_losses(logits, y)
-    return int(correct.sum()), int(valid.sum()), float(tok.sum())
+    logits, target, _ = _scored(model, h, m, y)
+    loss = float(F.cross_entropy(logits, target, reduction="sum"))
+    return int((logits.argmax(-1) == target).sum()), len(target), loss
 
 
 @torch.no_grad()
@@ -96,7 +122,7 @@ def evaluate(model: nn.Module, feats: Features, batch: int = 0) -> tuple[float, 
     correct, counted, loss = 0, 0, 0.0
     for i in range(0, len(feats), batch):
         h, m, y = feats.batch(slice(i, i + batch))
-        c, k, lsum = _scores(model(h, m), y)
+        c, k, lsum = _scores(model, h, m, y)
         correct, counted, loss = correct + c, counted + k, loss + lsum
     model.train(was_training)
     return correct / max(counted, 1), loss / max(counted, 1)
@@ -178,7 +204,7 @@ def _train_plain(
             value = 0.0
             for part in _slices(idx, physical_batch):
                 h, m, y = feats.batch(part)
-                loss = example_losses(model(h, m), y).sum() / len(idx)
+                loss = model_losses(model, h, m, y).sum() / len(idx)
                 loss.backward()
                 value += loss.item()
             opt.step()
@@ -259,7 +285,7 @@ def _train_dp(
                     parts = _slices(idx, physical_batch)
                     for j, part in enumerate(parts):
                         h, m, y = feats.batch(part)
-                        loss = example_losses(dp_model(h, m), y).sum()
+                        loss = model_losses(dp_model, h, m, y).sum()
                         loss.backward()
                         value += loss.item()
                         if j < len(parts) - 1:

@@ -174,13 +174,21 @@ class CausalPersonalModel(nn.Module):
         attention_mask: Any,
         cache: Any = None,
         position_ids: torch.Tensor | None = None,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Next-token logits (batch, tokens, vocab) from cached prefix features."""
+        """Next-token logits (batch, tokens, vocab) from cached prefix features.
+
+        With ``select`` (a (batch, tokens) bool mask) only those positions go through the final norm and
+        the vocabulary projection, returned as (selected, vocab) rows in row-major order: the projection
+        onto 49 152 tokens is most of a training step, and prompt or padding positions are never scored.
+        """
         out = self.body(hidden, attention_mask, cache, position_ids)
         if isinstance(self.head, PersonalAdapter):
             out = self.head(out)
         else:
             out = self.head(out, attention_mask, cache, position_ids)
+        if select is not None:
+            out = out[select]
         return self.lm_head(self.norm(out))
 
 

@@ -133,3 +133,33 @@ def test_chat_format_needs_a_causal_lm_and_text() -> None:
     with pytest.raises(ConfigError, match="does not fit task.dataset"):
         Config.from_run_config({"task.dataset": "shakespeare"})
     assert np.isclose(Config.from_run_config(CHAT).task.max_length, 32)
+
+
+def test_projecting_only_scored_positions_equals_the_full_logits(chat: tuple[Config, Any, Any]) -> None:
+    from opacus import GradSampleModule
+
+    from client.training import model_losses
+
+    cfg, backbone, data = chat
+    torch.manual_seed(1)
+    for prompts in (data.train_prompts[:6], ()):
+        feats = encode(
+            backbone, data.train_texts[:6], data.train_labels[:6], cfg.task.max_length, prompts=prompts
+        )
+        h, m, y = feats.batch(slice(None))
+        model = backbone.new_model()
+        with torch.no_grad():
+            model.head.up.weight.normal_(0, 0.3)
+        grads = []
+        for selected in (True, False):
+            gsm = GradSampleModule(model)
+            losses = model_losses(gsm, h, m, y) if selected else example_losses(gsm(h, m), y)
+            losses.sum().backward()
+            grads.append(
+                (losses.detach(), [p.grad_sample.clone() for p in model.parameters() if p.requires_grad])
+            )
+            for p in model.parameters():
+                p.grad_sample, p.grad = None, None
+            gsm._close()
+        assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1], strict=True))
