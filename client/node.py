@@ -64,29 +64,17 @@ class _Session:
     @functools.cached_property
     def train(self) -> Features:
         """Training features (computed on first use: an evaluation without fine-tuning never needs them)."""
-        d = self.data
-        feats = encode(
-            self.backbone,
-            d.train_texts,
-            d.train_labels,
-            self.max_length,
-            device=self.device,
-            prompts=d.train_prompts,
-        )
-        return feats.to(self.device)
+        return self._features("train")
 
     @functools.cached_property
     def test(self) -> Features:
         """Test features (cached per process by common.features)."""
+        return self._features("test")
+
+    def _features(self, split: str) -> Features:
         d = self.data
-        feats = encode(
-            self.backbone,
-            d.test_texts,
-            d.test_labels,
-            self.max_length,
-            device=self.device,
-            prompts=d.test_prompts,
-        )
+        texts, labels, prompts = (getattr(d, f"{split}_{part}") for part in ("texts", "labels", "prompts"))
+        feats = encode(self.backbone, texts, labels, self.max_length, device=self.device, prompts=prompts)
         return feats.to(self.device)
 
 

@@ -106,14 +106,8 @@ def load_client_data(
     texts, labels, users = _load_source(source)
     where = source[1]
     if users is not None:
-        unique = sorted(set(users))
-        if partition_id >= len(unique):
-            raise DataError(
-                f"client {partition_id} has no user in {where}: the file has {len(unique)} users "
-                f"(partition ids 0..{len(unique) - 1})"
-            )
-        user = unique[partition_id]
-        shard = np.array([i for i, u in enumerate(users) if u == user], dtype=np.int64)
+        user, rows = _user_rows(users, partition_id, where)
+        shard = np.array(rows, dtype=np.int64)
     else:
         user = f"client-{partition_id}"
         shard = _dirichlet(source, num_partitions, task.dirichlet_alpha, task.seed)[partition_id]
@@ -154,14 +148,7 @@ def _text_file_client(task: TaskConfig, partition_id: int, data_path: str | None
             f"{path} has no prompt column: task.lm-format = 'chat' trains each text as the reply to its "
             "prompt (add a prompt field, or use task.lm-format = 'text')"
         )
-    unique = sorted(set(users))
-    if partition_id >= len(unique):
-        raise DataError(
-            f"client {partition_id} has no user in {path}: the file has {len(unique)} users "
-            f"(partition ids 0..{len(unique) - 1})"
-        )
-    user = unique[partition_id]
-    rows = [i for i, u in enumerate(users) if u == user]
+    user, rows = _user_rows(users, partition_id, str(path))
     if len(rows) < 2:
         raise DataError(f"user {user!r} has {len(rows)} text(s) in {path}: need 2 to split train/test")
     own = tuple(texts[i] for i in rows)
@@ -169,6 +156,18 @@ def _text_file_client(task: TaskConfig, partition_id: int, data_path: str | None
     fraction = task.test_size / (task.train_size + task.test_size)
     train, test = seeded_split(len(own), fraction, f"{task.seed}/{user}")
     return _text_client(task, user, own, cues, train, test)
+
+
+def _user_rows(users: Sequence[str], partition_id: int, where: str) -> tuple[str, list[int]]:
+    """(user, their row indices) of client ``partition_id``: users in sorted order, one per client."""
+    unique = sorted(set(users))
+    if partition_id >= len(unique):
+        raise DataError(
+            f"client {partition_id} has no user in {where}: the file has {len(unique)} users "
+            f"(partition ids 0..{len(unique) - 1})"
+        )
+    user = unique[partition_id]
+    return user, [i for i, u in enumerate(users) if u == user]
 
 
 @lru_cache(maxsize=2)
