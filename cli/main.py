@@ -581,6 +581,7 @@ def bench_lm_tune_cmd(
     workers: int = typer.Option(2, help="worker processes (one thread each)"),
     run_dir: Path = typer.Option(None, help="folder of an earlier run to resume (finished cells are kept)"),
     no_write: bool = typer.Option(False, help="do not rewrite simulations/configs/shakespeare-tuned.toml"),
+    report_only: bool = typer.Option(False, help="tabulate the cells finished in --run-dir, run nothing"),
 ) -> None:
     """Tune the generative assistant per mode on validation splits → shakespeare-tuned.toml."""
     from simulations.bench.commands import bench_lm_tune
@@ -589,8 +590,9 @@ def bench_lm_tune_cmd(
     try:
         with progress:
             run, table = bench_lm_tune(
-                _split_csv(candidates), _split_csv(modes), workers, run_dir, update, write=not no_write
-            )
+                _split_csv(candidates), _split_csv(modes), workers, run_dir, update,
+                write=not no_write, report_only=report_only,
+            )  # fmt: skip
     except (FedpersError, ValueError) as exc:
         _fail(exc)
     print(table)

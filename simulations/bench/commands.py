@@ -62,15 +62,20 @@ def bench_lm_tune(
     folder: Path | None = None,
     progress: Progress | None = None,
     write: bool = True,
+    report_only: bool = False,
 ) -> tuple[BenchRun, str]:
-    """Tune the generative assistant per mode on validation splits → shakespeare-tuned.toml."""
+    """Tune the generative assistant per mode on validation splits → shakespeare-tuned.toml.
+
+    ``report_only`` tabulates (and writes the choice from) the cells finished so far, running none.
+    """
     from simulations.bench.grid import load_done, run_grid
     from simulations.bench.lm_tune import choose, lm_tune_cells, lm_tune_table, write_tuned_lm
 
     run = _run("lm-tune", folder)
     cells = lm_tune_cells(candidates, modes)
     try:
-        run_grid(run.dir, cells, workers, on_progress=progress)
+        if not report_only:
+            run_grid(run.dir, cells, workers, on_progress=progress)
     finally:  # keep what finished when interrupted
         done = load_done(run.dir, cells)
         chosen = choose(cells, done)
