@@ -96,9 +96,9 @@ def _check_data(opts: AgentOptions) -> str | None:
     if opts.free_text:
         from common.datafile import read_text_file
 
-        texts, users, prompts = read_text_file(path)
+        lines, owners, prompts = read_text_file(path)
         turns = "with prompts (chat turns)" if prompts is not None else "no prompt column"
-        return f"data {path}: {len(texts)} texts, {len(set(users))} user(s), {turns}"
+        return f"data {path}: {len(lines)} texts, {len(set(owners))} user(s), {turns}"
     if opts.labels:
         from common.datafile import read_file
 
