@@ -56,7 +56,7 @@ def load_settings(path: str | Path | None, sets: dict[str, Any] | None = None) -
             )
         if sim.get("mode-settings"):  # e.g. the tuned file `fedpers bench lm-tune` writes
             per_mode = _mode_tables(Path(path).parent / str(sim["mode-settings"]))
-        for mode, table in _mode_tables(Path(path)).items():
+        for mode, table in _mode_tables(Path(path), data).items():
             per_mode.setdefault(mode, {}).update(table)
     explicit = validate_keys(sets or {})
     overrides.update(explicit)
@@ -71,12 +71,14 @@ def load_settings(path: str | Path | None, sets: dict[str, Any] | None = None) -
     return SimSettings(num, float(sim.get("client-cpus", 1.0)), compare, overrides, per_mode)
 
 
-def _mode_tables(path: Path) -> dict[str, dict[str, Any]]:
-    """The ``[mode.<name>]`` tables of a TOML file: run-config overrides for one mode only."""
-    if not path.is_file():
-        raise ConfigError(f"mode settings file {path} does not exist ([simulation] mode-settings)")
-    with path.open("rb") as fh:
-        tables = tomllib.load(fh).get("mode", {})
+def _mode_tables(path: Path, data: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """The ``[mode.<name>]`` tables of a TOML file (``data``: already parsed): overrides for one mode only."""
+    if data is None:
+        if not path.is_file():
+            raise ConfigError(f"mode settings file {path} does not exist ([simulation] mode-settings)")
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    tables = data.get("mode", {})
     if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
         raise ConfigError(f"{path}: [mode.<name>] must be tables of run-config keys")
     unknown = sorted(set(tables) - set(MODES))

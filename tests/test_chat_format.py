@@ -6,7 +6,6 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -132,7 +131,6 @@ def test_chat_format_needs_a_causal_lm_and_text() -> None:
         Config.from_run_config({"model.name": "tiny-lm"})
     with pytest.raises(ConfigError, match="does not fit task.dataset"):
         Config.from_run_config({"task.dataset": "shakespeare"})
-    assert np.isclose(Config.from_run_config(CHAT).task.max_length, 32)
 
 
 def test_projecting_only_scored_positions_equals_the_full_logits(chat: tuple[Config, Any, Any]) -> None:
