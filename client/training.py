@@ -67,7 +67,9 @@ def _token_losses(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, 
 def example_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Each example's loss: cross-entropy for a classifier, mean next-token loss for a causal LM.
 
-    One value per example is what DP-SGD clips, so a long speech weighs no more than a short one.
+    One value per example is what DP-SGD clips, so a long speech weighs no more than a short one. This is
+    the reference formula over full logits; training and evaluation use :func:`model_losses`, which
+    projects only the scored positions and is tested equal to it.
     """
     if logits.dim() == 2:
         return F.cross_entropy(logits, y, reduction="none")
