@@ -154,11 +154,30 @@ class PersonalAdapter(nn.Module):
         return hidden + self.up(self.down(hidden))
 
 
+class PersonalBias(nn.Module):
+    """``h + b``: a personal offset of the final hidden state (a user's "style vector", starts at 0).
+
+    ``b`` is the weight of a bias-free ``Linear(1, hidden)`` applied to ones, so Opacus computes its
+    per-example gradient with the stock Linear rule (the sum over the example's positions).
+    It has ``hidden`` (576 for SmolLM2) numbers against the rank-r adapter's ``2·r·hidden``: under DP-SGD
+    each coordinate gets the same noise, and nobody averages a personal part's noise.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.shift = nn.Linear(1, hidden_size, bias=False)
+        nn.init.zeros_(self.shift.weight)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.shift(hidden.new_ones(*hidden.shape[:-1], 1))
+
+
 class CausalPersonalModel(nn.Module):
     """Top blocks with LoRA (``body``) → personal ``head`` → frozen final norm → frozen lm_head.
 
-    ``head`` is either a :class:`PersonalAdapter` (``model.personal-part = adapter``) or the last decoder
-    block with its own LoRA (``last-block``); everything under ``head.`` is personal by the split rule.
+    ``head`` is a :class:`PersonalAdapter` (``model.personal-part = adapter``), a :class:`PersonalBias`
+    (``bias``) or the last decoder block with its own LoRA (``last-block``); everything under ``head.`` is
+    personal by the split rule.
     """
 
     def __init__(self, body: nn.Module, norm: nn.Module, lm_head: nn.Linear, head: nn.Module) -> None:
@@ -183,7 +202,7 @@ class CausalPersonalModel(nn.Module):
         onto 49 152 tokens is most of a training step, and prompt or padding positions are never scored.
         """
         out = self.body(hidden, attention_mask, cache, position_ids)
-        if isinstance(self.head, PersonalAdapter):
+        if isinstance(self.head, (PersonalAdapter, PersonalBias)):
             out = self.head(out)
         else:
             out = self.head(out, attention_mask, cache, position_ids)
@@ -258,6 +277,8 @@ def build_causal_backbone(cfg: Config) -> CausalBackbone:
     head: nn.Module
     if last_block:
         head = add_lora(_Blocks(lm, n_layers - 1, n_layers), cfg)
+    elif cfg.model.personal_part == "bias":
+        head = PersonalBias(lm.config.hidden_size)
     else:
         head = PersonalAdapter(lm.config.hidden_size, cfg.lora.r)
     template = CausalPersonalModel(body, lm.model.norm, lm.lm_head, head)

@@ -62,7 +62,7 @@ class ModelConfig:
     name: str = dataclasses.field(metadata=_choices("minilm", "tiny", *CAUSAL_MODELS))
     frozen_layers: int = dataclasses.field(metadata=_range(0, None))
     seed: int
-    personal_part: str = dataclasses.field(metadata=_choices("adapter", "last-block"))
+    personal_part: str = dataclasses.field(metadata=_choices("adapter", "bias", "last-block"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -218,3 +218,38 @@ def test_last_block_as_the_personal_part(setup: tuple[Config, Any, Features]) ->
         get_backbone(
             Config.from_run_config({**LM, "model.personal-part": "last-block", "model.frozen-layers": 2}), 1
         )
+
+
+def test_bias_as_the_personal_part(setup: tuple[Config, Any, Features]) -> None:
+    """model.personal-part = bias: one hidden-size offset is personal; DP moves it and every LoRA tensor."""
+    _, _, feats = setup
+    cfg = Config.from_run_config({**LM, "model.personal-part": "bias"})
+    backbone = get_backbone(cfg, 1)
+    model = backbone.new_model()
+    roles = split_names([n for n, _ in model.named_parameters()], "fedper")
+    assert roles["personal"] == ["head.shift.weight"]
+    assert roles["shared"] and all(n.startswith("body.") and "lora_" in n for n in roles["shared"])
+    hidden = model.head.shift.weight.shape[0]
+    assert model.head.shift.weight.shape == (hidden, 1) and not model.head.shift.weight.any()
+    trainable = _trainable(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plan = DPPlan(1.0, sample_rate(len(feats), cfg.train.batch_size), 1e-3)
+    train(model, feats, cfg, epochs=1, plan=plan, history=[], seed=0)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) != (n in trainable), n
+    # the offset is applied at every position: a non-zero offset changes the logits, zero leaves them
+    x = torch.randn(2, 3, hidden)
+    with torch.no_grad():
+        model.head.shift.weight.copy_(torch.randn(hidden, 1))
+        assert torch.allclose(model.head(x), x + model.head.shift.weight[:, 0])
+    # Opacus' per-example gradient of the offset equals each example's own gradient (sum reduction, as
+    # client.training uses)
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    h, m, y = feats.batch(torch.arange(3))
+    example_losses(gsm(h, m), y).sum().backward()
+    per_example = model.head.shift.weight.grad_sample.clone()
+    gsm._close()  # plain backward passes from here on
+    for i in range(3):
+        model.zero_grad()
+        example_losses(model(h[i : i + 1], m[i : i + 1]), y[i : i + 1]).sum().backward()
+        assert torch.allclose(per_example[i], model.head.shift.weight.grad, atol=1e-6), i

@@ -49,8 +49,9 @@ def test_bad_mode_tables_fail_clearly(tmp_path: Path, text: str, message: str) -
 def test_lm_tuning_chooses_per_mode_and_its_file_feeds_the_simulation(tmp_path: Path) -> None:
     from simulations.bench.lm_tune import choose, lm_tune_cells, write_tuned_lm
 
-    cells = lm_tune_cells(["e1", "e4-lora0.5"], ["fedper", "local"])
+    cells = lm_tune_cells(["e1", "e4-lora0.5", "bias-c0.05"], ["fedper", "local"])
     ppl = {"e1/fedper": 150.0, "e4-lora0.5/fedper": 140.0, "e1/local": 145.0, "e4-lora0.5/local": 146.0}
+    ppl |= {"bias-c0.05/fedper": 141.0, "bias-c0.05/local": 130.0}
     done = {
         c.key: {"perplexity-mean": ppl[c.key.split("/", 1)[1]], "perplexity-p90": 200.0, "wall-seconds": 1.0}
         for c in cells
@@ -58,10 +59,12 @@ def test_lm_tuning_chooses_per_mode_and_its_file_feeds_the_simulation(tmp_path: 
     assert all(c.overrides["task.evaluate-on"] == "validation" for c in cells)  # never tuned on test
     chosen = choose(cells, done)
     assert chosen["fedper"]["train.lr-lora"] == 0.5 and chosen["fedper"]["train.local-epochs"] == 4
-    assert chosen["local"]["train.local-epochs"] == 1
+    assert "model.personal-part" not in chosen["fedper"]  # e4-lora0.5 ran with the workload's part
+    assert chosen["local"]["model.personal-part"] == "bias" and chosen["local"]["dp.max-grad-norm"] == 0.05
     tuned = tmp_path / "tuned.toml"
     write_tuned_lm(chosen, cells, done, "fedpers bench lm-tune", tuned)
     sim = _write(tmp_path / "sim.toml", '[simulation]\nmode-settings = "tuned.toml"\n')
     assert load_settings(sim).for_mode("fedper")["train.lr-lora"] == 0.5
+    assert load_settings(sim).for_mode("local")["model.personal-part"] == "bias"  # strings written as TOML
     with pytest.raises(ValueError, match="unknown candidate"):
         lm_tune_cells(["e9"])

@@ -69,14 +69,15 @@ def bench_lm_tune(
     ``report_only`` tabulates (and writes the choice from) the cells finished so far, running none.
     """
     from simulations.bench.grid import load_done, run_grid
-    from simulations.bench.lm_tune import choose, lm_tune_cells, lm_tune_table, write_tuned_lm
+    from simulations.bench.lm_tune import CANDIDATES, choose, lm_tune_cells, lm_tune_table, write_tuned_lm
 
     run = _run("lm-tune", folder)
     cells = lm_tune_cells(candidates, modes)
     try:
         if not report_only:
             run_grid(run.dir, cells, workers, on_progress=progress)
-    finally:  # keep what finished when interrupted
+    finally:  # keep what finished when interrupted; report and choose from every candidate finished here
+        cells = lm_tune_cells(list(CANDIDATES), modes)
         done = load_done(run.dir, cells)
         chosen = choose(cells, done)
         run.results = {"chosen": chosen, "cells": done}
