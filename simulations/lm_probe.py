@@ -51,13 +51,14 @@ def _grad_norms(model: torch.nn.Module, feats: Features, n: int = 20) -> tuple[f
     model_losses(gsm, h, m, y).sum().backward()
     sq: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
-        if p.requires_grad and p.grad_sample is not None:
+        sample = getattr(p, "grad_sample", None)  # set by Opacus' hooks
+        if p.requires_grad and sample is not None:
             key = "head" if name.startswith("head.") else "lora"
-            sq[key] = sq.get(key, 0) + (p.grad_sample.flatten(1) ** 2).sum(1)
+            sq[key] = sq.get(key, 0) + (sample.flatten(1) ** 2).sum(1)
     gsm._close()
     model.zero_grad(set_to_none=True)
     for p in model.parameters():
-        p.grad_sample = None
+        p.grad_sample = None  # type: ignore[attr-defined]
     med = {k: float(v.sqrt().median()) for k, v in sq.items()}
     return med.get("head", 0.0), med.get("lora", 0.0)
 
