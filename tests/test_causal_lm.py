@@ -199,6 +199,16 @@ def test_cached_greedy_generation_equals_recomputing_the_whole_sequence(
     assert text == tok.decode(expected[:cut], skip_special_tokens=True)
 
 
+def _assert_dp_moves_exactly_the_trainable(model: torch.nn.Module, feats: Features, cfg: Config) -> None:
+    """One DP epoch in fedper changes every trainable (shared or personal) tensor and no frozen one."""
+    trainable = _trainable(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plan = DPPlan(1.0, sample_rate(len(feats), cfg.train.batch_size), 1e-3)
+    train(model, feats, cfg, epochs=1, plan=plan, history=[], seed=0)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) != (n in trainable), n
+
+
 def test_last_block_as_the_personal_part(setup: tuple[Config, Any, Features]) -> None:
     """model.personal-part = last-block: the last block's LoRA is personal, the others' LoRA shared."""
     _, _, feats = setup
@@ -208,12 +218,7 @@ def test_last_block_as_the_personal_part(setup: tuple[Config, Any, Features]) ->
     roles = split_names([n for n, _ in model.named_parameters()], "fedper")
     assert roles["personal"] and all(n.startswith("head.") and "lora_" in n for n in roles["personal"])
     assert roles["shared"] and all(n.startswith("body.") for n in roles["shared"])
-    trainable = _trainable(model)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    plan = DPPlan(1.0, sample_rate(len(feats), cfg.train.batch_size), 1e-3)
-    train(model, feats, cfg, epochs=1, plan=plan, history=[], seed=0)
-    for n, p in model.named_parameters():
-        assert torch.equal(p, before[n]) != (n in trainable), n
+    _assert_dp_moves_exactly_the_trainable(model, feats, cfg)
     with pytest.raises(Exception, match="leaves no block for the shared LoRA"):
         get_backbone(
             Config.from_run_config({**LM, "model.personal-part": "last-block", "model.frozen-layers": 2}), 1
@@ -231,12 +236,7 @@ def test_bias_as_the_personal_part(setup: tuple[Config, Any, Features]) -> None:
     assert roles["shared"] and all(n.startswith("body.") and "lora_" in n for n in roles["shared"])
     hidden = model.head.shift.weight.shape[0]
     assert model.head.shift.weight.shape == (hidden, 1) and not model.head.shift.weight.any()
-    trainable = _trainable(model)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    plan = DPPlan(1.0, sample_rate(len(feats), cfg.train.batch_size), 1e-3)
-    train(model, feats, cfg, epochs=1, plan=plan, history=[], seed=0)
-    for n, p in model.named_parameters():
-        assert torch.equal(p, before[n]) != (n in trainable), n
+    _assert_dp_moves_exactly_the_trainable(model, feats, cfg)
     # the offset is applied at every position: a non-zero offset changes the logits, zero leaves them
     x = torch.randn(2, 3, hidden)
     with torch.no_grad():
