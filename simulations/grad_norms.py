@@ -35,16 +35,19 @@ def grad_norms(
     gsm = GradSampleModule(model, loss_reduction="sum")
     h, m, y = feats.batch(slice(0, batch))
     F.cross_entropy(gsm(h, m), y, reduction="sum").backward()
-    head = torch.zeros(len(y))
-    lora = torch.zeros(len(y))
+    return median_norms(model)
+
+
+def median_norms(model: torch.nn.Module) -> dict[str, float]:
+    """Median per-example gradient norm of the personal part (``head.*``) and of the other trainable
+    tensors together (the LoRA), read from Opacus' ``grad_sample`` after one backward pass."""
+    sq: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
-        if p.requires_grad and getattr(p, "grad_sample", None) is not None:
-            sq = p.grad_sample.flatten(1).pow(2).sum(1)  # type: ignore[attr-defined]
-            if name.startswith("head."):
-                head += sq
-            else:
-                lora += sq
-    return {"head-median": float(head.sqrt().median()), "lora-median": float(lora.sqrt().median())}
+        sample = getattr(p, "grad_sample", None)
+        if p.requires_grad and sample is not None:
+            key = "head" if name.startswith("head.") else "lora"
+            sq[key] = sq.get(key, 0) + sample.flatten(1).pow(2).sum(1)
+    return {f"{k}-median": float(sq[k].sqrt().median()) if k in sq else 0.0 for k in ("head", "lora")}
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from common.features import Features, encode
 from common.model import get_backbone
 from common.privacy import calibrate_sigma
 from common.split import split_names
+from simulations.grad_norms import median_norms
 
 WORKLOAD = Path(__file__).resolve().parent / "configs" / "shakespeare.toml"
 
@@ -49,18 +50,12 @@ def _grad_norms(model: torch.nn.Module, feats: Features, n: int = 20) -> tuple[f
     gsm = GradSampleModule(model, loss_reduction="sum")
     h, m, y = feats.batch(torch.arange(min(n, len(feats))))
     model_losses(gsm, h, m, y).sum().backward()
-    sq: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        sample = getattr(p, "grad_sample", None)  # set by Opacus' hooks
-        if p.requires_grad and sample is not None:
-            key = "head" if name.startswith("head.") else "lora"
-            sq[key] = sq.get(key, 0) + (sample.flatten(1) ** 2).sum(1)
+    norms = median_norms(model)
     gsm._close()
     model.zero_grad(set_to_none=True)
     for p in model.parameters():
         p.grad_sample = None  # type: ignore[attr-defined]
-    med = {k: float(v.sqrt().median()) for k, v in sq.items()}
-    return med.get("head", 0.0), med.get("lora", 0.0)
+    return norms["head-median"], norms["lora-median"]
 
 
 def probe(cfg: Config, train_feats: Features, val_feats: Features, what: str) -> dict[str, float]:
@@ -75,15 +70,21 @@ def probe(cfg: Config, train_feats: Features, val_feats: Features, what: str) ->
     n = len(train_feats)
     q = sample_rate(n, cfg.train.batch_size)
     steps = cfg.fed.num_rounds * cfg.train.local_epochs * steps_per_epoch(n, cfg.train.batch_size)
-    sigma = calibrate_sigma(
-        budget=cfg.dp.epsilon, delta=1.0 / n, sample_rate=q, steps=steps, history=[], accountant="prv"
+    delta = cfg.dp.delta or 1.0 / n  # the client's rule (client.node)
+    sigma = cfg.dp.noise_multiplier or calibrate_sigma(
+        budget=cfg.dp.epsilon,
+        delta=delta,
+        sample_rate=q,
+        steps=steps,
+        history=[],
+        accountant=cfg.dp.accountant,
     )
     train(
         model,
         train_feats,
         cfg,
         epochs=cfg.fed.num_rounds * cfg.train.local_epochs,
-        plan=DPPlan(sigma, q, 1.0 / n),
+        plan=DPPlan(sigma, q, delta),
         history=[],
         seed=0,
     )

@@ -237,7 +237,7 @@ def test_bias_as_the_personal_part(setup: tuple[Config, Any, Features]) -> None:
     hidden = model.head.shift.weight.shape[0]
     assert model.head.shift.weight.shape == (hidden, 1) and not model.head.shift.weight.any()
     _assert_dp_moves_exactly_the_trainable(model, feats, cfg)
-    # the offset is applied at every position: a non-zero offset changes the logits, zero leaves them
+    # the offset is added to the hidden state at every position
     x = torch.randn(2, 3, hidden)
     with torch.no_grad():
         model.head.shift.weight.copy_(torch.randn(hidden, 1))
