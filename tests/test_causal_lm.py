@@ -28,6 +28,7 @@ from common.model import get_backbone
 from common.shakespeare import load_roles, parse_play, split_speeches
 from common.split import split_names
 from server.app import run_federation
+from simulations.lm_style import cross_perplexity, summarize
 
 LM: dict[str, Any] = {
     "model.name": "tiny-lm",
@@ -151,6 +152,12 @@ def test_a_federation_sends_only_shared_adapters_reports_perplexity_and_the_user
     summary = json.loads((tmp_path / "run1" / "summary.json").read_text())
     assert summary["perplexity-p90"] >= summary["perplexity-median"] >= summary["perplexity-p10"] > 1
     assert "majority-mean" not in summary
+    # The style diagnostic scores each user's test replies under every user's saved model: its diagonal
+    # is exactly what each client reported for its own model on its own test split.
+    cross = cross_perplexity(tmp_path / "dev")
+    own = sorted(cross["ppl"][i][i] for i in range(2))
+    assert own == pytest.approx(sorted(m["perplexity"] for m in evals), rel=1e-5)
+    assert len(set(cross["users"])) == 2 and all(len(row) == 2 for row in cross["ppl"])
     state_dir = tmp_path / "dev" / "client-0000"
     backbone, model = load_assistant(state_dir)
     "".join(stream(backbone, model, "To be", chat=False, max_new_tokens=5))  # from the real state
@@ -253,3 +260,13 @@ def test_bias_as_the_personal_part(setup: tuple[Config, Any, Features]) -> None:
         model.zero_grad()
         example_losses(model(h[i : i + 1], m[i : i + 1]), y[i : i + 1]).sum().backward()
         assert torch.allclose(per_example[i], model.head.shift.weight.grad, atol=1e-6), i
+
+
+def test_style_summary_counts_own_model_wins_and_same_play_gaps() -> None:
+    users = ["a/X", "a/Y", "b/Z"]
+    ppl = [[10.0, 30.0, 20.0], [20.0, 15.0, 40.0], [20.0, 30.0, 20.0]]  # column j: user j's replies
+    s = summarize(users, ppl)
+    assert s["own-model-wins"] == 2  # Z's replies fit X's model as well as Z's own: a tie is no win
+    assert s["same-play-pairs"] == 2 and s["same-play-own-better"] == 2
+    gap_x, gap_y = math.log(20 / 10), math.log(30 / 15)  # the other a-user's model against the own one
+    assert s["same-play-mean-gap-pct"] == pytest.approx(100 * (math.exp((gap_x + gap_y) / 2) - 1))

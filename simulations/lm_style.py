@@ -1,0 +1,122 @@
+"""Diagnostic: does each user's assistant speak more like *that* user than like the others?
+
+    python -m simulations.lm_style --run-dir runs/shakespeare-bias [--modes fedper,local] [--json OUT]
+
+For every client state of a finished causal-LM run (``<run>/<mode>/clients/client-NNNN``), the user's
+personal model (the latest shared tensors plus their own part, exactly what ``fedpers chat`` loads)
+scores the *test* replies of every user of the run. Cell (i, j) of the matrix is the perplexity of user
+j's test replies under user i's model. A personal part that carries the user's style makes the diagonal
+the best entry of each column: the report gives how often the own model wins its column (chance: 1/N),
+the mean own-vs-others log-perplexity gap, and the same for pairs of users from the same play (whose
+vocabulary overlaps, so only style can separate them). Nothing is trained; the test split is only read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from client.predict import load_personal_model
+from client.training import evaluate
+from common.data import load_client_data
+from common.features import Features, encode
+
+
+def _client_dirs(clients_dir: Path) -> list[Path]:
+    found = sorted(p for p in clients_dir.glob("client-*") if (p / "personal.state").is_file())
+    if not found:
+        raise SystemExit(f"{clients_dir} has no client state: is this a finished causal-LM run?")
+    return found
+
+
+def _test_features(cfg: Any, backbone: Any, partition: int, count: int) -> tuple[str, Features]:
+    d = load_client_data(cfg.task, partition, count)
+    feats = encode(backbone, d.test_texts, d.test_labels, cfg.task.max_length, prompts=d.test_prompts)
+    return d.user, feats
+
+
+def cross_perplexity(clients_dir: Path) -> dict[str, Any]:
+    """Users and the matrix ``ppl[i][j]``: user j's test replies under user i's personal model.
+
+    ``clients_dir`` holds the states ``client-NNNN`` of one run (NNNN: the user's partition id).
+    """
+    dirs = _client_dirs(clients_dir)
+    n = len(dirs)
+    users: list[str] = []
+    feats: list[Features] = []
+    ppl: list[list[float]] = []
+    for i, state_dir in enumerate(dirs):
+        cfg, backbone, model = load_personal_model(state_dir, None, causal=True)
+        if i == 0:  # every client of a run has the same task, so the test splits are read once
+            parts = [int(d.name.removeprefix("client-")) for d in dirs]
+            for part in parts:
+                user, f = _test_features(cfg, backbone, part, max(parts) + 1)
+                users.append(user)
+                feats.append(f)
+        ppl.append([math.exp(evaluate(model, f)[1]) for f in feats])
+        print(f"  {clients_dir.parent.name} model {i + 1}/{n} ({users[i]}) scored", flush=True)
+    return {"users": users, "ppl": ppl}
+
+
+def summarize(users: list[str], ppl: list[list[float]]) -> dict[str, Any]:
+    """Own-model wins and log-perplexity gaps (others minus own; > 0 means the own model fits better)."""
+    n = len(users)
+    wins = sum(all(ppl[j][j] < ppl[i][j] for i in range(n) if i != j) for j in range(n))  # strictly best
+    gaps = [
+        statistics.fmean(math.log(ppl[i][j]) for i in range(n) if i != j) - math.log(ppl[j][j])
+        for j in range(n)
+    ]
+    play = [u.split("/")[0] for u in users]
+    pairs = [(i, j) for j in range(n) for i in range(n) if i != j and play[i] == play[j]]
+    pair_gaps = [math.log(ppl[i][j]) - math.log(ppl[j][j]) for i, j in pairs]
+    return {
+        "users": n,
+        "own-model-wins": wins,
+        "chance-wins": 1.0,
+        "mean-gap-pct": 100 * (math.exp(statistics.fmean(gaps)) - 1),
+        "same-play-pairs": len(pairs),
+        "same-play-own-better": sum(g > 0 for g in pair_gaps),
+        "same-play-mean-gap-pct": 100 * (math.exp(statistics.fmean(pair_gaps)) - 1) if pairs else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print, per mode, how much better each user's own model fits their test replies than others'."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-dir", type=Path, required=True, help="a finished causal-LM simulation folder")
+    ap.add_argument("--modes", default="fedper,local", help="comma-separated modes under --run-dir")
+    ap.add_argument("--json", type=Path, help="also write the matrices and summaries here")
+    args = ap.parse_args(argv)
+    out: dict[str, Any] = {}
+    for mode in filter(None, args.modes.split(",")):
+        mode_dir = args.run_dir / mode
+        if not mode_dir.is_dir():
+            raise SystemExit(
+                f"{mode_dir} does not exist (modes of this run: "
+                f"{', '.join(sorted(p.name for p in args.run_dir.iterdir() if p.is_dir()))})"
+            )
+        start = time.perf_counter()
+        result = cross_perplexity(mode_dir / "clients")
+        result["summary"] = summarize(result["users"], result["ppl"])
+        out[mode] = result
+        s = result["summary"]
+        same = s["same-play-mean-gap-pct"]
+        print(
+            f"{mode}: own model best for {s['own-model-wins']}/{s['users']} users (chance 1); others' models "
+            f"are {s['mean-gap-pct']:+.2f} % in perplexity on a user's replies; same play: own better in "
+            f"{s['same-play-own-better']}/{s['same-play-pairs']} pairs, "
+            + (f"{same:+.2f} %" if same is not None else "no pairs")
+            + f" ({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
