@@ -21,10 +21,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from client.predict import load_personal_model
 from client.training import evaluate
 from common.data import load_client_data
 from common.features import Features, encode
+from common.split import split_names
 
 
 def _client_dirs(clients_dir: Path) -> list[Path]:
@@ -41,7 +44,8 @@ def _test_features(cfg: Any, backbone: Any, partition: int, count: int) -> tuple
 
 
 def cross_perplexity(clients_dir: Path) -> dict[str, Any]:
-    """Users and the matrix ``ppl[i][j]``: user j's test replies under user i's personal model.
+    """Users, the matrix ``ppl[i][j]`` (user j's test replies under user i's personal model) and
+    ``without-personal[i]`` (user i's replies under their model with the personal part zeroed).
 
     ``clients_dir`` holds the states ``client-NNNN`` of one run (NNNN: the user's partition id).
     """
@@ -50,6 +54,7 @@ def cross_perplexity(clients_dir: Path) -> dict[str, Any]:
     users: list[str] = []
     feats: list[Features] = []
     ppl: list[list[float]] = []
+    without: list[float] = []  # user i's replies under model i with its personal part zeroed
     for i, state_dir in enumerate(dirs):
         cfg, backbone, model = load_personal_model(state_dir, None, causal=True)
         if i == 0:  # every client of a run has the same task, so the test splits are read once
@@ -59,12 +64,27 @@ def cross_perplexity(clients_dir: Path) -> dict[str, Any]:
                 users.append(user)
                 feats.append(f)
         ppl.append([math.exp(evaluate(model, f)[1]) for f in feats])
+        without.append(math.exp(evaluate(_zero_personal(model, cfg.personalization.mode), feats[i])[1]))
         print(f"  {clients_dir.parent.name} model {i + 1}/{n} ({users[i]}) scored", flush=True)
-    return {"users": users, "ppl": ppl}
+    return {"users": users, "ppl": ppl, "without-personal": without}
 
 
-def summarize(users: list[str], ppl: list[list[float]]) -> dict[str, Any]:
-    """Own-model wins and log-perplexity gaps (others minus own; > 0 means the own model fits better)."""
+@torch.no_grad()
+def _zero_personal(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """``model`` with its personal tensors set to zero (for the offset and adapter: no personal change)."""
+    personal = set(split_names([n for n, _ in model.named_parameters()], mode)["personal"])
+    for name, param in model.named_parameters():
+        if name in personal:
+            param.zero_()
+    return model
+
+
+def summarize(users: list[str], ppl: list[list[float]], without: list[float] | None = None) -> dict[str, Any]:
+    """Own-model wins and log-perplexity gaps (others minus own; > 0 means the own model fits better).
+
+    Also the spread in general quality between models (geometric mean of each row without its diagonal,
+    max / min) and, with ``without``, how the personal part changes each user's own perplexity.
+    """
     n = len(users)
     wins = sum(all(ppl[j][j] < ppl[i][j] for i in range(n) if i != j) for j in range(n))  # strictly best
     gaps = [
@@ -74,8 +94,10 @@ def summarize(users: list[str], ppl: list[list[float]]) -> dict[str, Any]:
     play = [u.split("/")[0] for u in users]
     pairs = [(i, j) for j in range(n) for i in range(n) if i != j and play[i] == play[j]]
     pair_gaps = [math.log(ppl[i][j]) - math.log(ppl[j][j]) for i, j in pairs]
-    return {
+    quality = [statistics.fmean(math.log(ppl[i][j]) for j in range(n) if j != i) for i in range(n)]
+    out: dict[str, Any] = {
         "users": n,
+        "model-spread-pct": 100 * (math.exp(max(quality) - min(quality)) - 1) if n > 1 else 0.0,
         "own-model-wins": wins,
         "chance-wins": 1.0,
         "mean-gap-pct": 100 * (math.exp(statistics.fmean(gaps)) - 1),
@@ -83,6 +105,12 @@ def summarize(users: list[str], ppl: list[list[float]]) -> dict[str, Any]:
         "same-play-own-better": sum(g > 0 for g in pair_gaps),
         "same-play-mean-gap-pct": 100 * (math.exp(statistics.fmean(pair_gaps)) - 1) if pairs else None,
     }
+    if without is not None:
+        own = [ppl[i][i] for i in range(n)]
+        out["own-mean"] = statistics.fmean(own)
+        out["without-personal-mean"] = statistics.fmean(without)
+        out["personal-helps"] = sum(o < w for o, w in zip(own, without, strict=True))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         start = time.perf_counter()
         result = cross_perplexity(mode_dir / "clients")
-        result["summary"] = summarize(result["users"], result["ppl"])
+        result["summary"] = summarize(result["users"], result["ppl"], result["without-personal"])
         out[mode] = result
         s = result["summary"]
         same = s["same-play-mean-gap-pct"]
@@ -111,7 +139,9 @@ def main(argv: list[str] | None = None) -> None:
             f"are {s['mean-gap-pct']:+.2f} % in perplexity on a user's replies; same play: own better in "
             f"{s['same-play-own-better']}/{s['same-play-pairs']} pairs, "
             + (f"{same:+.2f} %" if same is not None else "no pairs")
-            + f" ({time.perf_counter() - start:.0f} s)",
+            + f"; quality spread between models {s['model-spread-pct']:.1f} %; own perplexity mean "
+            f"{s['own-mean']:.2f}, {s['without-personal-mean']:.2f} with the personal part zeroed (it helps "
+            f"{s['personal-helps']}/{s['users']} users) ({time.perf_counter() - start:.0f} s)",
             flush=True,
         )
     if args.json:

@@ -158,6 +158,8 @@ def test_a_federation_sends_only_shared_adapters_reports_perplexity_and_the_user
     own = sorted(cross["ppl"][i][i] for i in range(2))
     assert own == pytest.approx(sorted(m["perplexity"] for m in evals), rel=1e-5)
     assert len(set(cross["users"])) == 2 and all(len(row) == 2 for row in cross["ppl"])
+    without = cross["without-personal"]  # zeroing the trained personal part changes the user's score
+    assert len(without) == 2 and all(w != cross["ppl"][i][i] for i, w in enumerate(without))
     state_dir = tmp_path / "dev" / "client-0000"
     backbone, model = load_assistant(state_dir)
     "".join(stream(backbone, model, "To be", chat=False, max_new_tokens=5))  # from the real state
@@ -265,7 +267,10 @@ def test_bias_as_the_personal_part(setup: tuple[Config, Any, Features]) -> None:
 def test_style_summary_counts_own_model_wins_and_same_play_gaps() -> None:
     users = ["a/X", "a/Y", "b/Z"]
     ppl = [[10.0, 30.0, 20.0], [20.0, 15.0, 40.0], [20.0, 30.0, 20.0]]  # column j: user j's replies
-    s = summarize(users, ppl)
+    s = summarize(users, ppl, without=[12.0, 14.0, 25.0])
+    assert s["personal-helps"] == 2 and s["without-personal-mean"] == pytest.approx(17.0)
+    rows = [math.sqrt(30 * 20), math.sqrt(20 * 40), math.sqrt(20 * 30)]  # each row without its diagonal
+    assert s["model-spread-pct"] == pytest.approx(100 * (max(rows) / min(rows) - 1))
     assert s["own-model-wins"] == 2  # Z's replies fit X's model as well as Z's own: a tie is no win
     assert s["same-play-pairs"] == 2 and s["same-play-own-better"] == 2
     gap_x, gap_y = math.log(20 / 10), math.log(30 / 15)  # the other a-user's model against the own one
