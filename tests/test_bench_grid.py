@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.bench.grid import Cell, load_done, read_ledger, run_grid
+from simulations.bench.grid import Cell, load_done, read_ledger, run_grid, split_for_workers
 from simulations.bench.output import BenchRun, markdown_table, update_block
 from simulations.bench.quality import aggregate, ledger_check, plan, targets
 
@@ -82,3 +82,13 @@ def test_an_interrupted_cell_starts_from_scratch(tmp_path: Path) -> None:
     (stale / "leftover").write_text("from an interrupted attempt")
     run_grid(tmp_path, [cell], workers=1)
     assert not (stale / "leftover").exists()
+
+
+def test_the_last_group_is_split_so_no_worker_idles() -> None:
+    news = [Cell(f"news/eps1/{m}/seed0", {}, group="news/eps1/seed0") for m in ("a", "b", "c", "d", "e")]
+    tweets = [Cell(f"tweets/eps1/{m}/seed0", {}, group="tweets/eps1/seed0") for m in ("a", "b")]
+    keys = [[c.key.split("/")[0] + c.key.split("/")[2] for c in t] for t in split_for_workers([news], 2)]
+    assert keys == [["newsa", "newsb", "newsc"], ["newsd", "newse"]]  # halves, priority order kept
+    assert len(split_for_workers([news], 8)) == 5  # never an empty task
+    assert split_for_workers([news, tweets], 2) == [news, tweets]  # enough groups: each stays whole
+    assert split_for_workers([], 2) == []

@@ -3,7 +3,8 @@
 Each cell is one complete federation (``simulations.sequential.run_sequential``) whose summary is saved
 as ``cells/<key>.json`` the moment it finishes; a rerun with the same folder skips finished cells, so an
 interrupted grid loses at most the cells in flight. Cells that share data (same setting and seed) go to
-the same task so a worker encodes each client's features once (the per-process feature cache).
+the same task so a worker encodes each client's features once (the per-process feature cache), unless
+there are fewer groups than workers: then the largest groups are halved so that no worker idles.
 """
 
 from __future__ import annotations
@@ -87,6 +88,23 @@ def run_cells(root: Path, cells: Sequence[Cell], evaluate_every: int) -> list[st
     return keys
 
 
+def split_for_workers(groups: list[list[Cell]], workers: int) -> list[list[Cell]]:
+    """Worker tasks from groups of cells: halve the largest group until every worker has a task.
+
+    Keeping a group together saves encoding its clients' features again, but a worker with no task is
+    worse: the last groups of a grid (one setting × privacy × seed left) would run on one core only.
+    """
+    tasks = [list(g) for g in groups if g]
+    while len(tasks) < workers:
+        big = max(range(len(tasks)), key=lambda i: len(tasks[i]), default=None)
+        if big is None or len(tasks[big]) < 2:
+            break
+        group = tasks.pop(big)
+        half = (len(group) + 1) // 2
+        tasks[big:big] = [group[:half], group[half:]]  # the grid's priority order is kept
+    return tasks
+
+
 def run_grid(
     root: Path,
     cells: Sequence[Cell],
@@ -99,18 +117,19 @@ def run_grid(
     groups: dict[str, list[Cell]] = {}
     for cell in todo:
         groups.setdefault(cell.group or cell.key, []).append(cell)
+    tasks = split_for_workers(list(groups.values()), workers)
     total = len(cells)
     if on_progress:
         on_progress(total - len(todo), total)
     if todo and workers <= 1:
-        for group in groups.values():
+        for group in tasks:
             run_cells(root, group, evaluate_every)
             if on_progress:
                 on_progress(len(load_done(root, cells)), total)
     elif todo:
         ctx = mp.get_context("spawn")  # fresh interpreters: no inherited torch threads or locks
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            pending = {pool.submit(run_cells, root, g, evaluate_every) for g in groups.values()}
+            pending = {pool.submit(run_cells, root, g, evaluate_every) for g in tasks}
             while pending:
                 finished, pending = wait(pending, timeout=10.0, return_when=FIRST_COMPLETED)
                 for fut in finished:
