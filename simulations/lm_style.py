@@ -8,7 +8,9 @@ scores the *test* replies of every user of the run. Cell (i, j) of the matrix is
 j's test replies under user i's model. A personal part that carries the user's style makes the diagonal
 the best entry of each column: the report gives how often the own model wins its column (chance: 1/N),
 the mean own-vs-others log-perplexity gap, and the same for pairs of users from the same play (whose
-vocabulary overlaps, so only style can separate them). Nothing is trained; the test split is only read.
+vocabulary overlaps, so only style can separate them); also the spread in general quality between the
+models and each user's perplexity with their personal part zeroed. Nothing is trained; the test split is
+only read.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from client.predict import load_personal_model
 from client.training import evaluate
 from common.data import load_client_data
+from common.errors import FedpersError, StateError
 from common.features import Features, encode
 from common.split import split_names
 
@@ -33,7 +36,7 @@ from common.split import split_names
 def _client_dirs(clients_dir: Path) -> list[Path]:
     found = sorted(p for p in clients_dir.glob("client-*") if (p / "personal.state").is_file())
     if not found:
-        raise SystemExit(f"{clients_dir} has no client state: is this a finished causal-LM run?")
+        raise StateError(f"{clients_dir} has no client state: is this a finished causal-LM run?")
     return found
 
 
@@ -129,7 +132,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"{', '.join(sorted(p.name for p in args.run_dir.iterdir() if p.is_dir()))})"
             )
         start = time.perf_counter()
-        result = cross_perplexity(mode_dir / "clients")
+        try:
+            result = cross_perplexity(mode_dir / "clients")
+        except FedpersError as exc:
+            raise SystemExit(f"error: {exc}") from exc
         result["summary"] = summarize(result["users"], result["ppl"], result["without-personal"])
         out[mode] = result
         s = result["summary"]

@@ -22,7 +22,7 @@ from client.predict import predict
 from client.training import DPPlan, evaluate, example_losses, sample_rate, train
 from common.config import Config
 from common.data import load_client_data
-from common.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError, StateError
 from common.features import Features, encode
 from common.model import get_backbone
 from common.shakespeare import load_roles, parse_play, split_speeches
@@ -275,3 +275,8 @@ def test_style_summary_counts_own_model_wins_and_same_play_gaps() -> None:
     assert s["same-play-pairs"] == 2 and s["same-play-own-better"] == 2
     gap_x, gap_y = math.log(20 / 10), math.log(30 / 15)  # the other a-user's model against the own one
     assert s["same-play-mean-gap-pct"] == pytest.approx(100 * (math.exp((gap_x + gap_y) / 2) - 1))
+
+
+def test_style_diagnostic_on_a_folder_without_states_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StateError, match="has no client state"):
+        cross_perplexity(tmp_path)
