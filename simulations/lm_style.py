@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--modes", default="fedper,local", help="comma-separated modes under --run-dir")
     ap.add_argument("--json", type=Path, help="also write the matrices and summaries here")
     args = ap.parse_args(argv)
+    if not args.run_dir.is_dir():
+        raise SystemExit(f"error: {args.run_dir} is not a folder (a finished `fedpers simulate` run)")
     out: dict[str, Any] = {}
     for mode in filter(None, args.modes.split(",")):
         mode_dir = args.run_dir / mode
