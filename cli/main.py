@@ -82,7 +82,7 @@ def simulate(
 
     from common.config import parse_set_options
     from simulations.compare import compare as run_compare
-    from simulations.compare import table
+    from simulations.compare import table, write_paired
     from simulations.run import load_settings, new_run_id
     from simulations.run import simulate as run_sim
 
@@ -129,6 +129,10 @@ def simulate(
         except FedpersError as exc:
             _fail(exc)
     Console().print(table(rows))
+    if sequential:
+        write_paired(out, modes)
+    if (out / "paired.md").is_file():  # the first mode against each other one, paired over clients
+        Console().print((out / "paired.md").read_text())
     report = out / (modes[0] if modes else "") / "report.md"
     console.print(f"report: {report}" if report.exists() else f"outputs: {out}")
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from common.fileio import write_bytes_atomic, write_json_atomic
+from simulations.paired import paired_table
 from simulations.run import SimSettings, simulate
+
+log = logging.getLogger("flwr")
 
 
 def compare(
@@ -45,7 +49,22 @@ def compare(
         )
     write_json_atomic(run_dir / "compare.json", rows)
     write_bytes_atomic(run_dir / "compare.md", table(rows).encode())
+    write_paired(run_dir, modes)
     return rows
+
+
+def write_paired(run_dir: Path, modes: tuple[str, ...]) -> Path | None:
+    """``paired.md``: the first mode against each other one, paired over clients (None if < 2 modes)."""
+    if len(modes) < 2:
+        return None
+    try:
+        text = paired_table(run_dir, modes, modes[0])
+    except (ValueError, FileNotFoundError) as exc:  # e.g. a mode evaluated no client: the run stays valid
+        log.warning("no paired comparison for %s: %s", run_dir, exc)
+        return None
+    path = run_dir / "paired.md"
+    write_bytes_atomic(path, text.encode())
+    return path
 
 
 _NAN = float("nan")

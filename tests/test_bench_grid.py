@@ -46,6 +46,9 @@ def test_grid_runs_resumes_and_aggregates(tmp_path: Path) -> None:
     }
     verdicts = targets(rows, "tweets-a0.3")
     assert any("DP fedavg" in fig and "not run" in fig for _, fig, _ in verdicts)
+    paired_verdicts = targets(rows, "tweets-a0.3", load_done(tmp_path, cells))  # the same 2 clients pair
+    local_dp = next(fig for t, fig, _ in paired_verdicts if "p10 ≥ DP local" in t)
+    assert "paired over 2 clients: 95 % CI [" in local_dp
 
 
 def test_plan_orders_by_priority_and_rejects_unknown_names() -> None:

@@ -116,7 +116,7 @@ def bench_quality(
         done = load_done(run.dir, cells)
         rows = aggregate(done)
         run.results = {"planned": [c.key for c in cells], "rows": rows, "tuned": load_tuned()}
-        table = quality_table(rows, len(cells), len(done), ledger_check(run.dir, done))
+        table = quality_table(rows, len(cells), done, ledger_check(run.dir, done))
         run.save(table)
         if rows:
             quality_plot(rows, run.dir / "quality.png")

@@ -43,6 +43,16 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # gradient norms (adapter ~2-4, LoRA ~0.2, offset ~0.05 at C = 1: `python -m simulations.lm_probe`).
     "bias-c0.05": {**_BIAS, "train.lr-lora": 0.5},
     "bias-c0.05-l2": {**_BIAS, "train.lr-lora": 2.0},
+    # The last decoder block's LoRA as the personal part (block 28's LoRA shared in fedper) at the clip
+    # and LoRA learning rate that made LoRA move: local's LoRA holds ~10x more per-user signal than the
+    # offset (`python -m simulations.lm_style`), so a personal LoRA may carry what the offset cannot.
+    "lastblock-c0.05-l2": {
+        "train.local-epochs": 1,
+        "model.personal-part": "last-block",
+        "dp.max-grad-norm": 0.05,
+        "train.lr-lora": 2.0,
+        "train.lr-head": 2.0,
+    },
 }
 # Keys a mode's choice writes (a candidate that leaves one unset ran with the workload's value).
 TUNED_KEYS = (

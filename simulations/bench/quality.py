@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from simulations.bench.grid import Cell, read_ledger
+from simulations.paired import paired
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "tweets-a0.3": {"task.dataset": "tweets", "task.dirichlet-alpha": 0.3},
@@ -121,8 +122,29 @@ def _find(rows: list[dict[str, Any]], setting: str, privacy: str, mode: str) -> 
     return None
 
 
-def targets(rows: list[dict[str, Any]], setting: str) -> list[tuple[str, str, str]]:
-    """(target, figures, verdict) for the issue's ε = 8 targets, using the best DP fedpers mode."""
+def client_scores(done: dict[str, dict[str, Any]], setting: str, privacy: str, mode: str) -> dict[str, float]:
+    """Each client's final accuracy in the finished cells of one (setting, privacy, mode), over all seeds.
+
+    Keys are ``seed<k>/<client>``: the cells of one setting and seed hold the same clients and test data
+    in every mode and privacy level, so two such maps pair client by client.
+    """
+    out = {}
+    for key, summary in done.items():
+        s, p, m, seed = key.split("/")
+        if (s, p, m) == (setting, privacy, mode):
+            for c in summary.get("clients", []):
+                out[f"{seed}/{c['client']}"] = float(c["acc"])
+    return out
+
+
+def targets(
+    rows: list[dict[str, Any]], setting: str, done: dict[str, dict[str, Any]] | None = None
+) -> list[tuple[str, str, str]]:
+    """(target, figures, verdict) for the issue's ε = 8 targets, using the best DP fedpers mode.
+
+    With the finished cells (``done``) each figure also gets the 95 % interval of the difference,
+    paired over clients (:mod:`simulations.paired`; the verdict stays the point comparison).
+    """
     personal = ("fedper", "fedsa", "ffa")
     dp8 = [r for r in rows if r["setting"] == setting and r["privacy"] == "eps8" and r["mode"] in personal]
     if not dp8:
@@ -137,13 +159,17 @@ def targets(rows: list[dict[str, Any]], setting: str) -> list[tuple[str, str, st
             return
         gap = best[stat] - ref[stat]
         ok = gap >= margin
-        out.append(
-            (
-                label,
-                f"{best[stat]:.3f} vs {ref_name} {ref[stat]:.3f} (Δ {100 * gap:+.1f} pts)",
-                "met" if ok else "MISSED",
-            )
-        )
+        figures = f"{best[stat]:.3f} vs {ref_name} {ref[stat]:.3f} (Δ {100 * gap:+.1f} pts)"
+        if done:
+            mine = client_scores(done, setting, "eps8", best["mode"])
+            theirs = client_scores(done, setting, ref["privacy"], ref["mode"])
+            if sum(k in theirs for k in mine) >= 2:
+                p = paired(mine, theirs, lower_is_better=False)
+                figures += (
+                    f"; paired over {p.n} clients: 95 % CI [{100 * p.low[stat]:+.1f}, "
+                    f"{100 * p.high[stat]:+.1f}] pts, better for {p.better}, worse for {p.worse}"
+                )
+        out.append((label, figures, "met" if ok else "MISSED"))
 
     check(
         "mean ≥ non-private local + 3", _find(rows, setting, "none", "local"), "mean", 0.03, "local (no DP)"

@@ -18,10 +18,16 @@ def _pm(row: dict[str, Any], stat: str) -> str:
 
 
 def quality_table(
-    rows: list[dict[str, Any]], planned: int, done: int, ledger: tuple[int, int] = (0, 0)
+    rows: list[dict[str, Any]],
+    planned: int,
+    done: dict[str, dict[str, Any]],
+    ledger: tuple[int, int] = (0, 0),
 ) -> str:
-    """Markdown: one table per setting (mode × privacy), own-majority baseline, target verdicts."""
-    parts = [f"Cells finished: {done} of {planned} planned (mean ± sd over the seeds finished).\n"]
+    """Markdown: one table per setting (mode × privacy), own-majority baseline, target verdicts.
+
+    ``done`` are the finished cells' summaries (their per-client rows pair the target comparisons).
+    """
+    parts = [f"Cells finished: {len(done)} of {planned} planned (mean ± sd over the seeds finished).\n"]
     if ledger[1]:
         parts.append(
             f"ε check: in {ledger[0]} of {ledger[1]} finished DP cells the table's ε max equals the largest "
@@ -51,7 +57,7 @@ def quality_table(
                 ],
             )
         )
-        verdicts = targets(rows, setting)
+        verdicts = targets(rows, setting, done)
         if verdicts:
             parts.append("\n" + markdown_table(("target", "figures", "verdict"), verdicts))
     return "".join(parts)
