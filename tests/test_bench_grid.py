@@ -10,6 +10,7 @@ import pytest
 from simulations.bench.grid import Cell, load_done, read_ledger, run_grid, split_for_workers
 from simulations.bench.output import BenchRun, markdown_table, update_block
 from simulations.bench.quality import aggregate, ledger_check, plan, targets
+from simulations.bench.quality_report import paired_vs_local
 
 TINY = {
     "model.name": "tiny",
@@ -49,6 +50,9 @@ def test_grid_runs_resumes_and_aggregates(tmp_path: Path) -> None:
     paired_verdicts = targets(rows, "tweets-a0.3", load_done(tmp_path, cells))  # the same 2 clients pair
     local_dp = next(fig for t, fig, _ in paired_verdicts if "p10 ≥ DP local" in t)
     assert "paired over 2 clients: 95 % CI [" in local_dp
+    against = paired_vs_local(load_done(tmp_path, cells), "tweets-a0.3")
+    assert [row[:2] for row in against] == [("ε=8", "fedper")]  # no fedsa/ffa cells, no DP-free rows
+    assert against[0][3].endswith("]") and "pts [" in against[0][3]
 
 
 def test_plan_orders_by_priority_and_rejects_unknown_names() -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from simulations.bench.output import markdown_table
-from simulations.bench.quality import MODES, SETTINGS, targets
+from simulations.bench.quality import MODES, SETTINGS, client_scores, targets
+from simulations.paired import describe, paired
 
 PRIVACY_LABEL = {"none": "no DP", "eps8": "ε=8", "eps3": "ε=3", "eps1": "ε=1"}
 
@@ -60,7 +61,36 @@ def quality_table(
         verdicts = targets(rows, setting, done)
         if verdicts:
             parts.append("\n" + markdown_table(("target", "figures", "verdict"), verdicts))
+        against = paired_vs_local(done, setting)
+        if against:
+            parts.append(
+                f"\nPersonal modes against DP local at the same ε, paired over clients ({setting}; "
+                "difference in points [95 % CI over clients]):\n\n"
+                + markdown_table(("privacy", "mode", "clients better / worse", "mean", "p10"), against)
+            )
     return "".join(parts)
+
+
+def paired_vs_local(done: dict[str, dict[str, Any]], setting: str) -> list[tuple[str, ...]]:
+    """fedper, fedsa and ffa against local at each DP level of ``setting`` whose cells have finished."""
+    out: list[tuple[str, ...]] = []
+    for privacy in ("eps8", "eps3", "eps1"):
+        local = client_scores(done, setting, privacy, "local")
+        for mode in ("fedper", "fedsa", "ffa"):
+            mine = client_scores(done, setting, privacy, mode)
+            if sum(k in local for k in mine) < 2:
+                continue
+            p = paired(mine, local, lower_is_better=False)
+            out.append(
+                (
+                    PRIVACY_LABEL[privacy],
+                    mode,
+                    f"{p.better} / {p.worse}",
+                    describe(p, "mean", relative=False),
+                    describe(p, "p10", relative=False),
+                )
+            )
+    return out
 
 
 def quality_plot(rows: list[dict[str, Any]], path: Path) -> None:
