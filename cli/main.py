@@ -82,7 +82,7 @@ def simulate(
 
     from common.config import parse_set_options
     from simulations.compare import compare as run_compare
-    from simulations.compare import table, write_paired
+    from simulations.compare import table
     from simulations.run import load_settings, new_run_id
     from simulations.run import simulate as run_sim
 
@@ -129,8 +129,6 @@ def simulate(
         except FedpersError as exc:
             _fail(exc)
     Console().print(table(rows))
-    if sequential:
-        write_paired(out, modes)
     if (out / "paired.md").is_file():  # the first mode against each other one, paired over clients
         Console().print((out / "paired.md").read_text())
     report = out / (modes[0] if modes else "") / "report.md"
@@ -140,6 +138,7 @@ def simulate(
 def _run_sequential(settings: Any, modes: tuple[str, ...], out: Path, on_round: Any) -> list[dict[str, Any]]:
     from common.config import Config
     from common.fileio import write_json_atomic
+    from simulations.compare import write_paired
     from simulations.sequential import run_sequential
 
     rows = []
@@ -153,6 +152,7 @@ def _run_sequential(settings: Any, modes: tuple[str, ...], out: Path, on_round: 
         summary = run_sequential(over, settings.num_clients, out / mode, on_round=show)
         write_json_atomic(out / mode / "summary.json", summary)
         rows.append(summary)
+    write_paired(out, modes)  # as compare() does for the Flower path
     return rows
 
 
