@@ -134,6 +134,8 @@ class FedConfig:
     fraction_evaluate: float = dataclasses.field(metadata=_range(0.0, 1.0))
     min_clients: int = dataclasses.field(metadata=_range(1, None))
     max_update_norm: float = dataclasses.field(metadata=_range(0.0, None))
+    server_lr: float = dataclasses.field(metadata=_range(1e-6, None))
+    server_momentum: float = dataclasses.field(metadata=_range(0.0, 0.999))
     round_timeout: float = dataclasses.field(metadata=_range(1.0, None))
 
 

@@ -24,6 +24,7 @@ from server.ledger import Ledger, ledger_meta
 from server.recorder import Recorder
 from server.report import write_report
 from server.secagg import check_secagg, run_secagg
+from server.server_opt import ServerOptimizer
 from server.strategy import FedpersStrategy
 from server.user_dp import UserLevelDP
 
@@ -79,6 +80,7 @@ def run_federation(cfg: Config, grid: Grid, run_id: int, context: Context | None
             round_offset=done,
             max_update_norm=cfg.fed.max_update_norm,
             user_dp=UserLevelDP.from_config(cfg) if cfg.dp.user_level else None,
+            server_opt=ServerOptimizer.from_config(cfg, ckpt.velocity if ckpt is not None else None),
             fraction_train=cfg.fed.fraction_train,
             fraction_evaluate=cfg.fed.fraction_evaluate,
             min_train_nodes=min_nodes,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ class Checkpoint:
     server_round: int
     arrays: dict[str, np.ndarray]
     run_config: dict[str, Any]
+    velocity: dict[str, np.ndarray] = field(default_factory=dict)  # the server optimizer's momentum
 
 
 def versions() -> dict[str, str]:
@@ -50,13 +51,16 @@ def save(folder: str | Path, ckpt: Checkpoint) -> None:
     """Write ``arrays.npz`` then ``checkpoint.json`` (the JSON names the round; written last)."""
     folder = Path(folder)
     buf = io.BytesIO()
-    np.savez(buf, **{f"a{i}": ckpt.arrays[k] for i, k in enumerate(sorted(ckpt.arrays))})  # type: ignore[arg-type]
+    tensors = {f"a{i}": ckpt.arrays[k] for i, k in enumerate(sorted(ckpt.arrays))}
+    tensors |= {f"v{i}": ckpt.velocity[k] for i, k in enumerate(sorted(ckpt.velocity))}
+    np.savez(buf, **tensors)  # type: ignore[arg-type]
     write_bytes_atomic(folder / f"arrays-{ckpt.server_round:04d}.npz", buf.getvalue())
     write_json_atomic(
         folder / "checkpoint.json",
         {
             "round": ckpt.server_round,
             "names": sorted(ckpt.arrays),
+            "velocity_names": sorted(ckpt.velocity),
             "run_config": ckpt.run_config,
             "versions": versions(),
         },
@@ -74,7 +78,8 @@ def load(folder: str | Path) -> Checkpoint | None:
     meta = json.loads(meta_path.read_text())
     with np.load(Path(folder) / f"arrays-{meta['round']:04d}.npz", allow_pickle=False) as npz:
         arrays = {name: npz[f"a{i}"] for i, name in enumerate(meta["names"])}
-    return Checkpoint(int(meta["round"]), arrays, dict(meta["run_config"]))
+        velocity = {name: npz[f"v{i}"] for i, name in enumerate(meta.get("velocity_names", []))}
+    return Checkpoint(int(meta["round"]), arrays, dict(meta["run_config"]), velocity)
 
 
 def check_compatible(ckpt: Checkpoint, run_config: dict[str, Any]) -> None:

@@ -140,7 +140,7 @@ class SecAggStrategy(Strategy):
             s.recorder.train_reply(rnd, proxy.node_id, dict(res.metrics), float("nan"))
         if results:
             try:
-                new = self._apply(rnd, parameters_to_ndarrays(results[0][1].parameters))
+                new = s.server_step(self._apply(rnd, parameters_to_ndarrays(results[0][1].parameters)))
             except ParameterError as exc:
                 log(WARNING, "round %d: secure aggregate rejected, global model unchanged: %s", rnd, exc)
                 s.recorder.rejection(rnd, -1, f"secure aggregate: {exc}")

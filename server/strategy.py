@@ -24,6 +24,7 @@ from common.privacy import compose
 from server import checkpoint
 from server.ledger import Ledger
 from server.recorder import Recorder
+from server.server_opt import ServerOptimizer
 from server.user_dp import UserLevelDP
 from server.validation import PrivacyViolation, validate_reply, weighted_average
 
@@ -44,6 +45,7 @@ class FedpersStrategy(FedAvg):
         round_offset: int = 0,
         max_update_norm: float = 0.0,
         user_dp: UserLevelDP | None = None,
+        server_opt: ServerOptimizer | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(arrayrecord_key=P.ARRAYS, configrecord_key=P.CONFIG, **fedavg_kwargs)
@@ -59,6 +61,7 @@ class FedpersStrategy(FedAvg):
         self.current: dict[str, np.ndarray] = {}
         self._round_start = time.perf_counter()
         self.user_dp = user_dp
+        self.server_opt = server_opt or ServerOptimizer()
         self._cohort, self._population = 0, 0
         if user_dp is not None:  # a resumed or continued federation keeps composing its user-level ε
             for e in ledger.user_level_entries():
@@ -128,14 +131,21 @@ class FedpersStrategy(FedAvg):
             new = self._user_level_release(rnd, [a for a, _ in accepted])
         else:
             new = weighted_average(accepted, sorted(self.expected)) if accepted else None
+        new = self.server_step(new)
         return (to_record(new) if new is not None else None), self.commit_round(rnd, new)
+
+    def server_step(self, aggregate: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+        """The new global tensors: the server optimizer's step towards ``aggregate`` (None: no update)."""
+        return None if aggregate is None else self.server_opt.step(self.current, aggregate)
 
     def commit_round(self, rnd: int, new: dict[str, np.ndarray] | None) -> MetricRecord | None:
         """Save the ledger and a checkpoint of round ``rnd``, adopt ``new`` (None: keep the current)."""
         self.ledger.save()
         checkpoint.save(
             self.checkpoint_dir,
-            checkpoint.Checkpoint(rnd, new if new is not None else self.current, self.run_config),
+            checkpoint.Checkpoint(
+                rnd, new if new is not None else self.current, self.run_config, self.server_opt.velocity
+            ),
         )
         if new is not None:
             self.current = new

@@ -23,6 +23,7 @@ from common.params import get_arrays, nbytes
 from common.split import split_names
 from server.ledger import Ledger, ledger_meta
 from server.recorder import distribution
+from server.server_opt import ServerOptimizer
 from server.validation import weighted_average
 
 
@@ -44,6 +45,7 @@ def run_sequential(
     backbone = get_backbone(cfg, len(label_names(cfg.task)))
     names = split_names([n for n, _ in backbone.template.named_parameters()], cfg.personalization.mode)
     shared = get_arrays(backbone.template, names["shared"])
+    server_opt = ServerOptimizer.from_config(cfg)
     run_id = int(time.time())
     nodes = [
         NodeInfo(i, num_clients, out / "clients" / f"client-{i:04d}", run_id) for i in range(num_clients)
@@ -61,7 +63,8 @@ def run_sequential(
             ledger.record(rnd, node.partition_id, "accepted", metrics)
         ledger.save()
         if names["shared"]:
-            shared = weighted_average([(a, float(m[P.NUM_EXAMPLES])) for a, m in replies], names["shared"])
+            aggregate = weighted_average([(a, float(m[P.NUM_EXAMPLES])) for a, m in replies], names["shared"])
+            shared = server_opt.step(shared, aggregate)
         final_round = rnd == cfg.fed.num_rounds
         line: dict[str, float] = {"round": rnd}
         after = [float(m[P.ACC_AFTER]) for _, m in replies if P.ACC_AFTER in m]

@@ -29,6 +29,7 @@ from server import checkpoint
 from server.app import run_federation
 from server.ledger import Ledger
 from server.recorder import Recorder
+from server.server_opt import ServerOptimizer
 from server.strategy import FedpersStrategy
 from server.validation import PrivacyViolation, validate_reply, weighted_average
 
@@ -200,6 +201,23 @@ def test_good_replies_are_averaged_by_hand(
     for k in model.shared:
         np.testing.assert_array_equal(ckpt.arrays[k], got[k])
     assert "aggregating 3 valid replies" in flwr_log.text
+
+
+def test_server_lr_and_momentum_step_from_the_weighted_average_and_are_checkpointed(
+    model: Model, tmp_path: Path, task_identity: None
+) -> None:
+    strategy = make_strategy(model, tmp_path, server_opt=ServerOptimizer(lr=2.0, momentum=0.9))
+    arrays, _ = strategy.aggregate_train(1, good_replies(model))
+    assert arrays is not None
+    got, avg = from_record(arrays), by_hand(good_updates(model), WEIGHTS)
+    for k in model.shared:  # x + 2 (avg - x): twice FedAvg's step
+        x = model.initial[k].astype(np.float64)
+        np.testing.assert_allclose(got[k], x + 2.0 * (avg[k] - x), rtol=1e-5, atol=1e-6)
+    ckpt = checkpoint.load(tmp_path / "checkpoint")
+    assert ckpt is not None and sorted(ckpt.velocity) == model.shared
+    for k in model.shared:
+        np.testing.assert_array_equal(ckpt.arrays[k], got[k])
+        np.testing.assert_allclose(ckpt.velocity[k], avg[k] - model.initial[k], rtol=1e-5, atol=1e-7)
 
 
 def test_ledger_holds_exactly_what_clients_sent(model: Model, tmp_path: Path, task_identity: None) -> None:
