@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.errors import FedpersError
+from common.errors import ConfigError, FedpersError
 from simulations.bench.lm_tune import CANDIDATES as LM_CANDIDATES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -564,14 +564,23 @@ def bench_scale_cmd(
 def bench_tune_cmd(
     workers: int = typer.Option(2, help="worker processes (one thread each)"),
     run_dir: Path = typer.Option(None, help="folder to resume"),
+    modes: str = typer.Option("fedper,local", help="comma-separated modes to tune"),
+    server_lrs: str = typer.Option("1", help="comma-separated fed.server-lr candidates (shared modes only)"),
+    no_write: bool = typer.Option(
+        False, help="write the choice into the run folder, not simulations/configs/bench-tuned.toml"
+    ),
 ) -> None:
     """Choose learning rates on validation splits → simulations/configs/bench-tuned.toml."""
     from simulations.bench.commands import bench_tune
 
     progress, update = _grid_progress("tuning cells")
     try:
+        try:
+            slrs = [float(v) for v in _split_csv(server_lrs)]
+        except ValueError as exc:
+            raise ConfigError(f"--server-lrs must be comma-separated numbers, got {server_lrs!r}") from exc
         with progress:
-            run, table = bench_tune(workers, run_dir, update)
+            run, table = bench_tune(workers, run_dir, update, _split_csv(modes), slrs, write=not no_write)
     except FedpersError as exc:
         _fail(exc)
     print(table)

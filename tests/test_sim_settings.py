@@ -68,3 +68,25 @@ def test_lm_tuning_chooses_per_mode_and_its_file_feeds_the_simulation(tmp_path: 
     assert load_settings(sim).for_mode("local")["model.personal-part"] == "bias"  # strings written as TOML
     with pytest.raises(ValueError, match="unknown candidate"):
         lm_tune_cells(["e9"])
+
+
+def test_tune_server_lr_candidates_only_for_shared_modes_and_chosen_on_validation(tmp_path: Path) -> None:
+    from simulations.bench.tune import choose, tune_cells, write_tuned
+
+    cells = tune_cells(["fedper", "local"], server_lrs=[1.0, 4.0])
+    assert all(c.overrides["task.evaluate-on"] == "validation" for c in cells)
+    assert not any(
+        "fed.server-lr" in c.overrides for c in cells if c.overrides["personalization.mode"] == "local"
+    )
+    slr = [c for c in cells if "fed.server-lr" in c.overrides]
+    assert slr and all(c.key.endswith("-slr4") and c.overrides["fed.server-lr"] == 4.0 for c in slr)
+    done = {c.key: {"acc-mean": 0.9 if c in slr else 0.8, "acc-p10": 0.5} for c in cells}
+    chosen = choose(cells, done)
+    assert chosen["fedper"]["fed.server-lr"] == 4.0 and "fed.server-lr" not in chosen["local"]
+    path = tmp_path / "tuned.toml"
+    write_tuned(chosen, cells, done, "fedpers bench tune", path)
+    assert '"fed.server-lr" = 4.0' in path.read_text()
+    with pytest.raises(ConfigError, match="positive"):
+        tune_cells(["fedper"], server_lrs=[0.0])
+    with pytest.raises(ConfigError, match="unknown mode"):
+        tune_cells(["fedprox"])

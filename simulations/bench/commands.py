@@ -38,17 +38,29 @@ def bench_comm(folder: Path | None = None, publish: bool = True) -> tuple[BenchR
 
 
 def bench_tune(
-    workers: int, folder: Path | None = None, progress: Progress | None = None
+    workers: int,
+    folder: Path | None = None,
+    progress: Progress | None = None,
+    modes: Sequence[str] = ("fedper", "local"),
+    server_lrs: Sequence[float] = (1.0,),
+    write: bool = True,
 ) -> tuple[BenchRun, str]:
-    """Choose learning rates on validation splits; writes simulations/configs/bench-tuned.toml."""
+    """Choose learning rates on validation splits; writes simulations/configs/bench-tuned.toml.
+
+    With ``write=False`` the choice and every candidate's score go only to the run folder (an
+    exploration that must not change the settings the quality grid's finished cells ran with).
+    """
     from simulations.bench.grid import run_grid
     from simulations.bench.tune import choose, tune_cells, write_tuned
 
     run = _run("tune", folder)
-    cells = tune_cells()
+    cells = tune_cells(modes, server_lrs=server_lrs)
     done = run_grid(run.dir, cells, workers, on_progress=progress)
     chosen = choose(cells, done)
-    write_tuned(chosen, cells, done, run.command)
+    if write:
+        write_tuned(chosen, cells, done, run.command)
+    else:
+        write_tuned(chosen, cells, done, run.command, run.dir / "tuned.toml")
     run.results = {"chosen": chosen, "cells": done}
     table = "\n".join(f"- {mode}: {values}" for mode, values in chosen.items()) + "\n"
     run.save(table)

@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from common.errors import ConfigError
 from common.fileio import write_bytes_atomic
 from simulations.bench.grid import Cell
-from simulations.bench.quality import BASE, NUM_CLIENTS, PRIVACY, SETTINGS, TUNED
+from simulations.bench.quality import BASE, MODES, NUM_CLIENTS, PRIVACY, SETTINGS, TUNED
 
 LR_LORA = (0.05,)
 LR_HEAD = (0.5, 1.0)
@@ -23,11 +24,26 @@ TUNED_MODES = ("fedper", "local")
 
 
 def tune_cells(
-    modes: Sequence[str] = TUNED_MODES, setting: str = "tweets-a0.3", privacy: str = "eps8"
+    modes: Sequence[str] = TUNED_MODES,
+    setting: str = "tweets-a0.3",
+    privacy: str = "eps8",
+    server_lrs: Sequence[float] = (1.0,),
 ) -> list[Cell]:
-    """The tuning grid: every (lr-lora, lr-head) candidate for each mode, evaluated on validation."""
+    """The tuning grid: every (lr-lora, lr-head, server lr) candidate per mode, evaluated on validation.
+
+    A server learning rate other than 1 (``fed.server-lr``, server.server_opt) is a candidate only for
+    modes that share tensors; its cells' keys end in ``-slr<value>``.
+    """
+    bad_modes = [m for m in modes if m not in MODES]
+    if bad_modes:
+        raise ConfigError(f"unknown mode {bad_modes}; choose from {', '.join(MODES)}")
+    bad = [v for v in server_lrs if not v > 0]
+    if bad:
+        raise ConfigError(f"server learning rates must be positive, got {bad}")
     cells = []
-    for mode, lr_lora, lr_head in itertools.product(modes, LR_LORA, LR_HEAD):
+    for mode, lr_lora, lr_head, slr in itertools.product(modes, LR_LORA, LR_HEAD, server_lrs):
+        if slr != 1.0 and mode == "local":
+            continue  # local shares nothing: a server step would not change it
         over = {
             **BASE,
             **SETTINGS[setting],
@@ -40,6 +56,9 @@ def tune_cells(
             "model.seed": 0,
         }
         key = f"tune-{setting}-{privacy}/{mode}/lora{lr_lora}-head{lr_head}"
+        if slr != 1.0:
+            over["fed.server-lr"] = slr
+            key += f"-slr{slr:g}"
         cells.append(Cell(key, over, NUM_CLIENTS, group=f"tune/{mode}"))
     return cells
 
@@ -54,12 +73,9 @@ def choose(cells: Sequence[Cell], done: dict[str, dict[str, Any]]) -> dict[str, 
         mode = str(cell.overrides["personalization.mode"])
         if mode not in best or score > best[mode][0]:
             best[mode] = (score, cell)
+    keys = ("train.lr-lora", "train.lr-head", "fed.server-lr")
     return {
-        mode: {
-            "train.lr-lora": cell.overrides["train.lr-lora"],
-            "train.lr-head": cell.overrides["train.lr-head"],
-        }
-        for mode, (_, cell) in best.items()
+        mode: {k: cell.overrides[k] for k in keys if k in cell.overrides} for mode, (_, cell) in best.items()
     }
 
 
@@ -74,7 +90,7 @@ def write_tuned(
     lines = [
         "# Learning rates for the quality benchmark, chosen on VALIDATION splits (never test) by:",
         f"#   {command}",
-        "# Candidates (mode, lr-lora, lr-head → validation acc mean / p10):",
+        "# Candidates (mode, lr-lora, lr-head, server lr → validation acc mean / p10):",
     ]
     for cell in cells:
         if cell.key in done:
@@ -82,7 +98,7 @@ def write_tuned(
             o = cell.overrides
             lines.append(
                 f"#   {o['personalization.mode']:>7} {o['train.lr-lora']:<5} {o['train.lr-head']:<5}"
-                f" → {d['acc-mean']:.3f} / {d['acc-p10']:.3f}"
+                f" {o.get('fed.server-lr', 1.0):<4g} → {d['acc-mean']:.3f} / {d['acc-p10']:.3f}"
             )
     tables = dict(chosen)
     if "fedper" in chosen:
