@@ -62,6 +62,16 @@ for _slr in (2.0, 4.0):
         **CANDIDATES["lastblock-c0.05-l2"],
         "fed.server-lr": _slr,
     }
+# The counterpart open to every mode: larger client learning rates (a user's own step, noise and all).
+for _lr in (4.0, 8.0, 16.0):
+    CANDIDATES[f"lastblock-c0.05-l{_lr:g}"] = {
+        **CANDIDATES["lastblock-c0.05-l2"],
+        "train.lr-lora": _lr,
+        "train.lr-head": _lr,
+    }
+CANDIDATES["lastblock-c0.05-l8-slr2"] = {**CANDIDATES["lastblock-c0.05-l8"], "fed.server-lr": 2.0}
+# fedper with both blocks' LoRA shared and only the 576-number offset personal, at LoRA lr 8.
+CANDIDATES["bias-c0.05-l8"] = {**_BIAS, "train.lr-lora": 8.0}
 # Keys a mode's choice writes (a candidate that leaves one unset ran with the workload's value).
 TUNED_KEYS = (
     "train.local-epochs",
