@@ -51,16 +51,14 @@ def bench_tune(
     exploration that must not change the settings the quality grid's finished cells ran with).
     """
     from simulations.bench.grid import run_grid
+    from simulations.bench.quality import TUNED
     from simulations.bench.tune import choose, tune_cells, write_tuned
 
     run = _run("tune", folder)
     cells = tune_cells(modes, server_lrs=server_lrs)
     done = run_grid(run.dir, cells, workers, on_progress=progress)
     chosen = choose(cells, done)
-    if write:
-        write_tuned(chosen, cells, done, run.command)
-    else:
-        write_tuned(chosen, cells, done, run.command, run.dir / "tuned.toml")
+    write_tuned(chosen, cells, done, run.command, TUNED if write else run.dir / "tuned.toml")
     run.results = {"chosen": chosen, "cells": done}
     table = "\n".join(f"- {mode}: {values}" for mode, values in chosen.items()) + "\n"
     run.save(table)

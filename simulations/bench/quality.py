@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import ConfigError
 from simulations.bench.grid import Cell, read_ledger
 from simulations.paired import paired
 
@@ -57,6 +58,13 @@ def tuned_for(tuned: dict[str, dict[str, Any]], mode: str) -> dict[str, Any]:
     return {**tuned.get("default", {}), **tuned.get(mode, {})}
 
 
+def check_modes(modes: Sequence[str]) -> None:
+    """Raise a ConfigError naming any unknown personalization mode."""
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ConfigError(f"unknown mode {bad}; choose from {', '.join(MODES)}")
+
+
 def plan(
     settings: Sequence[str],
     privacies: Sequence[str],
@@ -70,9 +78,7 @@ def plan(
         bad = [v for v in values if v not in known]
         if bad:
             raise ValueError(f"unknown {name} {bad}; choose from {', '.join(known)}")
-    bad_modes = [m for m in modes if m not in MODES]
-    if bad_modes:
-        raise ValueError(f"unknown mode {bad_modes}; choose from {', '.join(MODES)}")
+    check_modes(modes)
     cells = []
     for seed in seeds:
         for privacy in [p for p in PRIVACY if p in privacies]:

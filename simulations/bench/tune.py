@@ -16,7 +16,7 @@ from typing import Any
 from common.errors import ConfigError
 from common.fileio import write_bytes_atomic
 from simulations.bench.grid import Cell
-from simulations.bench.quality import BASE, MODES, NUM_CLIENTS, PRIVACY, SETTINGS, TUNED
+from simulations.bench.quality import BASE, NUM_CLIENTS, PRIVACY, SETTINGS, TUNED, check_modes
 
 LR_LORA = (0.05,)
 LR_HEAD = (0.5, 1.0)
@@ -34,9 +34,7 @@ def tune_cells(
     A server learning rate other than 1 (``fed.server-lr``, server.server_opt) is a candidate only for
     modes that share tensors; its cells' keys end in ``-slr<value>``.
     """
-    bad_modes = [m for m in modes if m not in MODES]
-    if bad_modes:
-        raise ConfigError(f"unknown mode {bad_modes}; choose from {', '.join(MODES)}")
+    check_modes(modes)
     bad = [v for v in server_lrs if not v > 0]
     if bad:
         raise ConfigError(f"server learning rates must be positive, got {bad}")
