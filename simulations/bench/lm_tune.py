@@ -69,8 +69,9 @@ for _lr in (4.0, 8.0, 16.0):
         "train.lr-head": _lr,
     }
 CANDIDATES["lastblock-c0.05-l8-slr2"] = {**CANDIDATES["lastblock-c0.05-l8"], "fed.server-lr": 2.0}
-# fedper with both blocks' LoRA shared and only the 576-number offset personal, at LoRA lr 8.
-CANDIDATES["bias-c0.05-l8"] = {**_BIAS, "train.lr-lora": 8.0}
+# Both blocks' LoRA shared (fedper) and only the 576-number offset personal, at the larger LoRA lrs.
+for _lr in (4.0, 8.0, 16.0):
+    CANDIDATES[f"bias-c0.05-l{_lr:g}"] = {**_BIAS, "train.lr-lora": _lr}
 # Keys a mode's choice writes (a candidate that leaves one unset ran with the workload's value).
 TUNED_KEYS = (
     "train.local-epochs",
