@@ -86,8 +86,8 @@ def bench_lm_tune(
     try:
         if not report_only:
             run_grid(run.dir, cells, workers, on_progress=progress)
-    finally:  # keep what finished when interrupted; report and choose from every candidate finished here
-        cells = lm_tune_cells(list(CANDIDATES), modes)
+    finally:  # keep what finished when interrupted; report and choose from every cell finished here
+        cells = lm_tune_cells(list(CANDIDATES))  # every mode: a run of some modes keeps the others' rows
         done = load_done(run.dir, cells)
         chosen = choose(cells, done)
         run.results = {"chosen": chosen, "cells": done}
