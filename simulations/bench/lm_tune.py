@@ -73,6 +73,13 @@ CANDIDATES["lastblock-c0.05-l8-slr2"] = {**CANDIDATES["lastblock-c0.05-l8"], "fe
 # the shared block, whose average carries ~1/sqrt(20) of one user's noise: a personal part that can hold
 # the user's style (local's LoRA does: `python -m simulations.lm_style`) beside a shared part at a large step.
 CANDIDATES["lastblock-c0.05-l4-slr2"] = {**CANDIDATES["lastblock-c0.05-l4"], "fed.server-lr": 2.0}
+# The same split of rates without the server step: the shared block at the client lr the federated modes
+# take best (8, 16), the personal block (`head.*`, so `train.lr-head`) at local's best, 4.
+for _lr in (8.0, 16.0):
+    CANDIDATES[f"lastblock-c0.05-l{_lr:g}-p4"] = {
+        **CANDIDATES[f"lastblock-c0.05-l{_lr:g}"],
+        "train.lr-head": 4.0,
+    }
 # Both blocks' LoRA shared (fedper) and only the 576-number offset personal, at the larger LoRA lrs.
 for _lr in (4.0, 8.0, 16.0):
     CANDIDATES[f"bias-c0.05-l{_lr:g}"] = {**_BIAS, "train.lr-lora": _lr}
