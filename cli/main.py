@@ -314,6 +314,9 @@ def agent(
     max_physical_batch: int = typer.Option(
         0, help="memory cap: examples per forward/backward pass (0 = whole batch; privacy unchanged)"
     ),
+    feature_cache: bool = typer.Option(
+        True, help="keep the frozen prefix's output in <state-dir>/features, encrypted (skips it next run)"
+    ),
     port: int = typer.Option(0, help="local port of the SuperNode's ClientApp API (0 = a free one)"),
     max_retries: int = typer.Option(
         None, help="give up after this many reconnection attempts (default: never)"
@@ -341,6 +344,7 @@ def agent(
         num_partitions=num_partitions,
         device=device,
         max_physical_batch=max_physical_batch,
+        feature_cache=feature_cache,
         clientappio_port=port,
         max_retries=max_retries,
     )

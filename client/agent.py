@@ -51,6 +51,7 @@ class AgentOptions:
     num_partitions: int = 1
     device: str = "auto"
     max_physical_batch: int = 0  # examples per forward/backward pass (0 = whole batch): the memory cap
+    feature_cache: bool = True  # keep the frozen prefix's output in <state-dir>/features (encrypted)
     clientappio_port: int = 0  # 0 = a free port on 127.0.0.1
     max_retries: int | None = None
 
@@ -163,6 +164,9 @@ def plan_agent(opts: AgentOptions, flower_supernode: str | None = None) -> Agent
         raise ConfigError("--max-physical-batch must be >= 0 (0 = the whole logical batch)")
     if opts.max_physical_batch:
         checks.append(f"memory: at most {opts.max_physical_batch} examples per forward/backward pass")
+    if opts.feature_cache:
+        node_config["feature-cache"] = str(state / "features")
+        checks.append(f"feature cache: {state / 'features'} (encrypted; off with --no-feature-cache)")
     if opts.data is not None:
         node_config["data-path"] = str(opts.data.expanduser().resolve())
     if opts.key_file is not None:

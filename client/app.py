@@ -20,7 +20,7 @@ from client.secagg import fitres_content, is_legacy_fit, read_fitins, secagg_mod
 from common import protocol as P
 from common.config import Config
 from common.errors import FedpersError
-from common.runs import client_state_dir
+from common.runs import client_cache_dir, client_state_dir
 
 if TYPE_CHECKING:
     from client.node import NodeInfo
@@ -47,6 +47,9 @@ def node_info(cfg: Config, context: Context) -> NodeInfo:
         key_file=str(nc["key-file"]) if nc.get("key-file") else None,
         device=str(nc.get("device", "auto")),
         max_physical_batch=int(nc.get("max-physical-batch", 0)),
+        feature_cache=(
+            Path(str(nc["feature-cache"])) if nc.get("feature-cache") else client_cache_dir(cfg, pid)
+        ),
     )
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from client.feature_cache import FeatureCache
 from client.state import PersonalState, StateStore
 from client.training import DPPlan, TrainOutcome, evaluate, sample_rate, steps_per_epoch, train
 from common import protocol as P
@@ -48,6 +49,7 @@ class NodeInfo:
     key_file: str | None = None
     device: str = "auto"  # auto | cpu | cuda[:N] | mps (node_config "device"; see common.device)
     max_physical_batch: int = 0  # examples per forward/backward pass on this device (0 = no cap)
+    feature_cache: Path | None = None  # folder for this client's encrypted prefix features (None = off)
 
 
 @dataclass
@@ -60,6 +62,7 @@ class _Session:
     state: PersonalState
     max_length: int
     device: torch.device
+    cache: FeatureCache | None = None
 
     @functools.cached_property
     def train(self) -> Features:
@@ -74,7 +77,8 @@ class _Session:
     def _features(self, split: str) -> Features:
         d = self.data
         texts, labels, prompts = (getattr(d, f"{split}_{part}") for part in ("texts", "labels", "prompts"))
-        feats = encode(self.backbone, texts, labels, self.max_length, device=self.device, prompts=prompts)
+        b, n, dev = self.backbone, self.max_length, self.device
+        feats = encode(b, texts, labels, n, device=dev, prompts=prompts, store=self.cache)
         return feats.to(self.device)
 
 
@@ -104,7 +108,8 @@ def _open(cfg: Config, node: NodeInfo, shared: Arrays) -> _Session:
         param.requires_grad_(name in roles["shared"] or name in roles["personal"])
     device = resolve_device(node.device)
     model.to(device)
-    return _Session(data, backbone, model, roles, store, state, cfg.task.max_length, device)
+    cache = FeatureCache(node.feature_cache, node.key_file) if node.feature_cache else None
+    return _Session(data, backbone, model, roles, store, state, cfg.task.max_length, device, cache)
 
 
 def _plan(cfg: Config, s: _Session, node: NodeInfo, rounds_left: int) -> DPPlan:

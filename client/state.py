@@ -50,7 +50,8 @@ class PersonalState:
     shared: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # latest global (for predict)
 
 
-def _load_key(state_dir: Path, key_file: Path | None) -> bytes:
+def load_key(state_dir: Path, key_file: Path | None) -> bytes:
+    """The 32-byte key: ``$FEDPERS_STATE_KEY``, else ``key_file`` (default ``<state_dir>/state.key``)."""
     env = os.environ.get(KEY_ENV)
     if env:
         try:
@@ -88,7 +89,7 @@ class StateStore:
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / STATE_FILE
-        self._aead = AESGCM(_load_key(self.dir, Path(key_file) if key_file else None))
+        self._aead = AESGCM(load_key(self.dir, Path(key_file) if key_file else None))
 
     def exists(self) -> bool:
         """Whether a state file is present."""

@@ -156,6 +156,7 @@ class ClientConfig:
 
     state_root: str
     report_before_after: bool
+    feature_cache: str
 
 
 @dataclasses.dataclass(frozen=True)

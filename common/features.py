@@ -1,15 +1,25 @@
-"""Tokenize texts and run them once through the frozen prefix; cache the result per process."""
+"""Tokenize texts and run them once through the frozen prefix; cache the result per process.
+
+A client may also keep the prefix's output on its own disk (``client.feature-cache``, see
+client.feature_cache) so that a later process (the next run, the next mode of a ``--compare``) skips the
+frozen forward pass. That persistent key is derived from what the output depends on: the prefix's weights,
+the token ids, the device type and the library versions, never from configuration names.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
+import transformers
+from torch import nn
 
 from common.chat_format import tokenize_turns
 from common.device import frozen_autocast
@@ -19,6 +29,8 @@ from common.model import Backbone
 _CACHE: OrderedDict[str, Features] = OrderedDict()
 _CACHE_SIZE = 64
 _LOCK = threading.Lock()
+_DIGESTS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+PrefixOutput = tuple[torch.Tensor, torch.Tensor, np.ndarray]  # (hidden, mask, order) of run_prefix
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,16 @@ class Features:
         return Features(self.hidden.to(device), self.mask.to(device), self.labels.to(device))
 
 
+class PrefixStore(Protocol):
+    """Somewhere to keep prefix outputs between processes (client.feature_cache.FeatureCache)."""
+
+    def load(self, key: str) -> PrefixOutput | None:
+        """The output saved under ``key``, or ``None``."""
+
+    def save(self, key: str, output: PrefixOutput) -> None:
+        """Keep ``output`` under ``key``."""
+
+
 def encode(
     backbone: Backbone,
     texts: Sequence[str],
@@ -56,6 +78,7 @@ def encode(
     chunk: int = 64,
     device: torch.device | None = None,
     prompts: Sequence[str] = (),
+    store: PrefixStore | None = None,
 ) -> Features:
     """Features of ``texts`` under ``backbone``, rows sorted by token length (cached per process).
 
@@ -63,7 +86,8 @@ def encode(
     shuffled batches) or evaluation, and ``labels`` are reordered with the rows. The prefix runs on
     ``device`` (bf16 autocast on CUDA, see common.device); the cached features live on the CPU.
     With ``prompts`` (a causal LM trained on chat turns) each text is the reply to its prompt: the
-    prompt's tokens are attended to but not scored (see common.chat_format).
+    prompt's tokens are attended to but not scored (see common.chat_format). With ``store`` the prefix's
+    output is looked up there first and saved there after it is computed.
     """
     if len(texts) != len(labels):
         raise DataError(f"{len(texts)} texts but {len(labels)} labels")
@@ -85,7 +109,7 @@ def encode(
         ids, unscored = tokenize_turns(backbone.tokenizer, prompts, texts, max_length)
     else:
         ids, unscored = _token_ids(backbone, texts, max_length), [0] * len(texts)
-    hidden, mask, order = run_prefix(backbone, ids, chunk, device)
+    hidden, mask, order = run_prefix(backbone, ids, chunk, device, store)
     if backbone.causal:  # the targets are the text itself, next token by next token
         targets = _token_targets(ids, unscored, order, mask.shape[1])
         return _store(key, Features(hidden=hidden, mask=mask, labels=targets))
@@ -130,26 +154,69 @@ def prefix_features(
     return run_prefix(backbone, _token_ids(backbone, texts, max_length), chunk, device)
 
 
+def prefix_digest(prefix: nn.Module) -> str:
+    """SHA-256 of the prefix's weights and buffers (names, dtypes, shapes, bytes), once per module."""
+    with _LOCK:
+        if prefix in _DIGESTS:
+            return _DIGESTS[prefix]
+    h = hashlib.sha256(type(prefix).__name__.encode())
+    for name, tensor in prefix.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+    digest = h.hexdigest()
+    with _LOCK:
+        _DIGESTS[prefix] = digest
+    return digest
+
+
+def store_key(backbone: Backbone, ids: Sequence[Sequence[int]], device: torch.device) -> str:
+    """The persistent key of ``run_prefix(backbone, ids)`` on ``device``: weights, ids, device, versions."""
+    h = hashlib.sha256(
+        f"prefix-v1|{prefix_digest(backbone.prefix)}|{device.type}|torch {torch.__version__}|"
+        f"transformers {transformers.__version__}|{len(ids)}|".encode()
+    )
+    for seq in ids:
+        h.update(np.asarray(seq, dtype=np.int64).tobytes() + b"\xff" * 8)
+    return h.hexdigest()
+
+
 def run_prefix(
     backbone: Backbone,
     ids: Sequence[Sequence[int]],
     chunk: int = 64,
     device: torch.device | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    store: PrefixStore | None = None,
+) -> PrefixOutput:
     """Prefix hidden states of token sequences ``ids``, sorted by length; returns (hidden, mask, order).
 
     Sequences run shortest first in chunks padded only to the chunk's longest one, so the frozen layers
     never compute on padding beyond that (tweets: about half the tokens of padding to the longest text).
     Real tokens do not attend to padding, so their states equal a full-batch forward up to float rounding;
-    padded positions are zero and masked. ``order[i]`` is the input index of row ``i``.
+    padded positions are zero and masked. ``order[i]`` is the input index of row ``i``. With ``store`` an
+    output saved by an earlier process for the same weights and ids is returned instead of recomputed.
     """
+    device = device or torch.device("cpu")
+    key = store_key(backbone, ids, device) if store is not None else ""
+    if store is not None:
+        saved = store.load(key)
+        if saved is not None:
+            return saved
+    output = _forward(backbone, ids, chunk, device)
+    if store is not None:
+        store.save(key, output)
+    return output
+
+
+def _forward(
+    backbone: Backbone, ids: Sequence[Sequence[int]], chunk: int, device: torch.device
+) -> PrefixOutput:
     lengths = np.array([len(x) for x in ids])
     order = np.argsort(lengths, kind="stable")
     width = int(lengths.max())
     hidden = torch.zeros(len(ids), width, backbone.prefix.config.hidden_size)
     mask = torch.zeros(len(ids), width, dtype=torch.long)
     pad = backbone.tokenizer.pad_token_id or 0
-    device = device or torch.device("cpu")
     prefix = backbone.prefix.to(device)  # a no-op on the CPU; moves the per-process backbone once
     for start in range(0, len(ids), chunk):
         rows = order[start : start + chunk]
@@ -161,6 +228,6 @@ def run_prefix(
             batch_mask[j, : lengths[r]] = 1
         with torch.no_grad(), frozen_autocast(device):
             out = prefix(batch_ids.to(device), batch_mask.to(device))
-        hidden[start : start + len(rows), :w] = out.float().cpu()
+        hidden[start : start + len(rows), :w] = out.float().cpu() * batch_mask[..., None]  # padding: 0
         mask[start : start + len(rows), :w] = batch_mask
     return hidden, mask, order

@@ -20,3 +20,10 @@ def client_state_dir(cfg: Config, run_id: int, partition_id: int) -> Path:
         else run_dir(cfg, run_id) / "clients"
     )
     return root / f"client-{partition_id:04d}"
+
+
+def client_cache_dir(cfg: Config, partition_id: int) -> Path | None:
+    """A simulated client's feature-cache folder under ``client.feature-cache`` (``None`` when off)."""
+    if not cfg.client.feature_cache:
+        return None
+    return Path(cfg.client.feature_cache).expanduser() / f"client-{partition_id:04d}"

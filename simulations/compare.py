@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -21,13 +22,25 @@ def compare(
     run_dir: Path,
     on_round: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Simulate each mode into ``run_dir/<mode>`` and write ``compare.md`` / ``compare.json``."""
+    """Simulate each mode into ``run_dir/<mode>`` and write ``compare.md`` / ``compare.json``.
+
+    The modes see the same texts through the same frozen prefix, so unless ``client.feature-cache`` is
+    set, each client keeps its prefix features in ``run_dir/feature-cache`` (encrypted, see
+    client.feature_cache) for the later modes; the folder is removed when every mode has finished.
+    """
     rows: list[dict[str, Any]] = []
+    scratch = None
+    if len(modes) > 1 and not settings.overrides.get("client.feature-cache"):
+        scratch = run_dir / "feature-cache"
     for mode in modes:
-        sub = replace(settings, overrides={**settings.overrides, "personalization.mode": mode})
+        over = {**settings.overrides, "personalization.mode": mode}
+        if scratch is not None:
+            over["client.feature-cache"] = str(scratch)
         callback = (lambda line, m=mode: on_round(m, line)) if on_round else None
-        summary = simulate(sub, run_dir / mode, callback)
+        summary = simulate(replace(settings, overrides=over), run_dir / mode, callback)
         rows.append({"mode": mode, **summary})
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
     if rows and "majority-mean" in rows[0]:
         base = rows[0]
         rows.append(

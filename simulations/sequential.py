@@ -20,6 +20,7 @@ from common.config import Config
 from common.data import label_names
 from common.model import get_backbone
 from common.params import get_arrays, nbytes
+from common.runs import client_cache_dir
 from common.split import split_names
 from server.ledger import Ledger, ledger_meta
 from server.recorder import distribution
@@ -47,8 +48,10 @@ def run_sequential(
     shared = get_arrays(backbone.template, names["shared"])
     server_opt = ServerOptimizer.from_config(cfg)
     run_id = int(time.time())
+    states = out / "clients"
     nodes = [
-        NodeInfo(i, num_clients, out / "clients" / f"client-{i:04d}", run_id) for i in range(num_clients)
+        NodeInfo(i, num_clients, states / f"client-{i:04d}", run_id, feature_cache=client_cache_dir(cfg, i))
+        for i in range(num_clients)
     ]
     ledger = Ledger(
         out / "ledger.json", {**ledger_meta(cfg), "mode": cfg.personalization.mode, "runner": "sequential"}

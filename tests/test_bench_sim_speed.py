@@ -43,3 +43,8 @@ def test_table_states_ratios_and_targets() -> None:
     assert "a/b (best Flower config / floor) = **1.40** (target ≤ 1.25: MISSED)" in table
     assert "a/c (Flower / pfl-research) = **1.17** (target ≤ 1: MISSED)" in table
     assert "cold start 9.0 s (target ≤ 8.0 s: MISSED)" in table
+    warm = row("flower", 12.0, **{"cold-start-seconds": 4.0, "feature-cache": "read"})
+    table = sim_speed_table([*rows, warm], 4, 0.001)
+    assert "a/b (best Flower config / floor) = **1.40**" in table  # the ratios compare runs without a cache
+    assert "2 actor(s), feature cache read | 12.0" in table
+    assert "Flower cold start 4.0 s (target ≤ 8.0 s: met), wall 12.0 s (a/c 1.00;" in table

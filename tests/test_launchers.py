@@ -53,9 +53,12 @@ def test_agent_command_uses_tls_node_key_and_its_own_flower_home(tmp_path: Path,
     node_config = argv[argv.index("--node-config") + 1]
     assert f'state-dir="{(tmp_path / "state").resolve()}"' in node_config
     assert 'device="cpu"' in node_config and "max-physical-batch=16" in node_config
+    assert f'feature-cache="{(tmp_path / "state" / "features").resolve()}"' in node_config
     assert launch.env["FLWR_HOME"] == str((tmp_path / "state" / "flwr").resolve())
     assert launch.env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
     assert oct((tmp_path / "state").stat().st_mode & 0o777) == "0o700"
+    off = plan_agent(_agent(tmp_path, certs, node_key=key.private, device="cpu", feature_cache=False))
+    assert "feature-cache" not in off.argv[off.argv.index("--node-config") + 1]
 
 
 def test_agent_without_ca_or_with_both_ca_and_insecure_is_refused(tmp_path: Path, certs: Path) -> None:

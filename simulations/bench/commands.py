@@ -165,6 +165,11 @@ def bench_sim_speed(
     run = _run("sim-speed", folder)
     rows = [run_runner("sequential", clients, threads, 0, run.dir / "sequential")]
     rows += [run_runner("flower", clients, threads, n, run.dir / f"flower-{n}") for n in actors]
+    best = min((r for r in rows if r["runner"] == "flower"), key=lambda r: r["wall-seconds"])["actors"]
+    cache = {"client.feature-cache": str(run.dir / "feature-cache")}  # filled by one run, read by the next
+    for use in ("fill", "read"):
+        row = run_runner("flower", clients, threads, best, run.dir / f"flower-{best}-cache-{use}", cache)
+        rows.append({**row, "feature-cache": use})
     try:
         import pfl  # noqa: F401
 
