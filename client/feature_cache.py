@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import secrets
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,7 @@ class FeatureCache:
                 raise ValueError(f"{tokens.shape[0]} token states for {int(keep.sum())} tokens")
             hidden = torch.zeros(*mask.shape, tokens.shape[1], dtype=torch.float32)
             hidden[keep] = torch.from_numpy(tokens)
-        except (InvalidTag, ValueError, KeyError, OSError) as exc:
+        except (InvalidTag, ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
             reason = "failed authentication" if isinstance(exc, InvalidTag) else str(exc)
             log.warning("feature cache %s unreadable (%s); recomputing it", path, reason)
             return None

@@ -170,10 +170,13 @@ def prefix_digest(prefix: nn.Module) -> str:
     return digest
 
 
-def store_key(backbone: Backbone, ids: Sequence[Sequence[int]], device: torch.device) -> str:
-    """The persistent key of ``run_prefix(backbone, ids)`` on ``device``: weights, ids, device, versions."""
+def store_key(backbone: Backbone, ids: Sequence[Sequence[int]], device: torch.device, chunk: int = 64) -> str:
+    """The persistent key of ``run_prefix(backbone, ids, chunk, device)``: weights, ids, device, versions.
+
+    ``chunk`` sets each chunk's padded width, which can change the float rounding, so it is part of it.
+    """
     h = hashlib.sha256(
-        f"prefix-v1|{prefix_digest(backbone.prefix)}|{device.type}|torch {torch.__version__}|"
+        f"prefix-v1|{prefix_digest(backbone.prefix)}|{device.type}|{chunk}|torch {torch.__version__}|"
         f"transformers {transformers.__version__}|{len(ids)}|".encode()
     )
     for seq in ids:
@@ -197,7 +200,7 @@ def run_prefix(
     output saved by an earlier process for the same weights and ids is returned instead of recomputed.
     """
     device = device or torch.device("cpu")
-    key = store_key(backbone, ids, device) if store is not None else ""
+    key = store_key(backbone, ids, device, chunk) if store is not None else ""
     if store is not None:
         saved = store.load(key)
         if saved is not None:

@@ -66,6 +66,7 @@ def test_the_key_follows_the_weights_the_ids_and_the_device(tiny) -> None:
     assert key != store_key(backbone, ids[:-1], cpu)
     assert key != store_key(backbone, [ids[0][:-1], *ids[1:]], cpu)
     assert key != store_key(backbone, ids, torch.device("meta"))
+    assert key != store_key(backbone, ids, cpu, chunk=16)
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "other-key"])
