@@ -180,14 +180,26 @@ def predict(
     Console().print(table)
 
 
-def _assistant(state_dir: Path, key_file: Path | None) -> tuple[object, object]:
+def _assistant(state_dir: Path, key_file: Path | None, examples: int) -> tuple[object, object, list]:
+    """(backbone, model, example turns): the first ``examples`` the state keeps (-1 = all of them)."""
     from client.generate import load_assistant
 
     try:
-        return load_assistant(state_dir, key_file)
+        backbone, model, kept = load_assistant(state_dir, key_file)
+        if examples > len(kept):
+            raise ConfigError(
+                f"--examples {examples}: the state in {state_dir} keeps {len(kept)} of this user's turns "
+                "(client.chat-examples at training time)"
+            )
     except FedpersError as exc:
         _fail(exc)
         raise  # unreachable: _fail exits
+    return backbone, model, kept if examples < 0 else kept[:examples]
+
+
+_EXAMPLES_HELP = (
+    "how many of this user's own turns (kept in the state) come first as context; -1 = all, 0 = none"
+)
 
 
 def _say(backbone: object, model: object, prompt: str, chat: bool, opts: dict) -> None:
@@ -209,11 +221,12 @@ def generate(
     temperature: float = typer.Option(0.8, help="0 = greedy"),
     top_p: float = typer.Option(0.9, help="nucleus sampling mass"),
     seed: int = typer.Option(None, help="sampling seed (default: random)"),
+    examples: int = typer.Option(-1, help=_EXAMPLES_HELP + " (with --chat)"),
 ) -> None:
     """Continue a text offline with this user's personal assistant, streaming tokens."""
-    backbone, model = _assistant(state_dir, key_file)
+    backbone, model, turns = _assistant(state_dir, key_file, examples if chat else 0)
     opts = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
-    _say(backbone, model, prompt, chat, opts)
+    _say(backbone, model, prompt, chat, {**opts, "examples": turns})
 
 
 @app.command()
@@ -224,10 +237,12 @@ def chat(
     temperature: float = typer.Option(0.8, help="0 = greedy"),
     top_p: float = typer.Option(0.9, help="nucleus sampling mass"),
     seed: int = typer.Option(None, help="sampling seed (default: random)"),
+    examples: int = typer.Option(-1, help=_EXAMPLES_HELP),
 ) -> None:
     """Chat offline with this user's personal assistant (one line per message; an empty line or EOF ends)."""
-    backbone, model = _assistant(state_dir, key_file)
-    opts = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    backbone, model, turns = _assistant(state_dir, key_file, examples)
+    opts: dict[str, object] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+    opts.update(seed=seed, examples=turns)
     for line in sys.stdin:
         prompt = line.strip()
         if not prompt or prompt in {"exit", "quit"}:

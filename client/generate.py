@@ -8,7 +8,7 @@ trained (frozen prefix blocks, then the LoRA blocks and the personal adapter) an
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +17,20 @@ import torch
 from common.errors import ConfigError
 
 
-def load_assistant(state_dir: str | Path, key_file: str | Path | None = None) -> tuple[Any, Any]:
-    """(backbone, personalized causal LM) rebuilt from a client's state; clear errors when it cannot be."""
+def load_assistant(
+    state_dir: str | Path, key_file: str | Path | None = None
+) -> tuple[Any, Any, list[tuple[str, str]]]:
+    """(backbone, personalized causal LM, the user's own example turns) from a client's state.
+
+    Clear errors when the state cannot give a causal LM. The example turns (``client.chat-examples``)
+    are what ``stream`` can put before each message as earlier turns of the conversation.
+    """
     from client.predict import load_personal_model
+    from client.state import StateStore
 
     _, backbone, model = load_personal_model(state_dir, key_file, causal=True)
-    return backbone, model
+    state = StateStore(state_dir, key_file).load()
+    return backbone, model, list(state.examples) if state else []
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
@@ -47,8 +55,12 @@ def stream(
     temperature: float = 0.8,
     top_p: float = 0.9,
     seed: int | None = None,
+    examples: Sequence[tuple[str, str]] = (),
 ) -> Iterator[str]:
-    """Yield the reply to ``prompt`` piece by piece (the chat template when ``chat``, else a continuation)."""
+    """Yield the reply to ``prompt`` piece by piece (the chat template when ``chat``, else a continuation).
+
+    With ``chat``, ``examples`` (cue, reply) come first as earlier turns (common.chat_format).
+    """
     from transformers import DynamicCache
 
     from common.causal_model import step_mask
@@ -57,7 +69,9 @@ def stream(
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     tok = backbone.tokenizer
-    text = chat_prompt(tok, prompt) if chat else prompt  # the format chat-turn training used
+    if examples and not chat:
+        raise ConfigError("example turns need the chat format (chat=True); a continuation has no turns")
+    text = chat_prompt(tok, prompt, examples) if chat else prompt  # the format chat-turn training used
     ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]  # the template has them
     cache = DynamicCache(config=backbone.prefix.config)
     gen = torch.Generator()

@@ -22,6 +22,7 @@ from client.feature_cache import FeatureCache
 from client.state import PersonalState, StateStore
 from client.training import DPPlan, TrainOutcome, evaluate, sample_rate, steps_per_epoch, train
 from common import protocol as P
+from common.chat_format import pick_examples
 from common.config import Config, is_causal
 from common.data import ClientData, label_names, load_client_data, majority_baseline_accuracy
 from common.device import resolve_device
@@ -265,5 +266,15 @@ def run_evaluate(cfg: Config, node: NodeInfo, shared: Arrays, final_round: bool)
     # Keep the latest global tensors and the configuration on the device: `fedpers predict` works offline.
     s.state.shared = {k: np.asarray(v, dtype=np.float32) for k, v in shared.items()}
     s.state.meta["config"] = cfg.to_run_config()
+    s.state.examples = _chat_examples(cfg, s)
     s.store.save(s.state)
     return metrics
+
+
+def _chat_examples(cfg: Config, s: _Session) -> list[tuple[str, str]]:
+    """``client.chat-examples`` of this user's own training turns, for `fedpers chat` (kept on the device)."""
+    d = s.data
+    if not is_causal(cfg) or not d.train_prompts:
+        return []
+    k = cfg.client.chat_examples
+    return pick_examples(s.backbone.tokenizer, d.train_prompts, d.train_texts, k, cfg.task.max_length)

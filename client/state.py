@@ -48,6 +48,7 @@ class PersonalState:
     run_plan: dict[str, Any] = dataclasses.field(default_factory=dict)
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
     shared: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # latest global (for predict)
+    examples: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # own turns, for chat context
 
 
 def load_key(state_dir: Path, key_file: Path | None) -> bytes:
@@ -122,6 +123,7 @@ class StateStore:
             run_plan=dict(header["run_plan"]),
             meta=dict(header["meta"]),
             shared=shared,
+            examples=[(str(c), str(r)) for c, r in header.get("examples", [])],
         )
 
     def save(self, state: PersonalState) -> None:
@@ -137,6 +139,7 @@ class StateStore:
                 "examples_seen": state.examples_seen,
                 "run_plan": state.run_plan,
                 "meta": state.meta,
+                "examples": [list(e) for e in state.examples],
             }
         ).encode()
         buf = io.BytesIO()

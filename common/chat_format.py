@@ -10,6 +10,10 @@ The system turn is empty: SmolLM2's template would otherwise insert its default 
 helpful AI assistant named SmolLM…", ~20 tokens on every example), which is the voice a personal
 assistant is meant to move away from. Tokenizers without a chat template (the tiny test LM) use
 ``message + "\\n"`` as the prompt and their end-of-sequence token as the end of turn.
+
+A few of the user's own training turns can precede the message as earlier turns of the conversation
+(``examples``, see :func:`pick_examples`): in-context personalization on the device, next to the trained
+personal part. The client keeps them in its encrypted state; they are never sent.
 """
 
 from __future__ import annotations
@@ -27,12 +31,43 @@ def has_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def chat_prompt(tokenizer: Any, message: str) -> str:
-    """The text a causal LM continues to answer ``message`` (a user turn and the assistant's start)."""
+Example = tuple[str, str]  # (cue, reply): one earlier turn of the conversation
+
+
+def chat_prompt(tokenizer: Any, message: str, examples: Sequence[Example] = ()) -> str:
+    """The text a causal LM continues to answer ``message`` (a user turn and the assistant's start).
+
+    ``examples`` come first, each as a user turn (the cue) and the assistant's answer (the reply).
+    """
     if has_template(tokenizer):
-        turns = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": message}]
+        turns = [{"role": "system", "content": SYSTEM}]
+        for cue, reply in examples:
+            turns += [{"role": "user", "content": cue}, {"role": "assistant", "content": reply}]
+        turns.append({"role": "user", "content": message})
         return str(tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
-    return message + "\n"
+    return "".join(f"{cue}\n{reply}\n" for cue, reply in examples) + message + "\n"
+
+
+def pick_examples(
+    tokenizer: Any, prompts: Sequence[str], replies: Sequence[str], k: int, max_length: int
+) -> list[Example]:
+    """``k`` (cue, reply) turns spread evenly over the data, cut as training cuts them.
+
+    The reply keeps its first ``max_length`` tokens, the cue its last ``max_length // 2``; the same turns
+    for the same data every time (no randomness), so a test can name them.
+    """
+    if len(prompts) != len(replies):
+        raise DataError(f"{len(prompts)} prompts for {len(replies)} replies")
+    if k < 0 or max_length < 2:
+        raise DataError(f"k must be >= 0 and max_length >= 2, got k={k}, max_length={max_length}")
+    n = len(replies)
+    chosen = sorted({(i * n) // k for i in range(k)}) if k and n else []
+    out = []
+    for i in chosen:
+        cue = tokenizer(prompts[i], add_special_tokens=False)["input_ids"][-(max_length // 2) :]
+        reply = tokenizer(replies[i], add_special_tokens=False)["input_ids"][:max_length]
+        out.append((tokenizer.decode(cue), tokenizer.decode(reply)))
+    return out
 
 
 def end_of_turn(tokenizer: Any) -> list[int]:
@@ -52,12 +87,17 @@ def end_of_turn(tokenizer: Any) -> list[int]:
 
 
 def tokenize_turns(
-    tokenizer: Any, prompts: Sequence[str], replies: Sequence[str], max_length: int
+    tokenizer: Any,
+    prompts: Sequence[str],
+    replies: Sequence[str],
+    max_length: int,
+    examples: Sequence[Example] = (),
 ) -> tuple[list[list[int]], list[int]]:
     """Token ids of each (prompt, reply) turn and how many leading ids are the prompt (never scored).
 
     The reply keeps its first ``max_length`` tokens (then the end of turn); the cue inside the prompt
-    keeps its last ``max_length // 2`` tokens, so the words right before the reply survive.
+    keeps its last ``max_length // 2`` tokens, so the words right before the reply survive. ``examples``
+    (earlier turns, see :func:`chat_prompt`) are part of every prompt, never scored.
     """
     if len(prompts) != len(replies):
         raise DataError(f"{len(prompts)} prompts for {len(replies)} replies")
@@ -70,7 +110,7 @@ def tokenize_turns(
         cue_ids = tokenizer(cue, add_special_tokens=False)["input_ids"]
         if len(cue_ids) > keep:
             cue = tokenizer.decode(cue_ids[-keep:])
-        head = tokenizer(chat_prompt(tokenizer, cue), add_special_tokens=False)["input_ids"]
+        head = tokenizer(chat_prompt(tokenizer, cue, examples), add_special_tokens=False)["input_ids"]
         body = tokenizer(reply, add_special_tokens=False)["input_ids"][:max_length] + end
         ids.append(list(head) + list(body))
         prompt_lengths.append(len(head))

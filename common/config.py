@@ -157,6 +157,7 @@ class ClientConfig:
     state_root: str
     report_before_after: bool
     feature_cache: str
+    chat_examples: int = dataclasses.field(metadata=_range(0, 64))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ from opacus import GradSampleModule
 from client.app import make_client_app
 from client.generate import load_assistant, stream
 from client.predict import predict
+from client.state import StateStore
 from client.training import DPPlan, evaluate, example_losses, sample_rate, train
 from common.config import Config
 from common.data import load_client_data
@@ -161,7 +162,8 @@ def test_a_federation_sends_only_shared_adapters_reports_perplexity_and_the_user
     without = cross["without-personal"]  # zeroing the trained personal part changes the user's score
     assert len(without) == 2 and all(w != cross["ppl"][i][i] for i, w in enumerate(without))
     state_dir = tmp_path / "dev" / "client-0000"
-    backbone, model = load_assistant(state_dir)
+    backbone, model, kept = load_assistant(state_dir)
+    assert kept == []  # raw-text training has no turns to keep
     "".join(stream(backbone, model, "To be", chat=False, max_new_tokens=5))  # from the real state
     with pytest.raises(ConfigError, match="use `fedpers chat` or `fedpers generate`"):
         predict(state_dir, ["to be or not to be"])
@@ -280,3 +282,35 @@ def test_style_summary_counts_own_model_wins_and_same_play_gaps() -> None:
 def test_style_diagnostic_on_a_folder_without_states_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StateError, match="has no client state"):
         cross_perplexity(tmp_path)
+
+
+def test_a_chat_user_keeps_own_turns_in_the_state_and_chat_uses_them(tmp_path: Path) -> None:
+    """A real (sequential) chat-turn run: the state keeps the picked turns; chat puts them first."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from common.chat_format import pick_examples
+    from simulations.sequential import run_sequential
+
+    over = {**LM, "task.lm-format": "chat", "client.chat-examples": 3, "dp.enabled": False}
+    run_sequential(over, 2, tmp_path)
+    cfg = Config.from_run_config(over)
+    state_dir = tmp_path / "clients" / "client-0001"
+    state = StateStore(state_dir).load()
+    data = load_client_data(cfg.task, 1, 2)
+    tok = get_backbone(cfg, 1).tokenizer
+    assert state is not None
+    assert state.examples == pick_examples(tok, data.train_prompts, data.train_texts, 3, cfg.task.max_length)
+    backbone, model, kept = load_assistant(state_dir)
+    assert kept == state.examples
+    assert "".join(stream(backbone, model, "hail", max_new_tokens=4, temperature=0.0, examples=kept))
+    with pytest.raises(ConfigError, match="need the chat format"):
+        next(stream(backbone, model, "hail", chat=False, examples=kept))
+    res = CliRunner().invoke(app, ["chat", "--state-dir", str(state_dir), "--examples", "4"], input="hail\n")
+    assert res.exit_code != 0 and "keeps 3 of this user's turns" in res.output
+    res = CliRunner().invoke(
+        app,
+        ["chat", "--state-dir", str(state_dir), "--examples", "2", "--max-new-tokens", "3"],
+        input="hail\n",
+    )
+    assert res.exit_code == 0 and res.output.startswith("> ")

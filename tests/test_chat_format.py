@@ -12,10 +12,10 @@ import torch
 from client.generate import stream
 from client.training import example_losses
 from common.assets import ensure
-from common.chat_format import chat_prompt, end_of_turn, tokenize_turns
+from common.chat_format import chat_prompt, end_of_turn, pick_examples, tokenize_turns
 from common.config import Config
 from common.data import load_client_data
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 from common.features import encode
 from common.model import get_backbone
 from common.shakespeare import parse_turns
@@ -161,3 +161,41 @@ def test_projecting_only_scored_positions_equals_the_full_logits(chat: tuple[Con
             gsm._close()
         assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1], strict=True))
+
+
+def test_example_turns_come_before_the_message_and_are_never_scored() -> None:
+    cfg = Config.from_run_config(CHAT)
+    tok = copy.deepcopy(get_backbone(cfg, 1).tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} [end] {% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    shots = [("who goes", "a friend")]
+    assert chat_prompt(tok, "hail", shots) == (
+        "[system]  [end] [user] who goes [end] [assistant] a friend [end] [user] hail [end] [assistant] "
+    )
+    plain, plain_heads = tokenize_turns(tok, ["hail"], ["well met"], 16)
+    ids, heads = tokenize_turns(tok, ["hail"], ["well met"], 16, shots)
+    assert heads[0] > plain_heads[0] and ids[0][heads[0] :] == plain[0][plain_heads[0] :]
+    no_template = get_backbone(cfg, 1).tokenizer  # the tiny LM has none: plain lines
+    assert chat_prompt(no_template, "hail", shots) == "who goes\na friend\nhail\n"
+
+
+def test_example_turns_are_spread_over_the_data_and_cut_like_training(chat: tuple[Config, Any, Any]) -> None:
+    cfg, backbone, data = chat
+    tok, n = backbone.tokenizer, cfg.task.max_length
+    shots = pick_examples(tok, data.train_prompts, data.train_texts, 4, n)
+    assert pick_examples(tok, data.train_prompts, data.train_texts, 4, n) == shots  # deterministic
+    m = len(data.train_texts)
+    for (cue, reply), i in zip(shots, [0, m // 4, m // 2, 3 * m // 4], strict=True):
+        assert (
+            reply.strip()
+            and tok.decode(tok(data.train_texts[i], add_special_tokens=False)["input_ids"][:n]) == reply
+        )
+        assert cue == tok.decode(
+            tok(data.train_prompts[i], add_special_tokens=False)["input_ids"][-(n // 2) :]
+        )
+    assert len(pick_examples(tok, data.train_prompts[:2], data.train_texts[:2], 5, n)) == 2
+    assert pick_examples(tok, data.train_prompts, data.train_texts, 0, n) == []
+    with pytest.raises(DataError, match="prompts for"):
+        pick_examples(tok, data.train_prompts[:1], data.train_texts, 2, n)

@@ -45,6 +45,10 @@ def _state() -> PersonalState:
         examples_seen=180,
         run_plan={"run_id": 12, "sigma": 0.7, "sample_rate": 1 / 3, "delta": 1 / 60},
         meta={"mode": "fedper", "model": "abc123"},
+        examples=[
+            ("Who's there?", "Nay, answer me: stand, and unfold yourself."),
+            ("", "Long live the king!"),
+        ],
     )
 
 
@@ -58,6 +62,7 @@ def _assert_same(a: PersonalState, b: PersonalState) -> None:
     assert (b.rounds_trained, b.examples_seen) == (a.rounds_trained, a.examples_seen)
     assert b.run_plan == a.run_plan
     assert b.meta == a.meta
+    assert b.examples == a.examples
 
 
 # --- the store ---------------------------------------------------------------------------------------
@@ -89,6 +94,7 @@ def test_file_is_encrypted_and_saves_use_fresh_nonces(tmp_path: Path) -> None:
     first = store.path.read_bytes()
     assert first.startswith(MAGIC)
     assert b"history" not in first and b"head.weight" not in first and b"abc123" not in first
+    assert b"unfold yourself" not in first  # the user's own example turns are encrypted too
     assert state.tensors["head.weight"].tobytes()[:16] not in first
     store.save(state)
     second = store.path.read_bytes()
