@@ -21,7 +21,7 @@ import torch
 import transformers
 from torch import nn
 
-from common.chat_format import tokenize_turns
+from common.chat_format import Example, tokenize_turns
 from common.device import frozen_autocast
 from common.errors import DataError
 from common.model import Backbone
@@ -79,6 +79,7 @@ def encode(
     device: torch.device | None = None,
     prompts: Sequence[str] = (),
     store: PrefixStore | None = None,
+    examples: Sequence[Example] = (),
 ) -> Features:
     """Features of ``texts`` under ``backbone``, rows sorted by token length (cached per process).
 
@@ -87,7 +88,8 @@ def encode(
     ``device`` (bf16 autocast on CUDA, see common.device); the cached features live on the CPU.
     With ``prompts`` (a causal LM trained on chat turns) each text is the reply to its prompt: the
     prompt's tokens are attended to but not scored (see common.chat_format). With ``store`` the prefix's
-    output is looked up there first and saved there after it is computed.
+    output is looked up there first and saved there after it is computed. ``examples`` (chat turns only)
+    are earlier turns put before every prompt, attended to and never scored (common.chat_format).
     """
     if len(texts) != len(labels):
         raise DataError(f"{len(texts)} texts but {len(labels)} labels")
@@ -95,9 +97,11 @@ def encode(
         raise DataError("no examples to encode")
     if prompts and not backbone.causal:
         raise DataError("prompts (chat turns) need a causal LM; a classifier reads texts only")
+    if examples and not prompts:
+        raise DataError("example turns go before chat prompts: give prompts too")
     digest = hashlib.sha256()
-    digest.update(f"{backbone.fingerprint}|{max_length}|{len(prompts)}|".encode())
-    for t in (*texts, *prompts):
+    digest.update(f"{backbone.fingerprint}|{max_length}|{len(prompts)}|{len(examples)}|".encode())
+    for t in (*texts, *prompts, *(part for turn in examples for part in turn)):
         digest.update(t.encode("utf-8", "replace") + b"\x00")
     digest.update(np.asarray(labels, dtype=np.int64).tobytes())
     key = digest.hexdigest()
@@ -106,7 +110,7 @@ def encode(
             _CACHE.move_to_end(key)
             return _CACHE[key]
     if prompts:
-        ids, unscored = tokenize_turns(backbone.tokenizer, prompts, texts, max_length)
+        ids, unscored = tokenize_turns(backbone.tokenizer, prompts, texts, max_length, examples)
     else:
         ids, unscored = _token_ids(backbone, texts, max_length), [0] * len(texts)
     hidden, mask, order = run_prefix(backbone, ids, chunk, device, store)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -293,7 +294,7 @@ def test_a_chat_user_keeps_own_turns_in_the_state_and_chat_uses_them(tmp_path: P
     from simulations.sequential import run_sequential
 
     over = {**LM, "task.lm-format": "chat", "client.chat-examples": 3, "dp.enabled": False}
-    run_sequential(over, 2, tmp_path)
+    reported = run_sequential(over, 2, tmp_path)
     cfg = Config.from_run_config(over)
     state_dir = tmp_path / "clients" / "client-0001"
     state = StateStore(state_dir).load()
@@ -314,3 +315,14 @@ def test_a_chat_user_keeps_own_turns_in_the_state_and_chat_uses_them(tmp_path: P
         input="hail\n",
     )
     assert res.exit_code == 0 and res.output.startswith("> ")
+    # The context diagnostic: without turns it scores exactly what the client reported for its test split.
+    from simulations.lm_context import context_perplexity
+
+    result = context_perplexity(tmp_path / "clients", 3)
+    rows = result["rows"]
+    assert [r["user"] for r in rows] == [r["other"] for r in rows[::-1]]  # two users borrow each other's
+    assert statistics.fmean(r["none"] for r in rows) == pytest.approx(reported["perplexity-mean"], rel=1e-5)
+    assert all(r["own"] != r["none"] and math.isfinite(r["other-turns"]) for r in rows)
+    assert result["summary"]["users"] == 2
+    with pytest.raises(DataError, match="give prompts too"):
+        encode(backbone, data.test_texts, data.test_labels, 16, examples=kept)

@@ -1,0 +1,145 @@
+"""Diagnostic: do a user's own turns as chat context make the assistant speak more like that user?
+
+    python -m simulations.lm_context --run-dir RUN --mode fedper [--examples 4] [--users N] [--json OUT]
+
+For each client state of a finished chat-turn run (``RUN/MODE/clients/client-NNNN``), the user's personal
+model (what ``fedpers chat`` loads) scores the user's *test* replies given their cues three ways: with no
+earlier turns; with ``--examples`` of the user's own *training* turns first, picked as the client picks
+them for ``client.chat-examples`` (common.chat_format.pick_examples); and with as many training turns of
+another user of the run (the next one). "own < none" says the context helps; "own < other" says it
+carries this user's voice, not just the register every user shares. Nothing is trained; the test split
+is only read. ``--transcript`` answers one message for the first two users with and without the turns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client.generate import stream
+from client.predict import load_personal_model
+from client.training import evaluate
+from common.chat_format import Example, pick_examples
+from common.data import ClientData, load_client_data
+from common.errors import FedpersError, StateError
+from common.features import encode
+
+
+def _states(clients_dir: Path, users: int) -> list[Path]:
+    found = sorted(p for p in clients_dir.glob("client-*") if (p / "personal.state").is_file())
+    if len(found) < 2:
+        raise StateError(f"{clients_dir} needs at least two client states (one to borrow turns from)")
+    return found[:users] if users else found
+
+
+def _perplexity(model: Any, backbone: Any, max_length: int, d: ClientData, shots: list[Example]) -> float:
+    feats = encode(backbone, d.test_texts, d.test_labels, max_length, prompts=d.test_prompts, examples=shots)
+    return math.exp(evaluate(model, feats)[1])
+
+
+def context_perplexity(clients_dir: Path, k: int, users: int = 0) -> dict[str, Any]:
+    """Per user: test perplexity with no turns, ``k`` own training turns and ``k`` of the next user's."""
+    dirs = _states(clients_dir, users)
+    rows: list[dict[str, Any]] = []
+    data: list[ClientData] = []
+    shots: list[list[Example]] = []
+    for i, state_dir in enumerate(dirs):
+        cfg, backbone, model = load_personal_model(state_dir, None, causal=True)
+        if not data:
+            if cfg.task.lm_format != "chat":
+                raise StateError(f"{clients_dir} was trained on raw text (task.lm-format = 'text'): no turns")
+            parts = [int(p.name.removeprefix("client-")) for p in dirs]
+            total = max(int(p.name.removeprefix("client-")) for p in clients_dir.glob("client-*")) + 1
+            data = [load_client_data(cfg.task, part, total) for part in parts]
+            shots = [
+                pick_examples(backbone.tokenizer, d.train_prompts, d.train_texts, k, cfg.task.max_length)
+                for d in data
+            ]
+        n = cfg.task.max_length
+        other = (i + 1) % len(dirs)
+        row = {
+            "user": data[i].user,
+            "other": data[other].user,
+            "none": _perplexity(model, backbone, n, data[i], []),
+            "own": _perplexity(model, backbone, n, data[i], shots[i]),
+            "other-turns": _perplexity(model, backbone, n, data[i], shots[other]),
+        }
+        rows.append(row)
+        print(f"  {i + 1}/{len(dirs)} {row['user']}: none {row['none']:.2f}, own {row['own']:.2f}, "
+              f"other {row['other-turns']:.2f}", flush=True)  # fmt: skip
+    return {"examples": k, "rows": rows, "summary": summarize(rows)}
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means, medians and how many users each comparison favours the own turns."""
+    out: dict[str, Any] = {"users": len(rows)}
+    for key in ("none", "own", "other-turns"):
+        vals = [r[key] for r in rows]
+        out[f"{key}-mean"], out[f"{key}-median"] = statistics.fmean(vals), statistics.median(vals)
+    out["own-beats-none"] = sum(r["own"] < r["none"] for r in rows)
+    out["own-beats-other"] = sum(r["own"] < r["other-turns"] for r in rows)
+    for key in ("none", "other-turns"):  # geometric-mean change of perplexity, own turns vs these
+        ratio = statistics.fmean(math.log(r["own"] / r[key]) for r in rows)
+        out[f"own-vs-{key.removesuffix('-turns')}-pct"] = 100 * (math.exp(ratio) - 1)
+    return out
+
+
+def transcript(clients_dir: Path, k: int, message: str, seed: int, tokens: int) -> list[str]:
+    """The first two users' answers to ``message`` without and with ``k`` of their own turns."""
+    lines = []
+    for state_dir in _states(clients_dir, 2):
+        cfg, backbone, model = load_personal_model(state_dir, None, causal=True)
+        part = int(state_dir.name.removeprefix("client-"))
+        d = load_client_data(cfg.task, part, part + 1)
+        turns = pick_examples(backbone.tokenizer, d.train_prompts, d.train_texts, k, cfg.task.max_length)
+        for label, shots in (("no turns", []), (f"{k} own turns", turns)):
+            pieces = stream(
+                backbone, model, message, max_new_tokens=tokens, temperature=0.7, seed=seed, examples=shots
+            )
+            answer = "".join(pieces).strip().replace("\n", " / ")
+            lines.append(f"{d.user} ({label}): {answer}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the per-user perplexities and the summary (and optionally a transcript)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-dir", type=Path, required=True, help="a finished chat-turn simulation folder")
+    ap.add_argument("--mode", default="fedper", help="which mode's client states (default fedper)")
+    ap.add_argument("--examples", type=int, default=4, help="own turns put first (default 4)")
+    ap.add_argument("--users", type=int, default=0, help="only the first N users (default all)")
+    ap.add_argument("--json", type=Path, help="also write the rows and the summary here")
+    ap.add_argument("--transcript", default="", help="a message the first two users answer, with and without")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed of the transcript")
+    args = ap.parse_args(argv)
+    if args.examples < 1 or args.users < 0:
+        raise SystemExit("error: --examples must be >= 1 and --users >= 0")
+    clients = args.run_dir / args.mode / "clients"
+    if not clients.is_dir():
+        raise SystemExit(f"error: {clients} is not a folder (a finished `fedpers simulate` run and mode)")
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    try:
+        if args.transcript:
+            for line in transcript(clients, args.examples, args.transcript, args.seed, 50):
+                print(line)
+            return
+        result = context_perplexity(clients, args.examples, args.users)
+    except FedpersError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    result["seconds"] = time.perf_counter() - start
+    print(json.dumps(result["summary"], indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
