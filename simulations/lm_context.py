@@ -8,7 +8,8 @@ earlier turns; with ``--examples`` of the user's own *training* turns first, pic
 them for ``client.chat-examples`` (common.chat_format.pick_examples); and with as many training turns of
 another user of the run (the next one). "own < none" says the context helps; "own < other" says it
 carries this user's voice, not just the register every user shares. Nothing is trained; the test split
-is only read. ``--transcript`` answers one message for the first two users with and without the turns.
+is only read. ``--transcript MSG`` answers one message for two users (``--transcript-users``), with and
+without the turns.
 """
 
 from __future__ import annotations
@@ -91,10 +92,15 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def transcript(clients_dir: Path, k: int, message: str, seed: int, tokens: int) -> list[str]:
-    """The first two users' answers to ``message`` without and with ``k`` of their own turns."""
+def transcript(
+    clients_dir: Path, k: int, message: str, seed: int, tokens: int, users: tuple[int, ...]
+) -> list[str]:
+    """Users' (partition ids) answers to ``message`` without and with ``k`` of their own turns."""
     lines = []
-    for state_dir in _states(clients_dir, 2):
+    for user in users:
+        state_dir = clients_dir / f"client-{user:04d}"
+        if not (state_dir / "personal.state").is_file():
+            raise StateError(f"no client state {state_dir}")
         cfg, backbone, model = load_personal_model(state_dir, None, causal=True)
         part = int(state_dir.name.removeprefix("client-"))
         d = load_client_data(cfg.task, part, part + 1)
@@ -116,7 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--examples", type=int, default=4, help="own turns put first (default 4)")
     ap.add_argument("--users", type=int, default=0, help="only the first N users (default all)")
     ap.add_argument("--json", type=Path, help="also write the rows and the summary here")
-    ap.add_argument("--transcript", default="", help="a message the first two users answer, with and without")
+    ap.add_argument(
+        "--transcript", default="", help="a message the --transcript-users answer, with and without"
+    )
+    ap.add_argument("--transcript-users", default="1,2", help="partition ids (default 1,2: Othello, Iago)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of the transcript")
     args = ap.parse_args(argv)
     if args.examples < 1 or args.users < 0:
@@ -128,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     try:
         if args.transcript:
-            for line in transcript(clients, args.examples, args.transcript, args.seed, 50):
+            users = tuple(int(u) for u in args.transcript_users.split(","))
+            for line in transcript(clients, args.examples, args.transcript, args.seed, 50, users):
                 print(line)
             return
         result = context_perplexity(clients, args.examples, args.users)
