@@ -111,13 +111,18 @@ def test_chat_asks_with_the_prompt_training_used(chat: tuple[Config, Any, Any]) 
     assert first.strip() == backbone.tokenizer.decode([greedy]).strip()
 
 
-def test_a_chat_template_sets_the_prompt_and_the_end_of_turn() -> None:
-    cfg = Config.from_run_config(CHAT)
-    tok = copy.deepcopy(get_backbone(cfg, 1).tokenizer)
+def _templated() -> Any:
+    """The tiny LM's tokenizer with a minimal, readable chat template."""
+    tok = copy.deepcopy(get_backbone(Config.from_run_config(CHAT), 1).tokenizer)
     tok.chat_template = (
         "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} [end] {% endfor %}"
         "{% if add_generation_prompt %}[assistant] {% endif %}"
     )
+    return tok
+
+
+def test_a_chat_template_sets_the_prompt_and_the_end_of_turn() -> None:
+    tok = _templated()
     assert chat_prompt(tok, "hail") == "[system]  [end] [user] hail [end] [assistant] "
     assert tok.decode(end_of_turn(tok)).replace(" ", "") == "[end]"
     ids, heads = tokenize_turns(tok, ["hail"], ["well met"], 16)
@@ -165,11 +170,7 @@ def test_projecting_only_scored_positions_equals_the_full_logits(chat: tuple[Con
 
 def test_example_turns_come_before_the_message_and_are_never_scored() -> None:
     cfg = Config.from_run_config(CHAT)
-    tok = copy.deepcopy(get_backbone(cfg, 1).tokenizer)
-    tok.chat_template = (
-        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} [end] {% endfor %}"
-        "{% if add_generation_prompt %}[assistant] {% endif %}"
-    )
+    tok = _templated()
     shots = [("who goes", "a friend")]
     assert chat_prompt(tok, "hail", shots) == (
         "[system]  [end] [user] who goes [end] [assistant] a friend [end] [user] hail [end] [assistant] "
