@@ -25,12 +25,10 @@ def load_assistant(
     Clear errors when the state cannot give a causal LM. The example turns (``client.chat-examples``)
     are what ``stream`` can put before each message as earlier turns of the conversation.
     """
-    from client.predict import load_personal_model
-    from client.state import StateStore
+    from client.predict import load_personal
 
-    _, backbone, model = load_personal_model(state_dir, key_file, causal=True)
-    state = StateStore(state_dir, key_file).load()
-    return backbone, model, list(state.examples) if state else []
+    _, backbone, model, state = load_personal(state_dir, key_file, causal=True)
+    return backbone, model, list(state.examples)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:

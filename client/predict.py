@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from client.state import StateStore
+from client.state import PersonalState, StateStore
 from common.config import Config, is_causal
 from common.data import label_names
 from common.errors import ConfigError, StateError
@@ -40,6 +40,14 @@ def load_personal_model(
     ``causal`` says which kind the caller can use (``predict``: a classifier, ``chat``: a causal LM);
     a state of the other kind, or one without a model yet, is a clear error.
     """
+    cfg, backbone, model, _ = load_personal(state_dir, key_file, causal=causal)
+    return cfg, backbone, model
+
+
+def load_personal(
+    state_dir: str | Path, key_file: str | Path | None = None, *, causal: bool
+) -> tuple[Config, Any, Any, PersonalState]:
+    """As :func:`load_personal_model`, plus the decrypted state it was built from (one read)."""
     if not (Path(state_dir) / "personal.state").is_file():
         raise StateError(f"no personal state in {state_dir}: this client has not taken part in a round yet")
     state = StateStore(state_dir, key_file).load()
@@ -56,7 +64,7 @@ def load_personal_model(
     roles = split_names([n for n, _ in model.named_parameters()], cfg.personalization.mode)
     set_arrays(model, state.shared, roles["shared"])
     set_arrays(model, state.tensors, roles["personal"])
-    return cfg, backbone, model
+    return cfg, backbone, model, state
 
 
 def predict(

@@ -31,10 +31,11 @@ from common.chat_format import Example, pick_examples
 from common.data import ClientData, load_client_data
 from common.errors import FedpersError, StateError
 from common.features import encode
+from simulations.lm_style import client_dirs
 
 
 def _states(clients_dir: Path, users: int) -> list[Path]:
-    found = sorted(p for p in clients_dir.glob("client-*") if (p / "personal.state").is_file())
+    found = client_dirs(clients_dir)
     if len(found) < 2:
         raise StateError(f"{clients_dir} needs at least two client states (one to borrow turns from)")
     return found[:users] if users else found

@@ -33,7 +33,8 @@ from common.features import Features, encode
 from common.split import split_names
 
 
-def _client_dirs(clients_dir: Path) -> list[Path]:
+def client_dirs(clients_dir: Path) -> list[Path]:
+    """The client state folders of one run's mode (``client-NNNN`` with a state file), sorted."""
     found = sorted(p for p in clients_dir.glob("client-*") if (p / "personal.state").is_file())
     if not found:
         raise StateError(f"{clients_dir} has no client state: is this a finished causal-LM run?")
@@ -52,7 +53,7 @@ def cross_perplexity(clients_dir: Path) -> dict[str, Any]:
 
     ``clients_dir`` holds the states ``client-NNNN`` of one run (NNNN: the user's partition id).
     """
-    dirs = _client_dirs(clients_dir)
+    dirs = client_dirs(clients_dir)
     n = len(dirs)
     users: list[str] = []
     feats: list[Features] = []
