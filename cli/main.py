@@ -136,14 +136,19 @@ def simulate(
 
 
 def _run_sequential(settings: Any, modes: tuple[str, ...], out: Path, on_round: Any) -> list[dict[str, Any]]:
+    import shutil
+
     from common.config import Config
     from common.fileio import write_json_atomic
-    from simulations.compare import write_paired
+    from simulations.compare import shared_feature_cache, write_comparison
     from simulations.sequential import run_sequential
 
     rows = []
+    scratch = shared_feature_cache(settings.overrides, modes, out)  # as compare() does for the Flower path
     for mode in modes or (str(settings.overrides.get("personalization.mode", "fedper")),):
         over = {**settings.overrides, "personalization.mode": mode}
+        if scratch is not None:
+            over["client.feature-cache"] = str(scratch)
         total = Config.from_run_config(over).fed.num_rounds
 
         def show(line: dict[str, Any], m: str = mode, t: int = total) -> None:
@@ -151,9 +156,10 @@ def _run_sequential(settings: Any, modes: tuple[str, ...], out: Path, on_round: 
 
         summary = run_sequential(over, settings.num_clients, out / mode, on_round=show)
         write_json_atomic(out / mode / "summary.json", summary)
-        rows.append(summary)
-    write_paired(out, modes)  # as compare() does for the Flower path
-    return rows
+        rows.append({"mode": mode, **summary})
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return write_comparison(out, modes, rows) if modes else rows
 
 
 @app.command()
@@ -180,12 +186,14 @@ def predict(
     Console().print(table)
 
 
-def _assistant(state_dir: Path, key_file: Path | None, examples: int) -> tuple[object, object, list]:
+def _assistant(
+    state_dir: Path, key_file: Path | None, examples: int, device: str
+) -> tuple[object, object, list]:
     """(backbone, model, example turns): the first ``examples`` the state keeps (-1 = all of them)."""
     from client.generate import load_assistant
 
     try:
-        backbone, model, kept = load_assistant(state_dir, key_file)
+        backbone, model, kept = load_assistant(state_dir, key_file, device)
         if examples > len(kept):
             raise ConfigError(
                 f"--examples {examples}: the state in {state_dir} keeps {len(kept)} of this user's turns "
@@ -200,6 +208,7 @@ def _assistant(state_dir: Path, key_file: Path | None, examples: int) -> tuple[o
 _EXAMPLES_HELP = (
     "how many of this user's own turns (kept in the state) come first as context; -1 = all, 0 = none"
 )
+_DEVICE_HELP = "auto (CUDA, then Apple MPS, then the CPU) | cpu | cuda | cuda:N | mps"
 
 
 def _say(backbone: object, model: object, prompt: str, chat: bool, opts: dict) -> None:
@@ -222,9 +231,10 @@ def generate(
     top_p: float = typer.Option(0.9, help="nucleus sampling mass"),
     seed: int = typer.Option(None, help="sampling seed (default: random)"),
     examples: int = typer.Option(-1, help=_EXAMPLES_HELP + " (with --chat)"),
+    device: str = typer.Option("auto", help=_DEVICE_HELP),
 ) -> None:
     """Continue a text offline with this user's personal assistant, streaming tokens."""
-    backbone, model, turns = _assistant(state_dir, key_file, examples if chat else 0)
+    backbone, model, turns = _assistant(state_dir, key_file, examples if chat else 0, device)
     opts = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     _say(backbone, model, prompt, chat, {**opts, "examples": turns})
 
@@ -238,9 +248,10 @@ def chat(
     top_p: float = typer.Option(0.9, help="nucleus sampling mass"),
     seed: int = typer.Option(None, help="sampling seed (default: random)"),
     examples: int = typer.Option(-1, help=_EXAMPLES_HELP),
+    device: str = typer.Option("auto", help=_DEVICE_HELP),
 ) -> None:
     """Chat offline with this user's personal assistant (one line per message; an empty line or EOF ends)."""
-    backbone, model, turns = _assistant(state_dir, key_file, examples)
+    backbone, model, turns = _assistant(state_dir, key_file, examples, device)
     opts: dict[str, object] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
     opts.update(seed=seed, examples=turns)
     for line in sys.stdin:
@@ -543,14 +554,14 @@ def bench_dp_cost_cmd(
     batches: str = typer.Option("16,32,64", help="comma-separated expected batch sizes"),
     repeats: int = typer.Option(3, help="interleaved repeats per variant (median reported)"),
     threads: int = typer.Option(2, help="torch threads"),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | mps (CUDA: allocator peak memory)"),
     no_publish: bool = typer.Option(False, help="do not update BENCHMARKS.md"),
 ) -> None:
     """Time per step and peak memory: non-private vs Opacus hooks, functorch, ghost."""
     from simulations.bench.commands import bench_dp_cost
 
-    _bench(
-        lambda: bench_dp_cost([int(b) for b in _split_csv(batches)], repeats, threads, publish=not no_publish)
-    )
+    batch_sizes = [int(b) for b in _split_csv(batches)]
+    _bench(lambda: bench_dp_cost(batch_sizes, repeats, threads, publish=not no_publish, device=device))
 
 
 @bench_app.command("sim-speed")

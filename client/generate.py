@@ -14,20 +14,22 @@ from typing import Any
 
 import torch
 
+from common.device import device_of
 from common.errors import ConfigError
 
 
 def load_assistant(
-    state_dir: str | Path, key_file: str | Path | None = None
+    state_dir: str | Path, key_file: str | Path | None = None, device: str = "auto"
 ) -> tuple[Any, Any, list[tuple[str, str]]]:
     """(backbone, personalized causal LM, the user's own example turns) from a client's state.
 
     Clear errors when the state cannot give a causal LM. The example turns (``client.chat-examples``)
-    are what ``stream`` can put before each message as earlier turns of the conversation.
+    are what ``stream`` can put before each message as earlier turns of the conversation. The model
+    runs on ``device`` (``auto``: CUDA, then MPS, then the CPU; see common.device).
     """
     from client.predict import load_personal
 
-    _, backbone, model, state = load_personal(state_dir, key_file, causal=True)
+    _, backbone, model, state = load_personal(state_dir, key_file, causal=True, device=device)
     return backbone, model, list(state.examples)
 
 
@@ -70,7 +72,8 @@ def stream(
     if examples and not chat:
         raise ConfigError("example turns need the chat format (chat=True); a continuation has no turns")
     text = chat_prompt(tok, prompt, examples) if chat else prompt  # the format chat-turn training used
-    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]  # the template has them
+    dev = device_of(backbone.prefix)  # the model was made on the same device (common.device.place)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(dev)  # template has them
     cache = DynamicCache(config=backbone.prefix.config)
     gen = torch.Generator()
     gen.manual_seed(seed if seed is not None else int(torch.seed() % (2**63)))
@@ -80,10 +83,10 @@ def stream(
     position = 0
     step = ids
     for _ in range(max_new_tokens):
-        pos = torch.arange(position, position + step.shape[1]).unsqueeze(0)
+        pos = torch.arange(position, position + step.shape[1], device=dev).unsqueeze(0)
         mask = step_mask(backbone.prefix.config, backbone.prefix.embed(step), cache, pos)
         hidden = backbone.prefix(step, mask, cache, pos)
-        logits = model(hidden, mask, cache, pos)[0, -1]
+        logits = model(hidden, mask, cache, pos)[0, -1].float().cpu()  # sampled with a CPU generator
         position += step.shape[1]
         nxt = _sample(logits, temperature, top_p, gen)
         if nxt in eos:
@@ -93,7 +96,7 @@ def stream(
         if len(full) > len(shown) and not full.endswith("\ufffd"):  # whole characters only
             yield full[len(shown) :]
             shown = full
-        step = torch.tensor([[nxt]])
+        step = torch.tensor([[nxt]], device=dev)
     full = tok.decode(produced, skip_special_tokens=True)
     if len(full) > len(shown):
         yield full[len(shown) :]

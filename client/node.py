@@ -25,7 +25,7 @@ from common import protocol as P
 from common.chat_format import pick_examples
 from common.config import Config, is_causal
 from common.data import ClientData, label_names, load_client_data, majority_baseline_accuracy
-from common.device import resolve_device
+from common.device import place, resolve_device
 from common.errors import PrivacyBudgetExhausted, StateError
 from common.features import Features, encode
 from common.model import Backbone, PersonalModel, get_backbone
@@ -91,6 +91,8 @@ def _seed(*parts: int) -> int:
 def _open(cfg: Config, node: NodeInfo, shared: Arrays) -> _Session:
     data = load_client_data(cfg.task, node.partition_id, node.num_partitions, node.data_path)
     backbone = get_backbone(cfg, len(label_names(cfg.task)))
+    device = resolve_device(node.device)
+    place(backbone, device)  # the model is born on the device, with the frozen weights it shares
     model = backbone.new_model()
     roles = split_names([n for n, _ in model.named_parameters()], cfg.personalization.mode)
     store = StateStore(node.state_dir, node.key_file)
@@ -107,8 +109,6 @@ def _open(cfg: Config, node: NodeInfo, shared: Arrays) -> _Session:
         set_arrays(model, state.tensors, roles["personal"])
     for name, param in model.named_parameters():
         param.requires_grad_(name in roles["shared"] or name in roles["personal"])
-    device = resolve_device(node.device)
-    model.to(device)
     cache = FeatureCache(node.feature_cache, node.key_file) if node.feature_cache else None
     return _Session(data, backbone, model, roles, store, state, cfg.task.max_length, device, cache)
 

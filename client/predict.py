@@ -16,6 +16,7 @@ import torch
 from client.state import PersonalState, StateStore
 from common.config import Config, is_causal
 from common.data import label_names
+from common.device import place, resolve_device
 from common.errors import ConfigError, StateError
 from common.features import prefix_features
 from common.model import get_backbone
@@ -45,9 +46,12 @@ def load_personal_model(
 
 
 def load_personal(
-    state_dir: str | Path, key_file: str | Path | None = None, *, causal: bool
+    state_dir: str | Path, key_file: str | Path | None = None, *, causal: bool, device: str = "cpu"
 ) -> tuple[Config, Any, Any, PersonalState]:
-    """As :func:`load_personal_model`, plus the decrypted state it was built from (one read)."""
+    """As :func:`load_personal_model`, plus the decrypted state it was built from (one read).
+
+    The backbone and the model are placed on ``device`` (cpu | auto | cuda[:N] | mps).
+    """
     if not (Path(state_dir) / "personal.state").is_file():
         raise StateError(f"no personal state in {state_dir}: this client has not taken part in a round yet")
     state = StateStore(state_dir, key_file).load()
@@ -60,6 +64,7 @@ def load_personal(
         use = "`fedpers chat` or `fedpers generate`" if is_causal(cfg) else "`fedpers predict`"
         raise ConfigError(f"{state_dir} holds a {cfg.model.name} model: use {use}")
     backbone = get_backbone(cfg, len(label_names(cfg.task)))
+    place(backbone, resolve_device(device))
     model = backbone.new_model().eval()
     roles = split_names([n for n, _ in model.named_parameters()], cfg.personalization.mode)
     set_arrays(model, state.shared, roles["shared"])

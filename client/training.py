@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import Config
+from common.device import device_of
 from common.errors import ConfigError, DataError
 from common.features import Features
 from common.params import unwrap
@@ -119,6 +120,7 @@ def evaluate(model: nn.Module, feats: Features, batch: int = 0) -> tuple[float, 
     For a causal LM: next-token accuracy and the mean loss per predicted token (perplexity = exp).
     """
     batch = batch or (128 if feats.labels.dim() == 1 else 8)  # LM logits are (batch, tokens, vocab)
+    feats = feats.to(device_of(model))  # the data follows the model (a no-op where it already is)
     was_training = model.training
     model.eval()
     correct, counted, loss = 0, 0, 0.0
@@ -175,6 +177,7 @@ def train(
     # is reproducible from ``seed``. (Opacus's secure_mode with torchcsprng is the cryptographic option.)
     torch.manual_seed(seed if plan is None else secrets.randbits(63))
     model.train()
+    feats = feats.to(device_of(model))
     opt = _optimizer(model, cfg)
     start = time.perf_counter()
     if plan is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -64,13 +65,7 @@ def run_blocks(
     if cache is not None and isinstance(attention_mask, StepMask):
         mask = attention_mask.mask
     else:
-        mask = create_causal_mask(
-            config=config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
+        mask = causal_mask(config, hidden, attention_mask, cache, position_ids)
     emb = rotary(hidden, position_ids=position_ids)
     for block in blocks:
         out = block(
@@ -94,10 +89,23 @@ class StepMask:
 
 def step_mask(config: LlamaConfig, embeds: torch.Tensor, cache: Any, position_ids: torch.Tensor) -> StepMask:
     """The causal mask of a generation step over ``embeds`` given what ``cache`` holds so far."""
-    return StepMask(
-        create_causal_mask(
-            config=config, inputs_embeds=embeds, attention_mask=None, cache=cache, position_ids=position_ids
-        )
+    return StepMask(causal_mask(config, embeds, None, cache, position_ids))
+
+
+# create_causal_mask's cache argument: ``past_key_values`` in transformers 5.17, ``cache`` in 5.24.
+_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def causal_mask(
+    config: LlamaConfig, embeds: torch.Tensor, attention_mask: Any, cache: Any, position_ids: torch.Tensor
+) -> Any:
+    """transformers' causal (+ padding) mask for ``embeds``, whichever name its cache argument has."""
+    return create_causal_mask(
+        config=config,
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        **{_CACHE_ARG: cache},
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -71,3 +72,20 @@ def frozen_autocast(device: torch.device) -> Iterator[None]:
             yield
     else:
         yield
+
+
+def place(backbone: Any, device: torch.device) -> None:
+    """Put a backbone's frozen prefix and its model template on ``device``, in place.
+
+    A causal backbone's models share the frozen weights with the template (and the tied output projection
+    with the prefix's embeddings), so moving one model would move part of the others. Placing the whole
+    backbone first keeps every model it makes on one device: they are born where the prefix runs.
+    """
+    backbone.prefix.to(device)
+    backbone.template.to(device)
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    """The device of a module's first parameter (the CPU for a module without parameters)."""
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")

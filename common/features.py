@@ -22,7 +22,7 @@ import transformers
 from torch import nn
 
 from common.chat_format import Example, tokenize_turns
-from common.device import frozen_autocast
+from common.device import frozen_autocast, place
 from common.errors import DataError
 from common.model import Backbone
 
@@ -81,7 +81,7 @@ def encode(
     store: PrefixStore | None = None,
     examples: Sequence[Example] = (),
 ) -> Features:
-    """Features of ``texts`` under ``backbone``, rows sorted by token length (cached per process).
+    """Features of ``texts`` under ``backbone``, rows sorted by token length (cached per process and device).
 
     The prefix is frozen, so caching is exact; the row order does not matter to training (Poisson or
     shuffled batches) or evaluation, and ``labels`` are reordered with the rows. The prefix runs on
@@ -100,7 +100,8 @@ def encode(
     if examples and not prompts:
         raise DataError("example turns go before chat prompts: give prompts too")
     digest = hashlib.sha256()
-    digest.update(f"{backbone.fingerprint}|{max_length}|{len(prompts)}|{len(examples)}|".encode())
+    where = (device or torch.device("cpu")).type  # bf16 on CUDA: not the CPU's float32 features
+    digest.update(f"{backbone.fingerprint}|{max_length}|{len(prompts)}|{len(examples)}|{where}|".encode())
     for t in (*texts, *prompts, *(part for turn in examples for part in turn)):
         digest.update(t.encode("utf-8", "replace") + b"\x00")
     digest.update(np.asarray(labels, dtype=np.int64).tobytes())
@@ -224,7 +225,8 @@ def _forward(
     hidden = torch.zeros(len(ids), width, backbone.prefix.config.hidden_size)
     mask = torch.zeros(len(ids), width, dtype=torch.long)
     pad = backbone.tokenizer.pad_token_id or 0
-    prefix = backbone.prefix.to(device)  # a no-op on the CPU; moves the per-process backbone once
+    place(backbone, device)  # a no-op where it already is; models made next are born there too
+    prefix = backbone.prefix
     for start in range(0, len(ids), chunk):
         rows = order[start : start + chunk]
         w = int(lengths[rows].max())

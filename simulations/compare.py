@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,9 +29,7 @@ def compare(
     client.feature_cache) for the later modes; the folder is removed when every mode has finished.
     """
     rows: list[dict[str, Any]] = []
-    scratch = None
-    if len(modes) > 1 and not settings.overrides.get("client.feature-cache"):
-        scratch = run_dir / "feature-cache"
+    scratch = shared_feature_cache(settings.overrides, modes, run_dir)
     for mode in modes:
         over = {**settings.overrides, "personalization.mode": mode}
         if scratch is not None:
@@ -41,6 +39,21 @@ def compare(
         rows.append({"mode": mode, **summary})
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
+    return write_comparison(run_dir, modes, rows)
+
+
+def shared_feature_cache(overrides: Mapping[str, Any], modes: Sequence[str], run_dir: Path) -> Path | None:
+    """``run_dir/feature-cache`` when several modes run and no ``client.feature-cache`` is configured."""
+    if len(modes) > 1 and not overrides.get("client.feature-cache"):
+        return run_dir / "feature-cache"
+    return None
+
+
+def write_comparison(
+    run_dir: Path, modes: tuple[str, ...], rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Add the baseline rows, write ``compare.json``, ``compare.md`` and ``paired.md``; returns the rows."""
+    rows = list(rows)
     if rows and "majority-mean" in rows[0]:
         base = rows[0]
         rows.append(

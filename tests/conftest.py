@@ -35,6 +35,22 @@ def _one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def _backbones_back_on_the_cpu() -> Iterator[None]:
+    """Every test starts with the per-process backbones on the CPU.
+
+    On a GPU box a node (``device = "auto"``) places the shared backbone on CUDA; a later test that builds
+    models by hand on the CPU must not inherit that. A no-op where there is no GPU.
+    """
+    yield
+    if torch.cuda.is_available():
+        from common import model as common_model
+        from common.device import place
+
+        for backbone in list(common_model._CACHE.values()):
+            place(backbone, torch.device("cpu"))
+
+
+@pytest.fixture(autouse=True)
 def _no_env_key(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests use key files unless they set the state key themselves."""
     monkeypatch.delenv(KEY_ENV, raising=False)

@@ -266,7 +266,7 @@ def test_client_restart_resumes_personal_state(
     roles = _roles(cfg)
     template = dict(get_backbone(cfg, 3).template.named_parameters())
     shared0 = _initial_shared(cfg)
-    node = NodeInfo(1, 4, tmp_path, run_id=1)
+    node = NodeInfo(1, 4, tmp_path, run_id=1, device="cpu")  # compared with a CPU recomputation below
 
     out1, m1 = run_train(cfg, node, shared0, 1)
     # Only the shared tensors leave the client; the personal ones never do.

@@ -136,22 +136,38 @@ def bench_quality(
 
 
 def bench_dp_cost(
-    batches: Sequence[int], repeats: int, threads: int, folder: Path | None = None, publish: bool = True
+    batches: Sequence[int],
+    repeats: int,
+    threads: int,
+    folder: Path | None = None,
+    publish: bool = True,
+    device: str = "cpu",
 ) -> tuple[BenchRun, str]:
-    """Time per step and peak memory, non-private vs Opacus hooks/functorch/ghost."""
+    """Time per step and peak memory, non-private vs Opacus hooks/functorch/ghost, on the CPU or a GPU."""
     from common.config import Config
-    from simulations.bench.dp_cost import VARIANTS, dp_cost_table, measure_memory, merge, time_variants
+    from common.device import describe, resolve_device
+    from simulations.bench import dp_cost as dpc
 
+    dev = resolve_device(device)
     run = _run("dp-cost", folder)
-    times = time_variants(VARIANTS, batches, repeats, threads)
-    mems = measure_memory(VARIANTS, batches, threads)
-    rows = merge(times, mems)
+    times = dpc.time_variants(dpc.VARIANTS, batches, repeats, threads, device=str(dev))
+    if dev.type == "cuda":
+        mems = dpc.cuda_memory(dpc.VARIANTS, batches, threads, device=str(dev))
+    elif dev.type == "cpu":
+        mems = dpc.measure_memory(dpc.VARIANTS, batches, threads)
+    else:
+        mems = []  # no peak-memory reading for this device type: times only
+    rows = dpc.merge(times, mems)
     default = Config.from_run_config({}).dp.grad_sample_mode
+    where = describe(dev)
     run.results = {"rows": rows, "threads": threads, "repeats": repeats, "default-mode": default}
-    table = f"One epoch of 512 tweets, MiniLM LoRA r=8 (top 2 layers) + head, {threads} thread(s).\n\n"
-    table += dp_cost_table(rows, default)
+    run.results["device"] = where
+    table = f"One epoch of 512 tweets, MiniLM LoRA r=8 (top 2 layers) + head, on {where}.\n\n"
+    table += dpc.dp_cost_table(rows, default, "CUDA" if dev.type == "cuda" else "RSS")
     run.save(table)
-    if publish:
+    if publish and dev.type != "cpu":
+        print("not published: BENCHMARKS.md's dp-cost table is the reference CPU's (see the run folder)")
+    elif publish:
         run.publish(table)
     return run, table
 

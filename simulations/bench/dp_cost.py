@@ -1,9 +1,12 @@
 """DP cost benchmark: one local epoch of the MiniLM LoRA model, non-private vs Opacus grad-sample modes.
 
 Time: all variants in ONE process, interleaved over repeats (median seconds per step, the epoch's
-``make_private`` included, as a real round pays it). Memory: each (variant, batch) in a FRESH process:
-resident memory after the model and features are loaded, then the peak during the epoch (Linux
+``make_private`` included, as a real round pays it). Memory on the CPU: each (variant, batch) in a FRESH
+process: resident memory after the model and features are loaded, then the peak during the epoch (Linux
 ``VmHWM`` after resetting it through ``/proc/self/clear_refs``); the increment is what training adds.
+On a CUDA device (``device="cuda"``) the same epochs run there, timed with the device synchronized, and
+memory is the CUDA allocator's: allocated before the epoch and its peak during it (reset per cell, so
+every cell runs in the one process).
 """
 
 from __future__ import annotations
@@ -28,24 +31,35 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
-def _setup(threads: int, extra: dict[str, Any]) -> tuple[Any, Any]:
+def _setup(threads: int, extra: dict[str, Any], device: str = "cpu") -> tuple[Any, Any]:
     import torch
 
     from common.config import Config
     from common.data import label_names, load_client_data
+    from common.device import resolve_device
     from common.features import encode
     from common.model import get_backbone
 
     torch.set_num_threads(threads)
+    dev = resolve_device(device)
     cfg = Config.from_run_config({**BASE, **extra})
     backbone = get_backbone(cfg, len(label_names(cfg.task)))
     data = load_client_data(cfg.task, 0, 1)
-    feats = encode(backbone, data.train_texts, data.train_labels, cfg.task.max_length)
-    return backbone, feats
+    feats = encode(backbone, data.train_texts, data.train_labels, cfg.task.max_length, device=dev)
+    return backbone, feats.to(dev)
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _epoch(backbone: Any, feats: Any, variant: str, batch: int, extra: dict[str, Any]) -> tuple[float, int]:
-    """Seconds and steps of one epoch of ``variant`` at expected batch ``batch``."""
+    """Seconds and steps of one epoch of ``variant`` at expected batch ``batch``, on the features' device."""
+    import time
+
     from client.training import DPPlan, sample_rate, train
     from common.config import Config
 
@@ -53,8 +67,13 @@ def _epoch(backbone: Any, feats: Any, variant: str, batch: int, extra: dict[str,
     over = {**BASE, **extra, "train.batch-size": batch, "dp.grad-sample-mode": variant if dp else "hooks"}
     cfg = Config.from_run_config(over)
     plan = DPPlan(sigma=1.0, sample_rate=sample_rate(len(feats), batch), delta=1e-3) if dp else None
-    out = train(backbone.new_model(), feats, cfg, epochs=1, plan=plan, history=[], seed=0)
-    return out.seconds, out.steps
+    device = feats.hidden.device
+    model = backbone.new_model().to(device)
+    _sync(device)
+    start = time.perf_counter()
+    out = train(model, feats, cfg, epochs=1, plan=plan, history=[], seed=0)
+    _sync(device)  # queued kernels belong to this epoch
+    return time.perf_counter() - start, out.steps
 
 
 def time_variants(
@@ -63,10 +82,11 @@ def time_variants(
     repeats: int,
     threads: int,
     extra: dict[str, Any] | None = None,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """Median seconds per step for every (variant, batch), measured interleaved in this process."""
     extra = extra or {}
-    backbone, feats = _setup(threads, extra)
+    backbone, feats = _setup(threads, extra, device)
     rows = []
     for batch in batches:
         _epoch(backbone, feats, "non-private", batch, extra)  # warm-up
@@ -97,6 +117,39 @@ def memory_cell(
         "peak-mib": peak_kib / 1024,
         "increment-mib": (peak_kib - base_kib) / 1024,
     }
+
+
+def cuda_memory(
+    variants: Sequence[str],
+    batches: Sequence[int],
+    threads: int,
+    extra: dict[str, Any] | None = None,
+    device: str = "cuda",
+) -> list[dict[str, Any]]:
+    """CUDA allocator memory of one epoch per (variant, batch): allocated before, and the peak during it."""
+    import torch
+
+    extra = extra or {}
+    backbone, feats = _setup(threads, extra, device)
+    rows = []
+    for batch in batches:
+        for v in variants:
+            torch.cuda.synchronize(feats.hidden.device)
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated(feats.hidden.device)
+            torch.cuda.reset_peak_memory_stats(feats.hidden.device)
+            _epoch(backbone, feats, v, batch, extra)
+            peak = torch.cuda.max_memory_allocated(feats.hidden.device)
+            rows.append(
+                {
+                    "variant": v,
+                    "batch": batch,
+                    "rss-before-mib": base / 2**20,
+                    "peak-mib": peak / 2**20,
+                    "increment-mib": (peak - base) / 2**20,
+                }
+            )
+    return rows
 
 
 def measure_memory(
@@ -130,15 +183,19 @@ def merge(times: list[dict[str, Any]], mems: list[dict[str, Any]]) -> list[dict[
     return rows
 
 
-def dp_cost_table(rows: list[dict[str, Any]], default_mode: str) -> str:
-    """Markdown table, the fastest DP mode per batch, and the verdict for the default mode."""
+def dp_cost_table(rows: list[dict[str, Any]], default_mode: str, memory: str = "RSS") -> str:
+    """Markdown table, the fastest DP mode per batch, and the verdict for the default mode.
+
+    ``memory`` names what the memory columns hold: "RSS" (CPU runs) or "CUDA" (allocator peak).
+    """
     from simulations.bench.output import markdown_table
 
     def r(row: dict[str, Any], key: str, fmt: str) -> str:
         return format(row[key], fmt) if key in row else "–"
 
     body = markdown_table(
-        ("variant", "batch", "ms / step", "× time", "peak RSS MiB", "× peak", "training adds MiB", "× added"),
+        ("variant", "batch", "ms / step", "× time", f"peak {memory} MiB", "× peak", "training adds MiB",
+         "× added"),
         [
             (
                 row["variant"], row["batch"], f"{1000 * row['seconds-per-step']:.1f}",
@@ -162,7 +219,7 @@ def dp_cost_table(rows: list[dict[str, Any]], default_mode: str) -> str:
         lines.append(
             f"- batch {batch}: fastest DP mode **{fastest['variant']}**; default `{default_mode}` "
             f"time ×{mine['time-ratio']:.2f} (target ≤ {TARGET_TIME}: {'met' if ok_t else 'MISSED'}), "
-            f"peak RSS ×{mine.get('peak-ratio', float('nan')):.2f} (target ≤ {TARGET_MEMORY}: "
+            f"peak {memory} ×{mine.get('peak-ratio', float('nan')):.2f} (target ≤ {TARGET_MEMORY}: "
             f"{'met' if ok_m else 'MISSED'}), memory training adds "
             f"×{mine.get('increment-ratio', float('nan')):.2f}"
         )
