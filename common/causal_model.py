@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from transformers.masking_utils import create_causal_mask
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from common.config import Config
 from common.errors import ModelError
@@ -73,8 +74,8 @@ def run_blocks(
             attention_mask=mask,
             position_embeddings=emb,
             position_ids=position_ids,
-            cache=cache,
             use_cache=cache is not None,
+            **{_BLOCK_CACHE_ARG: cache},
         )
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden
@@ -94,6 +95,11 @@ def step_mask(config: LlamaConfig, embeds: torch.Tensor, cache: Any, position_id
 
 # create_causal_mask's cache argument: ``past_key_values`` in transformers 5.17, ``cache`` in 5.24.
 _CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+# The decoder blocks' cache argument was renamed the same way; a wrong name would be swallowed by their
+# **kwargs and generation would silently run without the cache.
+_BLOCK_CACHE_ARG = (
+    "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters else "past_key_values"
+)
 
 
 def causal_mask(

@@ -48,6 +48,10 @@ LM: dict[str, Any] = {
     "client.report-before-after": False,
 }
 
+# The diagnostics rescore on the CPU in float32; on a GPU box the clients' frozen prefix ran under bf16
+# autocast (common.device), so their reported perplexities agree only to bf16 rounding there.
+REL = 1e-3 if torch.cuda.is_available() else 1e-5
+
 
 @pytest.fixture(scope="module")
 def setup() -> tuple[Config, Any, Features]:
@@ -158,7 +162,7 @@ def test_a_federation_sends_only_shared_adapters_reports_perplexity_and_the_user
     # is exactly what each client reported for its own model on its own test split.
     cross = cross_perplexity(tmp_path / "dev")
     own = sorted(cross["ppl"][i][i] for i in range(2))
-    assert own == pytest.approx(sorted(m["perplexity"] for m in evals), rel=1e-5)
+    assert own == pytest.approx(sorted(m["perplexity"] for m in evals), rel=REL)
     assert len(set(cross["users"])) == 2 and all(len(row) == 2 for row in cross["ppl"])
     without = cross["without-personal"]  # zeroing the trained personal part changes the user's score
     assert len(without) == 2 and all(w != cross["ppl"][i][i] for i, w in enumerate(without))
@@ -321,7 +325,7 @@ def test_a_chat_user_keeps_own_turns_in_the_state_and_chat_uses_them(tmp_path: P
     result = context_perplexity(tmp_path / "clients", 3)
     rows = result["rows"]
     assert [r["user"] for r in rows] == [r["other"] for r in rows[::-1]]  # two users borrow each other's
-    assert statistics.fmean(r["none"] for r in rows) == pytest.approx(reported["perplexity-mean"], rel=1e-5)
+    assert statistics.fmean(r["none"] for r in rows) == pytest.approx(reported["perplexity-mean"], rel=REL)
     assert all(r["own"] != r["none"] and math.isfinite(r["other-turns"]) for r in rows)
     assert result["summary"]["users"] == 2
     with pytest.raises(DataError, match="give prompts too"):
