@@ -56,3 +56,31 @@ def test_fedavg_ft_final_finetune_is_in_the_ledger_and_in_epsilon_max(tmp_path: 
     assert state is not None
     truth = epsilon(state.history, float(state.run_plan["delta"]), "prv")  # the client's own accountant
     assert out["epsilon-max"] >= truth - 1e-9 and max(e["epsilon"] for e in entries) == out["epsilon-max"]
+
+
+def test_cli_sequential_compare_writes_what_the_flower_path_writes(tmp_path: Path) -> None:
+    """`fedpers simulate --sequential --compare`: compare.json/.md and paired.md, no feature cache left."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    sets = [arg for k, v in TINY.items() for arg in ("--set", f"{k}={v}")]
+    args = [
+        "simulate",
+        "--sequential",
+        "--compare",
+        "fedper,local",
+        "--clients",
+        "2",
+        "--run-dir",
+        str(tmp_path),
+    ]
+    result = CliRunner().invoke(app, [*args, *sets])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "compare.json").read_text())
+    assert [r["mode"] for r in rows[:2]] == ["fedper", "local"]
+    assert rows[2]["mode"] == "own-majority (trivial)"
+    assert (tmp_path / "compare.md").is_file() and (tmp_path / "paired.md").is_file()
+    assert not (tmp_path / "feature-cache").exists()  # shared by the modes, removed at the end
