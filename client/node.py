@@ -277,4 +277,5 @@ def _chat_examples(cfg: Config, s: _Session) -> list[tuple[str, str]]:
     if not is_causal(cfg) or not d.train_prompts:
         return []
     k = cfg.client.chat_examples
-    return pick_examples(s.backbone.tokenizer, d.train_prompts, d.train_texts, k, cfg.task.max_length)
+    tok, n = s.backbone.tokenizer, cfg.task.max_length
+    return pick_examples(tok, d.train_prompts, d.train_texts, k, n, cfg.client.chat_pick)

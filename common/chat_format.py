@@ -48,25 +48,40 @@ def chat_prompt(tokenizer: Any, message: str, examples: Sequence[Example] = ()) 
     return "".join(f"{cue}\n{reply}\n" for cue, reply in examples) + message + "\n"
 
 
-def pick_examples(
-    tokenizer: Any, prompts: Sequence[str], replies: Sequence[str], k: int, max_length: int
-) -> list[Example]:
-    """``k`` (cue, reply) turns spread evenly over the data, cut as training cuts them.
+PICKS = ("spread", "longest")
 
-    The reply keeps its first ``max_length`` tokens, the cue its last ``max_length // 2``; the same turns
-    for the same data every time (no randomness), so a test can name them.
+
+def pick_examples(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    replies: Sequence[str],
+    k: int,
+    max_length: int,
+    how: str = "spread",
+) -> list[Example]:
+    """``k`` (cue, reply) turns of the user's data, cut as training cuts them, in data order.
+
+    ``how = "spread"`` takes turns evenly spaced over the data; ``"longest"`` the turns with the longest
+    replies (ties: the earlier turn), so the context carries as much of the user's own text as ``k`` turns
+    can. The reply keeps its first ``max_length`` tokens, the cue its last ``max_length // 2``; the same
+    turns for the same data every time (no randomness), so a test can name them.
     """
     if len(prompts) != len(replies):
         raise DataError(f"{len(prompts)} prompts for {len(replies)} replies")
     if k < 0 or max_length < 2:
         raise DataError(f"k must be >= 0 and max_length >= 2, got k={k}, max_length={max_length}")
+    if how not in PICKS:
+        raise DataError(f"unknown way to pick turns {how!r}; choose one of {', '.join(PICKS)}")
     n = len(replies)
-    chosen = sorted({(i * n) // k for i in range(k)}) if k and n else []
+    reply_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in replies]
+    if how == "longest":
+        chosen = sorted(sorted(range(n), key=lambda i: (-len(reply_ids[i]), i))[:k])
+    else:
+        chosen = sorted({(i * n) // k for i in range(k)}) if k and n else []
     out = []
     for i in chosen:
         cue = tokenizer(prompts[i], add_special_tokens=False)["input_ids"][-(max_length // 2) :]
-        reply = tokenizer(replies[i], add_special_tokens=False)["input_ids"][:max_length]
-        out.append((tokenizer.decode(cue), tokenizer.decode(reply)))
+        out.append((tokenizer.decode(cue), tokenizer.decode(reply_ids[i][:max_length])))
     return out
 
 

@@ -158,6 +158,7 @@ class ClientConfig:
     report_before_after: bool
     feature_cache: str
     chat_examples: int = dataclasses.field(metadata=_range(0, 64))
+    chat_pick: str = dataclasses.field(metadata=_choices("spread", "longest"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ import torch
 from client.generate import stream
 from client.predict import load_personal_model
 from client.training import evaluate
-from common.chat_format import Example, pick_examples
+from common.chat_format import PICKS, Example, chat_prompt, pick_examples
 from common.data import ClientData, load_client_data
 from common.errors import FedpersError, StateError
 from common.features import encode
@@ -46,14 +46,29 @@ def _perplexity(model: Any, backbone: Any, max_length: int, d: ClientData, shots
     return math.exp(evaluate(model, feats)[1])
 
 
-def context_perplexity(clients_dir: Path, k: int, users: int = 0) -> dict[str, Any]:
+def _context_tokens(tokenizer: Any, shots: list[Example]) -> int:
+    """How many tokens the turns add before a message (what each answer costs in extra prompt)."""
+    size = [
+        len(tokenizer(chat_prompt(tokenizer, "?", s), add_special_tokens=False)["input_ids"])
+        for s in ([], shots)
+    ]
+    return size[1] - size[0]
+
+
+def context_perplexity(clients_dir: Path, k: int, users: int = 0, how: str = "spread") -> dict[str, Any]:
     """Per user: test perplexity with no turns, ``k`` own training turns and ``k`` of the next user's."""
+    return context_sweep(clients_dir, [(how, k)], users)[0]
+
+
+def context_sweep(clients_dir: Path, settings: list[tuple[str, int]], users: int = 0) -> list[dict[str, Any]]:
+    """:func:`context_perplexity` for several (how, k) settings; each state loads and scores "none" once."""
     dirs = _states(clients_dir, users)
-    rows: list[dict[str, Any]] = []
+    rows: list[list[dict[str, Any]]] = [[] for _ in settings]
     data: list[ClientData] = []
-    shots: list[list[Example]] = []
+    shots: list[list[list[Example]]] = []  # [setting][user]
     for i, state_dir in enumerate(dirs):
         cfg, backbone, model = load_personal_model(state_dir, None, causal=True)
+        tok, n = backbone.tokenizer, cfg.task.max_length
         if not data:
             if cfg.task.lm_format != "chat":
                 raise StateError(f"{clients_dir} was trained on raw text (task.lm-format = 'text'): no turns")
@@ -61,22 +76,28 @@ def context_perplexity(clients_dir: Path, k: int, users: int = 0) -> dict[str, A
             total = max(int(p.name.removeprefix("client-")) for p in clients_dir.glob("client-*")) + 1
             data = [load_client_data(cfg.task, part, total) for part in parts]
             shots = [
-                pick_examples(backbone.tokenizer, d.train_prompts, d.train_texts, k, cfg.task.max_length)
-                for d in data
+                [pick_examples(tok, d.train_prompts, d.train_texts, k, n, how) for d in data]
+                for how, k in settings
             ]
-        n = cfg.task.max_length
         other = (i + 1) % len(dirs)
-        row = {
-            "user": data[i].user,
-            "other": data[other].user,
-            "none": _perplexity(model, backbone, n, data[i], []),
-            "own": _perplexity(model, backbone, n, data[i], shots[i]),
-            "other-turns": _perplexity(model, backbone, n, data[i], shots[other]),
-        }
-        rows.append(row)
-        print(f"  {i + 1}/{len(dirs)} {row['user']}: none {row['none']:.2f}, own {row['own']:.2f}, "
-              f"other {row['other-turns']:.2f}", flush=True)  # fmt: skip
-    return {"examples": k, "rows": rows, "summary": summarize(rows)}
+        none = _perplexity(model, backbone, n, data[i], [])
+        line = [f"  {i + 1}/{len(dirs)} {data[i].user}: none {none:.2f}"]
+        for j, (how, k) in enumerate(settings):
+            row = {
+                "user": data[i].user,
+                "other": data[other].user,
+                "none": none,
+                "own": _perplexity(model, backbone, n, data[i], shots[j][i]),
+                "other-turns": _perplexity(model, backbone, n, data[i], shots[j][other]),
+                "context-tokens": _context_tokens(tok, shots[j][i]),
+            }
+            rows[j].append(row)
+            line.append(f"{how} k={k}: own {row['own']:.2f}, other {row['other-turns']:.2f}")
+        print("; ".join(line), flush=True)
+    return [
+        {"pick": how, "examples": k, "rows": r, "summary": summarize(r)}
+        for (how, k), r in zip(settings, rows, strict=True)
+    ]
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -85,6 +106,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("none", "own", "other-turns"):
         vals = [r[key] for r in rows]
         out[f"{key}-mean"], out[f"{key}-median"] = statistics.fmean(vals), statistics.median(vals)
+    if all("context-tokens" in r for r in rows):
+        out["context-tokens-mean"] = statistics.fmean(r["context-tokens"] for r in rows)
     out["own-beats-none"] = sum(r["own"] < r["none"] for r in rows)
     out["own-beats-other"] = sum(r["own"] < r["other-turns"] for r in rows)
     for key in ("none", "other-turns"):  # geometric-mean change of perplexity, own turns vs these
@@ -94,7 +117,13 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def transcript(
-    clients_dir: Path, k: int, message: str, seed: int, tokens: int, users: tuple[int, ...]
+    clients_dir: Path,
+    k: int,
+    message: str,
+    seed: int,
+    tokens: int,
+    users: tuple[int, ...],
+    how: str = "spread",
 ) -> list[str]:
     """Users' (partition ids) answers to ``message`` without and with ``k`` of their own turns."""
     lines = []
@@ -105,7 +134,7 @@ def transcript(
         cfg, backbone, model = load_personal_model(state_dir, None, causal=True)
         part = int(state_dir.name.removeprefix("client-"))
         d = load_client_data(cfg.task, part, part + 1)
-        turns = pick_examples(backbone.tokenizer, d.train_prompts, d.train_texts, k, cfg.task.max_length)
+        turns = pick_examples(backbone.tokenizer, d.train_prompts, d.train_texts, k, cfg.task.max_length, how)
         for label, shots in (("no turns", []), (f"{k} own turns", turns)):
             pieces = stream(
                 backbone, model, message, max_new_tokens=tokens, temperature=0.7, seed=seed, examples=shots
@@ -115,12 +144,22 @@ def transcript(
     return lines
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"error: expected comma-separated whole numbers, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print the per-user perplexities and the summary (and optionally a transcript)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", type=Path, required=True, help="a finished chat-turn simulation folder")
     ap.add_argument("--mode", default="fedper", help="which mode's client states (default fedper)")
-    ap.add_argument("--examples", type=int, default=4, help="own turns put first (default 4)")
+    ap.add_argument("--examples", default="4", help="own turns put first; several (1,2,4) sweep (default 4)")
+    ap.add_argument(
+        "--pick", default="spread", help=f"how turns are picked, one or several of {','.join(PICKS)}"
+    )
     ap.add_argument("--users", type=int, default=0, help="only the first N users (default all)")
     ap.add_argument("--json", type=Path, help="also write the rows and the summary here")
     ap.add_argument(
@@ -129,8 +168,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--transcript-users", default="1,2", help="partition ids (default 1,2: Othello, Iago)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of the transcript")
     args = ap.parse_args(argv)
-    if args.examples < 1 or args.users < 0:
+    ks, picks = _ints(args.examples), [h.strip() for h in args.pick.split(",") if h.strip()]
+    if not ks or min(ks) < 1 or args.users < 0:
         raise SystemExit("error: --examples must be >= 1 and --users >= 0")
+    if not picks or set(picks) - set(PICKS):
+        raise SystemExit(f"error: --pick takes {', '.join(PICKS)}, got {args.pick!r}")
     clients = args.run_dir / args.mode / "clients"
     if not clients.is_dir():
         raise SystemExit(f"error: {clients} is not a folder (a finished `fedpers simulate` run and mode)")
@@ -139,14 +181,18 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.transcript:
             users = tuple(int(u) for u in args.transcript_users.split(","))
-            for line in transcript(clients, args.examples, args.transcript, args.seed, 50, users):
+            for line in transcript(clients, ks[0], args.transcript, args.seed, 50, users, picks[0]):
                 print(line)
             return
-        result = context_perplexity(clients, args.examples, args.users)
+        sweep = context_sweep(clients, [(h, k) for h in picks for k in ks], args.users)
     except FedpersError as exc:
         raise SystemExit(f"error: {exc}") from exc
-    result["seconds"] = time.perf_counter() - start
-    print(json.dumps(result["summary"], indent=2))
+    seconds = time.perf_counter() - start
+    for one in sweep:
+        print(f"{one['pick']} k={one['examples']}: {json.dumps(one['summary'], indent=2)}")
+    result: dict[str, Any] = (
+        {**sweep[0], "seconds": seconds} if len(sweep) == 1 else {"sweep": sweep, "seconds": seconds}
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -297,7 +297,8 @@ def test_a_chat_user_keeps_own_turns_in_the_state_and_chat_uses_them(tmp_path: P
     from common.chat_format import pick_examples
     from simulations.sequential import run_sequential
 
-    over = {**LM, "task.lm-format": "chat", "client.chat-examples": 3, "dp.enabled": False}
+    over = {**LM, "task.lm-format": "chat", "client.chat-examples": 3, "client.chat-pick": "longest"}
+    over["dp.enabled"] = False
     reported = run_sequential(over, 2, tmp_path)
     cfg = Config.from_run_config(over)
     state_dir = tmp_path / "clients" / "client-0001"
@@ -305,7 +306,9 @@ def test_a_chat_user_keeps_own_turns_in_the_state_and_chat_uses_them(tmp_path: P
     data = load_client_data(cfg.task, 1, 2)
     tok = get_backbone(cfg, 1).tokenizer
     assert state is not None
-    assert state.examples == pick_examples(tok, data.train_prompts, data.train_texts, 3, cfg.task.max_length)
+    n = cfg.task.max_length
+    assert state.examples == pick_examples(tok, data.train_prompts, data.train_texts, 3, n, "longest")
+    assert state.examples != pick_examples(tok, data.train_prompts, data.train_texts, 3, n, "spread")
     backbone, model, kept = load_assistant(state_dir)
     assert kept == state.examples
     assert "".join(stream(backbone, model, "hail", max_new_tokens=4, temperature=0.0, examples=kept))
@@ -320,10 +323,14 @@ def test_a_chat_user_keeps_own_turns_in_the_state_and_chat_uses_them(tmp_path: P
     )
     assert res.exit_code == 0 and res.output.startswith("> ")
     # The context diagnostic: without turns it scores exactly what the client reported for its test split.
-    from simulations.lm_context import context_perplexity
+    from simulations.lm_context import context_perplexity, context_sweep
 
     result = context_perplexity(tmp_path / "clients", 3)
     rows = result["rows"]
+    sweep = context_sweep(tmp_path / "clients", [("spread", 3), ("longest", 1)])
+    assert sweep[0]["rows"] == result["rows"] and [s["examples"] for s in sweep] == [3, 1]
+    assert [r["none"] for r in sweep[1]["rows"]] == [r["none"] for r in rows]
+    assert all(r["context-tokens"] > 0 for one in sweep for r in one["rows"])
     assert [r["user"] for r in rows] == [r["other"] for r in rows[::-1]]  # two users borrow each other's
     assert statistics.fmean(r["none"] for r in rows) == pytest.approx(reported["perplexity-mean"], rel=REL)
     assert all(r["own"] != r["none"] and math.isfinite(r["other-turns"]) for r in rows)

@@ -200,3 +200,19 @@ def test_example_turns_are_spread_over_the_data_and_cut_like_training(chat: tupl
     assert pick_examples(tok, data.train_prompts, data.train_texts, 0, n) == []
     with pytest.raises(DataError, match="prompts for"):
         pick_examples(tok, data.train_prompts[:1], data.train_texts, 2, n)
+
+
+def test_longest_pick_takes_the_longest_replies_in_data_order(chat: tuple[Config, Any, Any]) -> None:
+    cfg, backbone, data = chat
+    tok, n = backbone.tokenizer, cfg.task.max_length
+    sizes = [len(tok(r, add_special_tokens=False)["input_ids"]) for r in data.train_texts]
+    shots = pick_examples(tok, data.train_prompts, data.train_texts, 3, n, "longest")
+    want = sorted(sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))[:3])
+    assert [reply for _, reply in shots] == [
+        tok.decode(tok(data.train_texts[i], add_special_tokens=False)["input_ids"][:n]) for i in want
+    ]
+    assert min(sizes[i] for i in want) >= max(s for i, s in enumerate(sizes) if i not in want)
+    spread = pick_examples(tok, data.train_prompts, data.train_texts, 3, n)
+    assert sum(len(tok(r)["input_ids"]) for _, r in shots) >= sum(len(tok(r)["input_ids"]) for _, r in spread)
+    with pytest.raises(DataError, match="unknown way to pick turns 'best'"):
+        pick_examples(tok, data.train_prompts, data.train_texts, 3, n, "best")
