@@ -188,25 +188,22 @@ def predict(
 
 def _assistant(
     state_dir: Path, key_file: Path | None, examples: int, device: str
-) -> tuple[object, object, list]:
-    """(backbone, model, example turns): the first ``examples`` the state keeps (-1 = all of them)."""
-    from client.generate import load_assistant
+) -> tuple[object, object, Any]:
+    """(backbone, model, ChatTurns): the state's turns, at most ``examples`` per message (-1 = its own)."""
+    from client.generate import load_chat
 
     try:
-        backbone, model, kept = load_assistant(state_dir, key_file, device)
-        if examples > len(kept):
-            raise ConfigError(
-                f"--examples {examples}: the state in {state_dir} keeps {len(kept)} of this user's turns "
-                "(client.chat-examples at training time)"
-            )
+        backbone, model, turns = load_chat(state_dir, key_file, device)
+        return backbone, model, turns.limit(examples)
     except FedpersError as exc:
         _fail(exc)
         raise  # unreachable: _fail exits
-    return backbone, model, kept if examples < 0 else kept[:examples]
 
 
 _EXAMPLES_HELP = (
-    "how many of this user's own turns (kept in the state) come first as context; -1 = all, 0 = none"
+    "how many of this user's own turns (kept in the state) come first as context; 0 = none; -1 = the "
+    "state's choice (all it keeps, or with client.chat-pick = retrieve client.chat-examples turns "
+    "retrieved per message)"
 )
 _DEVICE_HELP = "auto (CUDA, then Apple MPS, then the CPU) | cpu | cuda | cuda:N | mps"
 
@@ -236,7 +233,7 @@ def generate(
     """Continue a text offline with this user's personal assistant, streaming tokens."""
     backbone, model, turns = _assistant(state_dir, key_file, examples if chat else 0, device)
     opts = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
-    _say(backbone, model, prompt, chat, {**opts, "examples": turns})
+    _say(backbone, model, prompt, chat, {**opts, "examples": turns.for_message(prompt)})
 
 
 @app.command()
@@ -253,13 +250,13 @@ def chat(
     """Chat offline with this user's personal assistant (one line per message; an empty line or EOF ends)."""
     backbone, model, turns = _assistant(state_dir, key_file, examples, device)
     opts: dict[str, object] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
-    opts.update(seed=seed, examples=turns)
+    opts["seed"] = seed
     for line in sys.stdin:
         prompt = line.strip()
         if not prompt or prompt in {"exit", "quit"}:
             break
         sys.stdout.write("> ")
-        _say(backbone, model, prompt, True, opts)
+        _say(backbone, model, prompt, True, {**opts, "examples": turns.for_message(prompt)})
 
 
 @app.command()

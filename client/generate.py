@@ -8,12 +8,14 @@ trained (frozen prefix blocks, then the LoRA blocks and the personal adapter) an
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from common.chat_format import Example, retrieve_examples
 from common.device import device_of
 from common.errors import ConfigError
 
@@ -31,6 +33,50 @@ def load_assistant(
 
     _, backbone, model, state = load_personal(state_dir, key_file, causal=True, device=device)
     return backbone, model, list(state.examples)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTurns:
+    """The user's own turns a state keeps, and how each message gets its earlier turns from them.
+
+    ``how`` is the state's ``client.chat-pick``: with ``"retrieve"`` the kept turns are a pool and each
+    message gets the ``k`` closest to it (common.chat_format.retrieve_examples); otherwise the first ``k``
+    kept turns precede every message.
+    """
+
+    kept: list[Example]
+    how: str
+    k: int
+
+    def limit(self, k: int) -> ChatTurns:
+        """The same turns with at most ``k`` per message (-1: the state's own choice; 0: none)."""
+        if k > len(self.kept):
+            raise ConfigError(
+                f"{k} turns asked for, but the state keeps {len(self.kept)} of this user's turns "
+                "(client.chat-examples, or client.chat-pool with chat-pick = retrieve, at training time)"
+            )
+        return self if k < 0 else dataclasses.replace(self, k=k)
+
+    def for_message(self, message: str) -> list[Example]:
+        """The earlier turns to put before ``message``."""
+        if self.how == "retrieve":
+            return retrieve_examples(self.kept, message, self.k)
+        return self.kept[: self.k]
+
+
+def load_chat(
+    state_dir: str | Path, key_file: str | Path | None = None, device: str = "auto"
+) -> tuple[Any, Any, ChatTurns]:
+    """(backbone, personalized causal LM, the user's turns and how to use them) from a client's state."""
+    from client.predict import load_personal
+
+    cfg, backbone, model, state = load_personal(state_dir, key_file, causal=True, device=device)
+    kept, how = list(state.examples), cfg.client.chat_pick
+    return (
+        backbone,
+        model,
+        ChatTurns(kept, how, min(cfg.client.chat_examples, len(kept)) if how == "retrieve" else len(kept)),
+    )
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:

@@ -276,6 +276,6 @@ def _chat_examples(cfg: Config, s: _Session) -> list[tuple[str, str]]:
     d = s.data
     if not is_causal(cfg) or not d.train_prompts:
         return []
-    k = cfg.client.chat_examples
-    tok, n = s.backbone.tokenizer, cfg.task.max_length
-    return pick_examples(tok, d.train_prompts, d.train_texts, k, n, cfg.client.chat_pick)
+    how = cfg.client.chat_pick  # "retrieve" keeps a pool and picks from it per message (client.generate)
+    k = cfg.client.chat_pool if how == "retrieve" else cfg.client.chat_examples
+    return pick_examples(s.backbone.tokenizer, d.train_prompts, d.train_texts, k, cfg.task.max_length, how)

@@ -18,6 +18,9 @@ personal part. The client keeps them in its encrypted state; they are never sent
 
 from __future__ import annotations
 
+import math
+import re
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,7 +51,7 @@ def chat_prompt(tokenizer: Any, message: str, examples: Sequence[Example] = ()) 
     return "".join(f"{cue}\n{reply}\n" for cue, reply in examples) + message + "\n"
 
 
-PICKS = ("spread", "longest")
+PICKS = ("spread", "longest", "retrieve")
 
 
 def pick_examples(
@@ -63,8 +66,10 @@ def pick_examples(
 
     ``how = "spread"`` takes turns evenly spaced over the data; ``"longest"`` the turns with the longest
     replies (ties: the earlier turn), so the context carries as much of the user's own text as ``k`` turns
-    can. The reply keeps its first ``max_length`` tokens, the cue its last ``max_length // 2``; the same
-    turns for the same data every time (no randomness), so a test can name them.
+    can. ``"retrieve"`` keeps a pool the same way as ``"spread"`` (``k`` is then the pool's size), from
+    which :func:`retrieve_examples` picks the turns for each message. The reply keeps its first
+    ``max_length`` tokens, the cue its last ``max_length // 2``; the same turns for the same data every
+    time (no randomness), so a test can name them.
     """
     if len(prompts) != len(replies):
         raise DataError(f"{len(prompts)} prompts for {len(replies)} replies")
@@ -74,7 +79,7 @@ def pick_examples(
         raise DataError(f"unknown way to pick turns {how!r}; choose one of {', '.join(PICKS)}")
     n = len(replies)
     reply_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in replies]
-    if how == "longest":
+    if how == "longest":  # "retrieve" keeps its pool spread over the data
         chosen = sorted(sorted(range(n), key=lambda i: (-len(reply_ids[i]), i))[:k])
     else:
         chosen = sorted({(i * n) // k for i in range(k)}) if k and n else []
@@ -83,6 +88,40 @@ def pick_examples(
         cue = tokenizer(prompts[i], add_special_tokens=False)["input_ids"][-(max_length // 2) :]
         out.append((tokenizer.decode(cue), tokenizer.decode(reply_ids[i][:max_length])))
     return out
+
+
+_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+
+
+def _words(text: str) -> Counter[str]:
+    return Counter(_WORD.findall(text.lower()))
+
+
+def retrieve_examples(pool: Sequence[Example], message: str, k: int) -> list[Example]:
+    """The ``k`` turns of ``pool`` whose words are closest to ``message``: earlier turns chosen per message.
+
+    Similarity is the cosine of TF-IDF word vectors (lower-cased words; the document frequencies are the
+    pool's own, so words every turn uses count little), over each turn's cue and reply together. The
+    closest turn comes last, right before the message; ties keep the pool's order, and a message sharing
+    no word with the pool gets the pool's first ``k`` turns. Runs on the device: nothing leaves it.
+    """
+    if k < 0:
+        raise DataError(f"k must be >= 0, got {k}")
+    if not k or not pool:
+        return []
+    docs = [_words(f"{cue} {reply}") for cue, reply in pool]
+    df = Counter(w for doc in docs for w in doc)
+    idf = {w: math.log((1 + len(docs)) / (1 + n)) + 1.0 for w, n in df.items()}
+    query = {w: c * idf[w] for w, c in _words(message).items() if w in idf}
+    q_norm = math.sqrt(sum(v * v for v in query.values()))
+    scores = []
+    for doc in docs:
+        vec = {w: c * idf[w] for w, c in doc.items()}
+        d_norm = math.sqrt(sum(v * v for v in vec.values()))
+        dot = sum(v * vec.get(w, 0.0) for w, v in query.items())
+        scores.append(dot / (q_norm * d_norm) if q_norm and d_norm else 0.0)
+    top = sorted(range(len(pool)), key=lambda i: (-scores[i], i))[:k]
+    return [pool[i] for i in sorted(top, key=lambda i: (scores[i], i))]
 
 
 def end_of_turn(tokenizer: Any) -> list[int]:
@@ -107,25 +146,33 @@ def tokenize_turns(
     replies: Sequence[str],
     max_length: int,
     examples: Sequence[Example] = (),
+    turn_examples: Sequence[Sequence[Example]] | None = None,
 ) -> tuple[list[list[int]], list[int]]:
     """Token ids of each (prompt, reply) turn and how many leading ids are the prompt (never scored).
 
     The reply keeps its first ``max_length`` tokens (then the end of turn); the cue inside the prompt
     keeps its last ``max_length // 2`` tokens, so the words right before the reply survive. ``examples``
-    (earlier turns, see :func:`chat_prompt`) are part of every prompt, never scored.
+    (earlier turns, see :func:`chat_prompt`) are part of every prompt, never scored; ``turn_examples``
+    gives each turn its own (e.g. retrieved per cue, :func:`retrieve_examples`) instead.
     """
     if len(prompts) != len(replies):
         raise DataError(f"{len(prompts)} prompts for {len(replies)} replies")
+    if turn_examples is not None and (examples or len(turn_examples) != len(prompts)):
+        raise DataError(
+            f"turn_examples needs one context per turn ({len(turn_examples)} for {len(prompts)} turns) "
+            "and no shared examples"
+        )
+    contexts = [examples] * len(prompts) if turn_examples is None else turn_examples
     if max_length < 2:
         raise DataError(f"max_length must be at least 2, got {max_length}")
     end = end_of_turn(tokenizer)
     keep = max_length // 2
     ids, prompt_lengths = [], []
-    for cue, reply in zip(prompts, replies, strict=True):
+    for cue, reply, context in zip(prompts, replies, contexts, strict=True):
         cue_ids = tokenizer(cue, add_special_tokens=False)["input_ids"]
         if len(cue_ids) > keep:
             cue = tokenizer.decode(cue_ids[-keep:])
-        head = tokenizer(chat_prompt(tokenizer, cue, examples), add_special_tokens=False)["input_ids"]
+        head = tokenizer(chat_prompt(tokenizer, cue, context), add_special_tokens=False)["input_ids"]
         body = tokenizer(reply, add_special_tokens=False)["input_ids"][:max_length] + end
         ids.append(list(head) + list(body))
         prompt_lengths.append(len(head))

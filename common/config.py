@@ -158,7 +158,8 @@ class ClientConfig:
     report_before_after: bool
     feature_cache: str
     chat_examples: int = dataclasses.field(metadata=_range(0, 64))
-    chat_pick: str = dataclasses.field(metadata=_choices("spread", "longest"))
+    chat_pick: str = dataclasses.field(metadata=_choices("spread", "longest", "retrieve"))
+    chat_pool: int = dataclasses.field(metadata=_range(1, 4096))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ import torch
 from client.generate import stream
 from client.predict import load_personal_model
 from client.training import evaluate
-from common.chat_format import PICKS, Example, chat_prompt, pick_examples
+from common.chat_format import PICKS, Example, chat_prompt, pick_examples, retrieve_examples
 from common.data import ClientData, load_client_data
 from common.errors import FedpersError, StateError
 from common.features import encode
@@ -41,18 +41,29 @@ def _states(clients_dir: Path, users: int) -> list[Path]:
     return found[:users] if users else found
 
 
-def _perplexity(model: Any, backbone: Any, max_length: int, d: ClientData, shots: list[Example]) -> float:
-    feats = encode(backbone, d.test_texts, d.test_labels, max_length, prompts=d.test_prompts, examples=shots)
+def _contexts(how: str, k: int, kept: list[Example], d: ClientData) -> list[list[Example]]:
+    """Each test cue's earlier turns: the kept turns themselves, or (``retrieve``) ``k`` of them per cue."""
+    if how == "retrieve":
+        return [retrieve_examples(kept, cue, k) for cue in d.test_prompts]
+    return [kept] * len(d.test_prompts)
+
+
+def _perplexity(
+    model: Any, backbone: Any, max_length: int, d: ClientData, shots: list[list[Example]]
+) -> float:
+    feats = encode(
+        backbone, d.test_texts, d.test_labels, max_length, prompts=d.test_prompts, turn_examples=shots
+    )
     return math.exp(evaluate(model, feats)[1])
 
 
-def _context_tokens(tokenizer: Any, shots: list[Example]) -> int:
-    """How many tokens the turns add before a message (what each answer costs in extra prompt)."""
-    size = [
-        len(tokenizer(chat_prompt(tokenizer, "?", s), add_special_tokens=False)["input_ids"])
-        for s in ([], shots)
-    ]
-    return size[1] - size[0]
+def _context_tokens(tokenizer: Any, contexts: list[list[Example]]) -> float:
+    """How many tokens the turns add before a message, on average (each answer's extra prompt)."""
+
+    def size(shots: list[Example]) -> int:
+        return len(tokenizer(chat_prompt(tokenizer, "?", shots), add_special_tokens=False)["input_ids"])
+
+    return statistics.fmean(size(shots) for shots in contexts) - size([])
 
 
 def context_perplexity(clients_dir: Path, k: int, users: int = 0, how: str = "spread") -> dict[str, Any]:
@@ -61,11 +72,16 @@ def context_perplexity(clients_dir: Path, k: int, users: int = 0, how: str = "sp
 
 
 def context_sweep(clients_dir: Path, settings: list[tuple[str, int]], users: int = 0) -> list[dict[str, Any]]:
-    """:func:`context_perplexity` for several (how, k) settings; each state loads and scores "none" once."""
+    """:func:`context_perplexity` for several (how, k) settings; each state loads and scores "none" once.
+
+    For ``retrieve`` each user keeps a pool as the client does (``client.chat-pool`` turns, spread over
+    their training data) and each test cue gets the ``k`` pool turns closest to it; "other" retrieves
+    from the next user's pool for the same cue.
+    """
     dirs = _states(clients_dir, users)
     rows: list[list[dict[str, Any]]] = [[] for _ in settings]
     data: list[ClientData] = []
-    shots: list[list[list[Example]]] = []  # [setting][user]
+    kept: list[list[list[Example]]] = []  # [setting][user]: the turns each user keeps
     for i, state_dir in enumerate(dirs):
         cfg, backbone, model = load_personal_model(state_dir, None, causal=True)
         tok, n = backbone.tokenizer, cfg.task.max_length
@@ -75,21 +91,23 @@ def context_sweep(clients_dir: Path, settings: list[tuple[str, int]], users: int
             parts = [int(p.name.removeprefix("client-")) for p in dirs]
             total = max(int(p.name.removeprefix("client-")) for p in clients_dir.glob("client-*")) + 1
             data = [load_client_data(cfg.task, part, total) for part in parts]
-            shots = [
-                [pick_examples(tok, d.train_prompts, d.train_texts, k, n, how) for d in data]
-                for how, k in settings
+            sizes = [cfg.client.chat_pool if how == "retrieve" else k for how, k in settings]
+            kept = [
+                [pick_examples(tok, d.train_prompts, d.train_texts, size, n, how) for d in data]
+                for (how, _), size in zip(settings, sizes, strict=True)
             ]
-        other = (i + 1) % len(dirs)
-        none = _perplexity(model, backbone, n, data[i], [])
-        line = [f"  {i + 1}/{len(dirs)} {data[i].user}: none {none:.2f}"]
+        d, other = data[i], (i + 1) % len(dirs)
+        none = _perplexity(model, backbone, n, d, [[]] * len(d.test_prompts))
+        line = [f"  {i + 1}/{len(dirs)} {d.user}: none {none:.2f}"]
         for j, (how, k) in enumerate(settings):
+            own = _contexts(how, k, kept[j][i], d)
             row = {
-                "user": data[i].user,
+                "user": d.user,
                 "other": data[other].user,
                 "none": none,
-                "own": _perplexity(model, backbone, n, data[i], shots[j][i]),
-                "other-turns": _perplexity(model, backbone, n, data[i], shots[j][other]),
-                "context-tokens": _context_tokens(tok, shots[j][i]),
+                "own": _perplexity(model, backbone, n, d, own),
+                "other-turns": _perplexity(model, backbone, n, d, _contexts(how, k, kept[j][other], d)),
+                "context-tokens": _context_tokens(tok, own),
             }
             rows[j].append(row)
             line.append(f"{how} k={k}: own {row['own']:.2f}, other {row['other-turns']:.2f}")
@@ -134,8 +152,12 @@ def transcript(
         cfg, backbone, model = load_personal_model(state_dir, None, causal=True)
         part = int(state_dir.name.removeprefix("client-"))
         d = load_client_data(cfg.task, part, part + 1)
-        turns = pick_examples(backbone.tokenizer, d.train_prompts, d.train_texts, k, cfg.task.max_length, how)
-        for label, shots in (("no turns", []), (f"{k} own turns", turns)):
+        size = cfg.client.chat_pool if how == "retrieve" else k
+        kept = pick_examples(
+            backbone.tokenizer, d.train_prompts, d.train_texts, size, cfg.task.max_length, how
+        )
+        turns = retrieve_examples(kept, message, k) if how == "retrieve" else kept
+        for label, shots in (("no turns", []), (f"{k} own turns ({how})", turns)):
             pieces = stream(
                 backbone, model, message, max_new_tokens=tokens, temperature=0.7, seed=seed, examples=shots
             )

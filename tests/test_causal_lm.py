@@ -337,3 +337,37 @@ def test_a_chat_user_keeps_own_turns_in_the_state_and_chat_uses_them(tmp_path: P
     assert result["summary"]["users"] == 2
     with pytest.raises(DataError, match="give prompts too"):
         encode(backbone, data.test_texts, data.test_labels, 16, examples=kept)
+
+
+def test_retrieving_turns_keeps_a_pool_and_picks_per_message(tmp_path: Path) -> None:
+    """chat-pick = retrieve: the state keeps chat-pool turns; chat and the diagnostic pick per message."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from client.generate import load_chat
+    from common.chat_format import pick_examples, retrieve_examples
+    from simulations.lm_context import context_sweep
+    from simulations.sequential import run_sequential
+
+    over = {**LM, "task.lm-format": "chat", "client.chat-pick": "retrieve", "client.chat-pool": 6}
+    over.update({"client.chat-examples": 2, "dp.enabled": False})
+    run_sequential(over, 2, tmp_path)
+    cfg = Config.from_run_config(over)
+    state_dir = tmp_path / "clients" / "client-0001"
+    data = load_client_data(cfg.task, 1, 2)
+    tok = get_backbone(cfg, 1).tokenizer
+    pool = pick_examples(tok, data.train_prompts, data.train_texts, 6, cfg.task.max_length, "retrieve")
+    _, _, turns = load_chat(state_dir)
+    assert (turns.kept, turns.how, turns.k) == (pool, "retrieve", 2) and len(pool) == 6
+    message = pool[4][1]  # a kept reply's own words bring that turn, right before the message
+    assert turns.for_message(message)[-1] == pool[4]
+    assert turns.for_message(message) == retrieve_examples(pool, message, 2)
+    res = CliRunner().invoke(
+        app,
+        ["chat", "--state-dir", str(state_dir), "--examples", "1", "--max-new-tokens", "3"],
+        input="hail\n",
+    )
+    assert res.exit_code == 0 and res.output.startswith("> ")
+    sweep = context_sweep(tmp_path / "clients", [("retrieve", 2), ("spread", 2)])
+    assert [r["none"] for r in sweep[0]["rows"]] == [r["none"] for r in sweep[1]["rows"]]
+    assert all(r["own"] != r["none"] and r["context-tokens"] > 0 for r in sweep[0]["rows"])

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from client.generate import stream
+from client.generate import ChatTurns, stream
 from client.training import example_losses
 from common.assets import ensure
-from common.chat_format import chat_prompt, end_of_turn, pick_examples, tokenize_turns
+from common.chat_format import chat_prompt, end_of_turn, pick_examples, retrieve_examples, tokenize_turns
 from common.config import Config
 from common.data import load_client_data
 from common.errors import ConfigError, DataError
@@ -216,3 +216,46 @@ def test_longest_pick_takes_the_longest_replies_in_data_order(chat: tuple[Config
     assert sum(len(tok(r)["input_ids"]) for _, r in shots) >= sum(len(tok(r)["input_ids"]) for _, r in spread)
     with pytest.raises(DataError, match="unknown way to pick turns 'best'"):
         pick_examples(tok, data.train_prompts, data.train_texts, 3, n, "best")
+
+
+def test_retrieval_puts_the_turns_closest_to_the_message_last_and_never_guesses() -> None:
+    pool = [
+        ("Who comes there?", "A friend to this ground."),
+        ("What of Desdemona?", "My gentle Desdemona, my soul's joy."),
+        ("How now, Iago?", "Honest Iago, speak thy mind."),
+        ("What of the Moor?", "The Moor is of a free and open nature, like Desdemona."),
+    ]
+    assert retrieve_examples(pool, "Tell me of Desdemona", 2) == [pool[3], pool[1]]  # closest last
+    assert retrieve_examples(pool, "Honest IAGO!", 1) == [pool[2]]  # case-blind words
+    assert retrieve_examples(pool, "zebra", 2) == pool[:2]  # no shared word: the pool's order
+    assert retrieve_examples(pool, "Desdemona", 9) == [pool[0], pool[2], pool[3], pool[1]]
+    assert retrieve_examples(pool, "anything", 0) == [] and retrieve_examples([], "Desdemona", 3) == []
+    with pytest.raises(DataError, match="k must be >= 0"):
+        retrieve_examples(pool, "Desdemona", -1)
+    turns = ChatTurns(pool, "retrieve", 1)
+    assert turns.for_message("my soul's joy") == [pool[1]]
+    assert turns.limit(0).for_message("Desdemona") == [] and turns.limit(-1) == turns
+    assert ChatTurns(pool, "spread", 4).limit(2).for_message("Desdemona") == pool[:2]  # fixed turns
+    with pytest.raises(ConfigError, match="keeps 4 of this user's turns"):
+        turns.limit(5)
+
+
+def test_each_turn_can_have_its_own_earlier_turns(chat: tuple[Config, Any, Any]) -> None:
+    cfg, backbone, data = chat
+    tok, n = backbone.tokenizer, cfg.task.max_length
+    prompts, replies = data.train_prompts[:3], data.train_texts[:3]
+    pool = pick_examples(tok, data.train_prompts[3:], data.train_texts[3:], 6, n, "retrieve")
+    contexts = [retrieve_examples(pool, cue, 2) for cue in prompts]
+    ids, heads = tokenize_turns(tok, prompts, replies, n, turn_examples=contexts)
+    for i, context in enumerate(contexts):  # the same tokens as one turn with its context shared
+        one, one_head = tokenize_turns(tok, prompts[i : i + 1], replies[i : i + 1], n, context)
+        assert (ids[i], heads[i]) == (one[0], one_head[0])
+    with pytest.raises(DataError, match="one context per turn"):
+        tokenize_turns(tok, prompts, replies, n, turn_examples=contexts[:2])
+    with pytest.raises(DataError, match="no shared examples"):
+        tokenize_turns(tok, prompts, replies, n, pool[:1], turn_examples=contexts)
+    labels = data.train_labels[:3]
+    feats = encode(backbone, replies, labels, n, prompts=prompts, turn_examples=contexts)
+    assert int(feats.mask.sum()) == sum(map(len, ids))  # each turn ran with its own context
+    bare = encode(backbone, replies, labels, n, prompts=prompts, turn_examples=[[]] * 3)
+    assert int(bare.mask.sum()) == sum(map(len, tokenize_turns(tok, prompts, replies, n)[0]))
