@@ -189,16 +189,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--transcript-users", default="1,2", help="partition ids (default 1,2: Othello, Iago)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of the transcript")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = ap.parse_args(argv)
     ks, picks = _ints(args.examples), [h.strip() for h in args.pick.split(",") if h.strip()]
-    if not ks or min(ks) < 1 or args.users < 0:
-        raise SystemExit("error: --examples must be >= 1 and --users >= 0")
+    if not ks or min(ks) < 1 or args.users < 0 or args.threads < 1:
+        raise SystemExit("error: --examples and --threads must be >= 1 and --users >= 0")
     if not picks or set(picks) - set(PICKS):
         raise SystemExit(f"error: --pick takes {', '.join(PICKS)}, got {args.pick!r}")
     clients = args.run_dir / args.mode / "clients"
     if not clients.is_dir():
         raise SystemExit(f"error: {clients} is not a folder (a finished `fedpers simulate` run and mode)")
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
         if args.transcript:
