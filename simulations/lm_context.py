@@ -166,6 +166,28 @@ def transcript(
     return lines
 
 
+def table(sweep: list[dict[str, Any]]) -> str:
+    """A Markdown table of a sweep: one row per (pick, k), perplexities over users and the paired changes."""
+    none = sweep[0]["summary"]
+    lines = [
+        f"No turns: perplexity mean {none['none-mean']:.2f}, median {none['none-median']:.2f} "
+        f"({none['users']} users).",
+        "",
+        "| pick | k | context tokens | own turns: mean | median | vs none (geo. mean) | users better "
+        "| another user's turns: mean | own vs another's | own better for |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for one in sweep:
+        m = one["summary"]
+        lines.append(
+            f"| {one['pick']} | {one['examples']} | {m.get('context-tokens-mean', float('nan')):.0f} "
+            f"| {m['own-mean']:.2f} | {m['own-median']:.2f} | {m['own-vs-none-pct']:+.1f} % "
+            f"| {m['own-beats-none']} of {m['users']} | {m['other-turns-mean']:.2f} "
+            f"| {m['own-vs-other-pct']:+.1f} % | {m['own-beats-other']} of {m['users']} |"
+        )
+    return "\n".join(lines)
+
+
 def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -176,7 +198,8 @@ def _ints(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> None:
     """Print the per-user perplexities and the summary (and optionally a transcript)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run-dir", type=Path, required=True, help="a finished chat-turn simulation folder")
+    ap.add_argument("--run-dir", type=Path, help="a finished chat-turn simulation folder")
+    ap.add_argument("--report", type=Path, help="print the table of an earlier --json file and stop")
     ap.add_argument("--mode", default="fedper", help="which mode's client states (default fedper)")
     ap.add_argument("--examples", default="4", help="own turns put first; several (1,2,4) sweep (default 4)")
     ap.add_argument(
@@ -191,6 +214,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of the transcript")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = ap.parse_args(argv)
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        print(table(saved.get("sweep", [saved])))
+        return
+    if args.run_dir is None:
+        raise SystemExit("error: give --run-dir (or --report)")
     ks, picks = _ints(args.examples), [h.strip() for h in args.pick.split(",") if h.strip()]
     if not ks or min(ks) < 1 or args.users < 0 or args.threads < 1:
         raise SystemExit("error: --examples and --threads must be >= 1 and --users >= 0")
@@ -211,8 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     except FedpersError as exc:
         raise SystemExit(f"error: {exc}") from exc
     seconds = time.perf_counter() - start
-    for one in sweep:
-        print(f"{one['pick']} k={one['examples']}: {json.dumps(one['summary'], indent=2)}")
+    print(table(sweep))
     result: dict[str, Any] = (
         {**sweep[0], "seconds": seconds} if len(sweep) == 1 else {"sweep": sweep, "seconds": seconds}
     )

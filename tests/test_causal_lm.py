@@ -339,14 +339,16 @@ def test_a_chat_user_keeps_own_turns_in_the_state_and_chat_uses_them(tmp_path: P
         encode(backbone, data.test_texts, data.test_labels, 16, examples=kept)
 
 
-def test_retrieving_turns_keeps_a_pool_and_picks_per_message(tmp_path: Path) -> None:
+def test_retrieving_turns_keeps_a_pool_and_picks_per_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """chat-pick = retrieve: the state keeps chat-pool turns; chat and the diagnostic pick per message."""
     from typer.testing import CliRunner
 
     from cli.main import app
     from client.generate import load_chat
     from common.chat_format import pick_examples, retrieve_examples
-    from simulations.lm_context import context_sweep
+    from simulations.lm_context import context_sweep, main
     from simulations.sequential import run_sequential
 
     over = {**LM, "task.lm-format": "chat", "client.chat-pick": "retrieve", "client.chat-pool": 6}
@@ -371,3 +373,17 @@ def test_retrieving_turns_keeps_a_pool_and_picks_per_message(tmp_path: Path) -> 
     sweep = context_sweep(tmp_path / "clients", [("retrieve", 2), ("spread", 2)])
     assert [r["none"] for r in sweep[0]["rows"]] == [r["none"] for r in sweep[1]["rows"]]
     assert all(r["own"] != r["none"] and r["context-tokens"] > 0 for r in sweep[0]["rows"])
+    out = tmp_path / "sweep.json"  # the command line: a sweep, its table, and the table again from the JSON
+    main(
+        ["--run-dir", str(tmp_path.parent), "--mode", tmp_path.name, "--examples", "1,2", "--json", str(out)]
+    )
+    printed = capsys.readouterr().out
+    assert [(s["pick"], s["examples"]) for s in json.loads(out.read_text())["sweep"]] == [
+        ("spread", 1),
+        ("spread", 2),
+    ]
+    main(["--report", str(out)])
+    report = capsys.readouterr().out.strip()
+    assert "| spread | 2 |" in report and printed.rstrip().endswith(report)
+    with pytest.raises(SystemExit, match="--pick takes"):
+        main(["--run-dir", str(tmp_path.parent), "--mode", tmp_path.name, "--pick", "best"])
