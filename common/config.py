@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from common.chat_format import PICKS
 from common.errors import ConfigError
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -158,7 +159,7 @@ class ClientConfig:
     report_before_after: bool
     feature_cache: str
     chat_examples: int = dataclasses.field(metadata=_range(0, 64))
-    chat_pick: str = dataclasses.field(metadata=_choices("spread", "longest", "retrieve"))
+    chat_pick: str = dataclasses.field(metadata=_choices(*PICKS))
     chat_pool: int = dataclasses.field(metadata=_range(1, 4096))
 
 
