@@ -1,15 +1,19 @@
 """Diagnostic: do a user's own turns as chat context make the assistant speak more like that user?
 
-    python -m simulations.lm_context --run-dir RUN --mode fedper [--examples 4] [--users N] [--json OUT]
+    python -m simulations.lm_context --run-dir RUN --mode fedper [--examples 2,4,8]
+        [--pick spread,longest,retrieve] [--users N] [--threads T] [--json OUT]
+    python -m simulations.lm_context --report OUT        # the table of an earlier --json, again
 
 For each client state of a finished chat-turn run (``RUN/MODE/clients/client-NNNN``), the user's personal
 model (what ``fedpers chat`` loads) scores the user's *test* replies given their cues three ways: with no
 earlier turns; with ``--examples`` of the user's own *training* turns first, picked as the client picks
-them for ``client.chat-examples`` (common.chat_format.pick_examples); and with as many training turns of
-another user of the run (the next one). "own < none" says the context helps; "own < other" says it
-carries this user's voice, not just the register every user shares. Nothing is trained; the test split
-is only read. ``--transcript MSG`` answers one message for two users (``--transcript-users``), with and
-without the turns.
+them (common.chat_format.pick_examples, ``client.chat-pick``; ``retrieve`` picks per cue from a pool); and
+with as many training turns of another user of the run (the next one), picked the same way. "own < none"
+says the context helps; "own < other" says it carries this user's voice, not just the register every user
+shares. Several ``--examples`` and ``--pick`` values run as one sweep (each state loaded once). Nothing is
+trained; the test split is only read (on a ``task.evaluate-on = validation`` run it is the validation
+split). ``--transcript MSG`` answers one message for two users (``--transcript-users``), with and without
+the turns. ``--pick`` defaults to ``spread``, the first default, so earlier figures reproduce.
 """
 
 from __future__ import annotations
