@@ -15,24 +15,9 @@ from typing import Any
 
 import torch
 
-from common.chat_format import Example, retrieve_examples
+from common.chat_format import Example, turns_before
 from common.device import device_of
 from common.errors import ConfigError
-
-
-def load_assistant(
-    state_dir: str | Path, key_file: str | Path | None = None, device: str = "auto"
-) -> tuple[Any, Any, list[tuple[str, str]]]:
-    """(backbone, personalized causal LM, the user's own example turns) from a client's state.
-
-    Clear errors when the state cannot give a causal LM. The example turns (``client.chat-examples``)
-    are what ``stream`` can put before each message as earlier turns of the conversation. The model
-    runs on ``device`` (``auto``: CUDA, then MPS, then the CPU; see common.device).
-    """
-    from client.predict import load_personal
-
-    _, backbone, model, state = load_personal(state_dir, key_file, causal=True, device=device)
-    return backbone, model, list(state.examples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,15 +44,18 @@ class ChatTurns:
 
     def for_message(self, message: str) -> list[Example]:
         """The earlier turns to put before ``message``."""
-        if self.how == "retrieve":
-            return retrieve_examples(self.kept, message, self.k)
-        return self.kept[: self.k]
+        return turns_before(self.kept, self.how, self.k, message)
 
 
 def load_chat(
     state_dir: str | Path, key_file: str | Path | None = None, device: str = "auto"
 ) -> tuple[Any, Any, ChatTurns]:
-    """(backbone, personalized causal LM, the user's turns and how to use them) from a client's state."""
+    """(backbone, personalized causal LM, the user's turns and how to use them) from a client's state.
+
+    Clear errors when the state cannot give a causal LM. The turns (``client.chat-examples``, or the
+    ``client.chat-pool`` to retrieve from) are what ``stream`` puts before each message as earlier turns
+    of the conversation. The model runs on ``device`` (``auto``: CUDA, then MPS, then the CPU).
+    """
     from client.predict import load_personal
 
     cfg, backbone, model, state = load_personal(state_dir, key_file, causal=True, device=device)

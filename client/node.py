@@ -22,7 +22,7 @@ from client.feature_cache import FeatureCache
 from client.state import PersonalState, StateStore
 from client.training import DPPlan, TrainOutcome, evaluate, sample_rate, steps_per_epoch, train
 from common import protocol as P
-from common.chat_format import pick_examples
+from common.chat_format import keep_turns
 from common.config import Config, is_causal
 from common.data import ClientData, label_names, load_client_data, majority_baseline_accuracy
 from common.device import place, resolve_device
@@ -276,6 +276,6 @@ def _chat_examples(cfg: Config, s: _Session) -> list[tuple[str, str]]:
     d = s.data
     if not is_causal(cfg) or not d.train_prompts:
         return []
-    how = cfg.client.chat_pick  # "retrieve" keeps a pool and picks from it per message (client.generate)
-    k = cfg.client.chat_pool if how == "retrieve" else cfg.client.chat_examples
-    return pick_examples(s.backbone.tokenizer, d.train_prompts, d.train_texts, k, cfg.task.max_length, how)
+    c = cfg.client  # "retrieve" keeps a pool and picks from it per message (client.generate)
+    tok, n = s.backbone.tokenizer, cfg.task.max_length
+    return keep_turns(tok, d.train_prompts, d.train_texts, n, c.chat_pick, c.chat_examples, c.chat_pool)

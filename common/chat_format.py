@@ -78,16 +78,35 @@ def pick_examples(
     if how not in PICKS:
         raise DataError(f"unknown way to pick turns {how!r}; choose one of {', '.join(PICKS)}")
     n = len(replies)
-    reply_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in replies]
-    if how == "longest":  # "retrieve" keeps its pool spread over the data
-        chosen = sorted(sorted(range(n), key=lambda i: (-len(reply_ids[i]), i))[:k])
+    if how == "longest":  # only this pick reads every reply; "retrieve" keeps its pool spread over the data
+        size = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies]
+        chosen = sorted(sorted(range(n), key=lambda i: (-size[i], i))[:k])
     else:
         chosen = sorted({(i * n) // k for i in range(k)}) if k and n else []
     out = []
     for i in chosen:
         cue = tokenizer(prompts[i], add_special_tokens=False)["input_ids"][-(max_length // 2) :]
-        out.append((tokenizer.decode(cue), tokenizer.decode(reply_ids[i][:max_length])))
+        reply = tokenizer(replies[i], add_special_tokens=False)["input_ids"][:max_length]
+        out.append((tokenizer.decode(cue), tokenizer.decode(reply)))
     return out
+
+
+def keep_turns(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    replies: Sequence[str],
+    max_length: int,
+    how: str,
+    k: int,
+    pool: int,
+) -> list[Example]:
+    """The turns a device keeps for chat: ``k`` picked by ``how``, or for ``"retrieve"`` a ``pool``."""
+    return pick_examples(tokenizer, prompts, replies, pool if how == "retrieve" else k, max_length, how)
+
+
+def turns_before(kept: Sequence[Example], how: str, k: int, message: str) -> list[Example]:
+    """The earlier turns put before ``message``: ``k`` retrieved from the pool, or the first ``k`` kept."""
+    return retrieve_examples(kept, message, k) if how == "retrieve" else list(kept[:k])
 
 
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")

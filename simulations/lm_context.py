@@ -31,7 +31,7 @@ import torch
 from client.generate import stream
 from client.predict import load_personal_model
 from client.training import evaluate
-from common.chat_format import PICKS, Example, chat_prompt, pick_examples, retrieve_examples
+from common.chat_format import PICKS, Example, chat_prompt, keep_turns, turns_before
 from common.data import ClientData, load_client_data
 from common.errors import FedpersError, StateError
 from common.features import encode
@@ -46,14 +46,12 @@ def _states(clients_dir: Path, users: int) -> list[Path]:
 
 
 def _contexts(how: str, k: int, kept: list[Example], d: ClientData) -> list[list[Example]]:
-    """Each test cue's earlier turns: the kept turns themselves, or (``retrieve``) ``k`` of them per cue."""
-    if how == "retrieve":
-        return [retrieve_examples(kept, cue, k) for cue in d.test_prompts]
-    return [kept] * len(d.test_prompts)
+    """Each test cue's earlier turns, as ``fedpers chat`` would put them before that message."""
+    return [turns_before(kept, how, k, cue) for cue in d.test_prompts]
 
 
 def _perplexity(
-    model: Any, backbone: Any, max_length: int, d: ClientData, shots: list[list[Example]]
+    model: Any, backbone: Any, max_length: int, d: ClientData, shots: list[list[Example]] | None
 ) -> float:
     feats = encode(
         backbone, d.test_texts, d.test_labels, max_length, prompts=d.test_prompts, turn_examples=shots
@@ -95,13 +93,13 @@ def context_sweep(clients_dir: Path, settings: list[tuple[str, int]], users: int
             parts = [int(p.name.removeprefix("client-")) for p in dirs]
             total = max(int(p.name.removeprefix("client-")) for p in clients_dir.glob("client-*")) + 1
             data = [load_client_data(cfg.task, part, total) for part in parts]
-            sizes = [cfg.client.chat_pool if how == "retrieve" else k for how, k in settings]
+            pool = cfg.client.chat_pool
             kept = [
-                [pick_examples(tok, d.train_prompts, d.train_texts, size, n, how) for d in data]
-                for (how, _), size in zip(settings, sizes, strict=True)
+                [keep_turns(tok, d.train_prompts, d.train_texts, n, how, k, pool) for d in data]
+                for how, k in settings
             ]
         d, other = data[i], (i + 1) % len(dirs)
-        none = _perplexity(model, backbone, n, d, [[]] * len(d.test_prompts))
+        none = _perplexity(model, backbone, n, d, None)
         line = [f"  {i + 1}/{len(dirs)} {d.user}: none {none:.2f}"]
         for j, (how, k) in enumerate(settings):
             own = _contexts(how, k, kept[j][i], d)
@@ -156,11 +154,9 @@ def transcript(
         cfg, backbone, model = load_personal_model(state_dir, None, causal=True)
         part = int(state_dir.name.removeprefix("client-"))
         d = load_client_data(cfg.task, part, part + 1)
-        size = cfg.client.chat_pool if how == "retrieve" else k
-        kept = pick_examples(
-            backbone.tokenizer, d.train_prompts, d.train_texts, size, cfg.task.max_length, how
-        )
-        turns = retrieve_examples(kept, message, k) if how == "retrieve" else kept
+        tok, n = backbone.tokenizer, cfg.task.max_length
+        kept = keep_turns(tok, d.train_prompts, d.train_texts, n, how, k, cfg.client.chat_pool)
+        turns = turns_before(kept, how, k, message)
         for label, shots in (("no turns", []), (f"{k} own turns ({how})", turns)):
             pieces = stream(
                 backbone, model, message, max_new_tokens=tokens, temperature=0.7, seed=seed, examples=shots

@@ -18,7 +18,7 @@ from conftest import LocalGrid, describe
 from opacus import GradSampleModule
 
 from client.app import make_client_app
-from client.generate import load_assistant, stream
+from client.generate import load_chat, stream
 from client.predict import predict
 from client.state import StateStore
 from client.training import DPPlan, evaluate, example_losses, sample_rate, train
@@ -167,7 +167,8 @@ def test_a_federation_sends_only_shared_adapters_reports_perplexity_and_the_user
     without = cross["without-personal"]  # zeroing the trained personal part changes the user's score
     assert len(without) == 2 and all(w != cross["ppl"][i][i] for i, w in enumerate(without))
     state_dir = tmp_path / "dev" / "client-0000"
-    backbone, model, kept = load_assistant(state_dir)
+    backbone, model, turns = load_chat(state_dir)
+    kept = turns.kept
     assert kept == []  # raw-text training has no turns to keep
     "".join(stream(backbone, model, "To be", chat=False, max_new_tokens=5))  # from the real state
     with pytest.raises(ConfigError, match="use `fedpers chat` or `fedpers generate`"):
@@ -189,7 +190,7 @@ def test_chat_on_a_classifier_state_is_refused(tmp_path: Path, task_identity: No
     over["client.state-root"] = str(tmp_path / "dev")
     run_federation(Config.from_run_config(over), LocalGrid(make_client_app(over), 2), 7)
     with pytest.raises(ConfigError, match="use `fedpers predict`"):
-        load_assistant(tmp_path / "dev" / "client-0000")
+        load_chat(tmp_path / "dev" / "client-0000")
 
 
 def test_cached_greedy_generation_equals_recomputing_the_whole_sequence(
@@ -309,7 +310,8 @@ def test_a_chat_user_keeps_own_turns_in_the_state_and_chat_uses_them(tmp_path: P
     n = cfg.task.max_length
     assert state.examples == pick_examples(tok, data.train_prompts, data.train_texts, 3, n, "longest")
     assert state.examples != pick_examples(tok, data.train_prompts, data.train_texts, 3, n, "spread")
-    backbone, model, kept = load_assistant(state_dir)
+    backbone, model, turns = load_chat(state_dir)
+    kept = turns.kept
     assert kept == state.examples
     assert "".join(stream(backbone, model, "hail", max_new_tokens=4, temperature=0.0, examples=kept))
     with pytest.raises(ConfigError, match="need the chat format"):
@@ -346,7 +348,6 @@ def test_retrieving_turns_keeps_a_pool_and_picks_per_message(
     from typer.testing import CliRunner
 
     from cli.main import app
-    from client.generate import load_chat
     from common.chat_format import pick_examples, retrieve_examples
     from simulations.lm_context import context_sweep, main
     from simulations.sequential import run_sequential
