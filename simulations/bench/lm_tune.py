@@ -55,7 +55,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     },
 }
 # The same with a server learning rate (server.server_opt; post-processing, so free in ε; a no-op for
-# local, which shares nothing). On validation it reached about what a larger client lr reaches (README).
+# local, which shares nothing). On validation it reached about what a larger client lr reaches (ASSISTANT.md).
 for _slr in (2.0, 4.0):
     CANDIDATES[f"lastblock-c0.05-l2-slr{_slr:g}"] = {
         **CANDIDATES["lastblock-c0.05-l2"],
