@@ -65,14 +65,7 @@ class FrozenPrefix(nn.Module):
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Hidden states after the frozen layers, shape (batch, tokens, hidden)."""
-        hidden = self.embeddings(input_ids=input_ids)
-        mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask
-        )
-        for layer in self.layers:
-            out = layer(hidden, attention_mask=mask)
-            hidden = out[0] if isinstance(out, tuple) else out
-        return hidden
+        return run_layers(self.layers, self.config, self.embeddings(input_ids=input_ids), attention_mask)
 
 
 class _TopLayers(nn.Module):
@@ -84,13 +77,7 @@ class _TopLayers(nn.Module):
         self.layers = nn.ModuleList(list(bert.encoder.layer[first:]))
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask
-        )
-        for layer in self.layers:
-            out = layer(hidden, attention_mask=mask)
-            hidden = out[0] if isinstance(out, tuple) else out
-        return hidden
+        return run_layers(self.layers, self.config, hidden, attention_mask)
 
 
 class PersonalModel(nn.Module):
