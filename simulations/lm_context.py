@@ -1,7 +1,7 @@
 """Diagnostic: do a user's own turns as chat context make the assistant speak more like that user?
 
     python -m simulations.lm_context --run-dir RUN --mode fedper [--examples 2,4,8]
-        [--pick spread,longest,retrieve] [--users N] [--threads T] [--json OUT]
+        [--pick spread,longest,retrieve,scored] [--users N] [--threads T] [--json OUT]
     python -m simulations.lm_context --report OUT        # the table of an earlier --json, again
 
 For each client state of a finished chat-turn run (``RUN/MODE/clients/client-NNNN``), the user's personal
@@ -31,11 +31,48 @@ import torch
 from client.generate import stream
 from client.predict import load_personal_model
 from client.training import evaluate
-from common.chat_format import PICKS, Example, chat_prompt, keep_turns, turns_before
+from common.chat_format import PICKS, Example, chat_prompt, keep_turns, pick_examples, turns_before
 from common.data import ClientData, load_client_data
 from common.errors import FedpersError, StateError
 from common.features import encode
 from simulations.lm_style import client_dirs
+
+SCORED = "scored"
+SCORED_CANDIDATES, SCORED_PROBES = 16, 8
+
+
+def scored_turns(
+    model: Any,
+    backbone: Any,
+    max_length: int,
+    d: ClientData,
+    k: int,
+    candidates: int = SCORED_CANDIDATES,
+    probes: int = SCORED_PROBES,
+) -> list[Example]:
+    """The ``k`` of the user's longest training turns that most lower the loss of their other turns.
+
+    Each candidate (one of the ``candidates`` longest replies) goes alone before ``probes`` training
+    turns that are not candidates (spread over them); the ``k`` candidates with the lowest mean loss on
+    those replies are kept, in data order (ties: the earlier turn).
+    """
+    tok, m = backbone.tokenizer, len(d.train_texts)
+    size = [len(tok(r, add_special_tokens=False)["input_ids"]) for r in d.train_texts]
+    cands = sorted(sorted(range(m), key=lambda i: (-size[i], i))[:candidates])
+    rest = [i for i in range(m) if i not in set(cands)]
+    if probes < 1 or len(rest) < probes or k > len(cands):
+        raise StateError(f"{d.user}: {m} training turns are too few to score {k} of them")
+    probe = [rest[(j * len(rest)) // probes] for j in range(probes)]
+    turns = pick_examples(  # every candidate, cut as training cuts it ("spread" over all keeps all)
+        tok, [d.train_prompts[i] for i in cands], [d.train_texts[i] for i in cands], len(cands), max_length
+    )
+    texts, prompts = [d.train_texts[i] for i in probe], [d.train_prompts[i] for i in probe]
+    labels = d.train_labels[probe]
+    losses = []
+    for turn in turns:
+        feats = encode(backbone, texts, labels, max_length, prompts=prompts, turn_examples=[[turn]] * probes)
+        losses.append(evaluate(model, feats)[1])
+    return [turns[i] for i in sorted(sorted(range(len(turns)), key=lambda i: (losses[i], i))[:k])]
 
 
 def _states(clients_dir: Path, users: int) -> list[Path]:
@@ -47,7 +84,7 @@ def _states(clients_dir: Path, users: int) -> list[Path]:
 
 def _contexts(how: str, k: int, kept: list[Example], d: ClientData) -> list[list[Example]]:
     """Each test cue's earlier turns, as ``fedpers chat`` would put them before that message."""
-    return [turns_before(kept, how, k, cue) for cue in d.test_prompts]
+    return [turns_before(kept, "longest" if how == SCORED else how, k, cue) for cue in d.test_prompts]
 
 
 def _perplexity(
@@ -95,9 +132,17 @@ def context_sweep(clients_dir: Path, settings: list[tuple[str, int]], users: int
             data = [load_client_data(cfg.task, part, total) for part in parts]
             pool = cfg.client.chat_pool
             kept = [
-                [keep_turns(tok, d.train_prompts, d.train_texts, n, how, k, pool) for d in data]
+                [
+                    [] if how == SCORED else keep_turns(tok, d.train_prompts, d.train_texts, n, how, k, pool)
+                    for d in data
+                ]
                 for how, k in settings
             ]
+            for j, (how, k) in enumerate(settings):  # each user's own model picks ("other" borrows them)
+                if how == SCORED:
+                    for u, state_u in enumerate(dirs):
+                        own_model = model if u == i else load_personal_model(state_u, None, causal=True)[2]
+                        kept[j][u] = scored_turns(own_model, backbone, n, data[u], k)
         d, other = data[i], (i + 1) % len(dirs)
         none = _perplexity(model, backbone, n, d, None)
         line = [f"  {i + 1}/{len(dirs)} {d.user}: none {none:.2f}"]
@@ -203,7 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mode", default="fedper", help="which mode's client states (default fedper)")
     ap.add_argument("--examples", default="4", help="own turns put first; several (1,2,4) sweep (default 4)")
     ap.add_argument(
-        "--pick", default="spread", help=f"how turns are picked, one or several of {','.join(PICKS)}"
+        "--pick",
+        default="spread",
+        help=f"how turns are picked, one or several of {','.join(PICKS)} (or {SCORED}, a diagnostic)",
     )
     ap.add_argument("--users", type=int, default=0, help="only the first N users (default all)")
     ap.add_argument("--json", type=Path, help="also write the rows and the summary here")
@@ -223,8 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     ks, picks = _ints(args.examples), [h.strip() for h in args.pick.split(",") if h.strip()]
     if not ks or min(ks) < 1 or args.users < 0 or args.threads < 1:
         raise SystemExit("error: --examples and --threads must be >= 1 and --users >= 0")
-    if not picks or set(picks) - set(PICKS):
-        raise SystemExit(f"error: --pick takes {', '.join(PICKS)}, got {args.pick!r}")
+    if not picks or set(picks) - {*PICKS, SCORED}:
+        raise SystemExit(f"error: --pick takes {', '.join(PICKS)} or {SCORED}, got {args.pick!r}")
     clients = args.run_dir / args.mode / "clients"
     if not clients.is_dir():
         raise SystemExit(f"error: {clients} is not a folder (a finished `fedpers simulate` run and mode)")
@@ -232,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     try:
         if args.transcript:
+            if picks[0] == SCORED:
+                raise SystemExit(f"error: --transcript takes a client's pick ({', '.join(PICKS)})")
             users = tuple(int(u) for u in args.transcript_users.split(","))
             for line in transcript(clients, ks[0], args.transcript, args.seed, 50, users, picks[0]):
                 print(line)

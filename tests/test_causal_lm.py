@@ -349,7 +349,7 @@ def test_retrieving_turns_keeps_a_pool_and_picks_per_message(
 
     from cli.main import app
     from common.chat_format import pick_examples, retrieve_examples
-    from simulations.lm_context import context_sweep, main
+    from simulations.lm_context import context_sweep, main, scored_turns
     from simulations.sequential import run_sequential
 
     over = {**LM, "task.lm-format": "chat", "client.chat-pick": "retrieve", "client.chat-pool": 6}
@@ -371,8 +371,20 @@ def test_retrieving_turns_keeps_a_pool_and_picks_per_message(
         input="hail\n",
     )
     assert res.exit_code == 0 and res.output.startswith("> ")
-    sweep = context_sweep(tmp_path / "clients", [("retrieve", 2), ("spread", 2)])
+    sweep = context_sweep(tmp_path / "clients", [("retrieve", 2), ("spread", 2), ("scored", 2)])
     assert [r["none"] for r in sweep[0]["rows"]] == [r["none"] for r in sweep[1]["rows"]]
+    assert [r["none"] for r in sweep[2]["rows"]] == [r["none"] for r in sweep[1]["rows"]]
+    assert all(r["own"] != r["none"] and math.isfinite(r["other-turns"]) for r in sweep[2]["rows"])
+    # The scored diagnostic keeps k of the 16 longest turns, in data order; with k = 16 it keeps them all.
+    backbone, model, _ = load_chat(state_dir)
+    n = cfg.task.max_length
+    longest = pick_examples(tok, data.train_prompts, data.train_texts, 16, n, "longest")
+    picked = scored_turns(model, backbone, n, data, 3)
+    assert len(picked) == 3 and set(picked) <= set(longest)
+    assert sorted(picked, key=longest.index) == picked
+    assert scored_turns(model, backbone, n, data, 16) == longest
+    with pytest.raises(StateError, match="too few to score"):
+        scored_turns(model, backbone, n, data, 2, candidates=16, probes=len(data.train_texts))
     assert all(r["own"] != r["none"] and r["context-tokens"] > 0 for r in sweep[0]["rows"])
     out = tmp_path / "sweep.json"  # the command line: a sweep, its table, and the table again from the JSON
     main(
