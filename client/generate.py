@@ -59,12 +59,13 @@ def load_chat(
     from client.predict import load_personal
 
     cfg, backbone, model, state = load_personal(state_dir, key_file, causal=True, device=device)
-    kept, how = list(state.examples), cfg.client.chat_pick
-    return (
-        backbone,
-        model,
-        ChatTurns(kept, how, min(cfg.client.chat_examples, len(kept)) if how == "retrieve" else len(kept)),
-    )
+    return backbone, model, kept_turns(cfg, state.examples)
+
+
+def kept_turns(cfg: Any, examples: Sequence[Example]) -> ChatTurns:
+    """The turns a state keeps (``examples``), used as its configuration (``client.chat-*``) says."""
+    kept, how = list(examples), cfg.client.chat_pick
+    return ChatTurns(kept, how, min(cfg.client.chat_examples, len(kept)) if how == "retrieve" else len(kept))
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:

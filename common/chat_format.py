@@ -91,6 +91,12 @@ def pick_examples(
     return out
 
 
+def cue_tail(tokenizer: Any, cue: str, max_length: int) -> str:
+    """The cue as training sees it: its last ``max_length // 2`` tokens (unchanged when shorter)."""
+    ids = tokenizer(cue, add_special_tokens=False)["input_ids"]
+    return cue if len(ids) <= max_length // 2 else tokenizer.decode(ids[-(max_length // 2) :])
+
+
 def keep_turns(
     tokenizer: Any,
     prompts: Sequence[str],
@@ -185,12 +191,9 @@ def tokenize_turns(
     if max_length < 2:
         raise DataError(f"max_length must be at least 2, got {max_length}")
     end = end_of_turn(tokenizer)
-    keep = max_length // 2
     ids, prompt_lengths = [], []
     for cue, reply, context in zip(prompts, replies, contexts, strict=True):
-        cue_ids = tokenizer(cue, add_special_tokens=False)["input_ids"]
-        if len(cue_ids) > keep:
-            cue = tokenizer.decode(cue_ids[-keep:])
+        cue = cue_tail(tokenizer, cue, max_length)
         head = tokenizer(chat_prompt(tokenizer, cue, context), add_special_tokens=False)["input_ids"]
         body = tokenizer(reply, add_special_tokens=False)["input_ids"][:max_length] + end
         ids.append(list(head) + list(body))

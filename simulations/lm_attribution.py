@@ -1,0 +1,281 @@
+"""Diagnostic: can a reader tell the users apart from one answer of their assistant?
+
+    python -m simulations.lm_attribution --run-dir RUN --mode fedper [--cues 5] [--tokens 48]
+        [--users N] [--seed 0] [--threads T] [--json OUT]
+    python -m simulations.lm_attribution --report OUT      # the table of an earlier --json, again
+
+``simulations.lm_context`` measures how well a user's assistant *predicts* the user's real replies. This
+one reads what the assistant *says*. For each client state of a finished chat-turn run, the assistant
+(what ``fedpers chat`` loads) answers the first ``--cues`` of the user's test cues (the speech before each
+test reply, cut as training cuts it) three ways, with the same sampling seed for each cue: with no earlier
+turns, with the user's own kept turns (``client.chat-pick``/``client.chat-examples``, as ``fedpers chat``
+puts them), and with the next user's kept turns. A stylometric reader that never sees the model then
+names the user of each answer: character 3-grams (TF-IDF weighted, cosine) against a profile of each
+user's *training* replies, minus the turns the state keeps, so copying a context turn word for word does
+not count as that user's style. Chance is one in the number of users. The same reader, given the users'
+real test replies (cut to the same number of tokens), shows how far one short text can be told apart at
+all: the ceiling. Answers that copy the context are counted too (the share of an answer's word trigrams
+found in the turns put before it).
+
+Nothing is trained; the test split is only read. Sampling is seeded, so a rerun prints the same table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.generate import kept_turns, load_chat, stream
+from client.state import StateStore
+from common.chat_format import Example, cue_tail
+from common.config import Config
+from common.data import ClientData, load_client_data
+from common.errors import DataError, FedpersError, StateError
+from simulations.lm_style import client_dirs
+
+CONDITIONS = ("none", "own", "other")
+
+
+def char_grams(text: str, n: int = 3) -> Counter[str]:
+    """Character ``n``-grams of ``text``, lower-cased, whitespace runs as one space, padded by spaces."""
+    s = " " + " ".join(text.lower().split()) + " "
+    return Counter(s[i : i + n] for i in range(len(s) - n + 1))
+
+
+def word_trigrams(text: str) -> set[tuple[str, ...]]:
+    """The lower-cased word trigrams of ``text`` (punctuation stays on its word)."""
+    w = text.lower().split()
+    return {tuple(w[i : i + 3]) for i in range(len(w) - 2)}
+
+
+def copied_share(answer: str, turns: Sequence[Example]) -> float:
+    """The share of the answer's word trigrams that occur in the turns before it (0 when it has none)."""
+    grams = word_trigrams(answer)
+    if not grams:
+        return 0.0
+    seen = (
+        set().union(*(word_trigrams(cue) | word_trigrams(reply) for cue, reply in turns)) if turns else set()
+    )
+    return len(grams & seen) / len(grams)
+
+
+class Reader:
+    """Names the author of a text among known users by character n-grams (TF-IDF, cosine).
+
+    Each user's profile is the n-gram counts of their texts; a gram's weight is ``(1 + log count) * idf``
+    with ``idf = log(users / users whose texts have it) + 1``, so grams every user writes weigh little.
+    """
+
+    def __init__(self, corpora: Mapping[str, Sequence[str]], n: int = 3) -> None:
+        if len(corpora) < 2:
+            raise DataError(f"a reader needs at least two users to tell apart, got {len(corpora)}")
+        empty = [u for u, texts in corpora.items() if not any(t.strip() for t in texts)]
+        if empty:
+            raise DataError(f"no text to profile for {', '.join(empty)}")
+        if n < 1:
+            raise DataError(f"n-grams need n >= 1, got {n}")
+        self.n, self.users = n, list(corpora)
+        counts = [sum((char_grams(t, n) for t in corpora[u]), Counter()) for u in self.users]
+        self.vocab = {g: i for i, g in enumerate(sorted(set().union(*counts)))}
+        df = Counter(g for c in counts for g in c)
+        self.idf = np.array([math.log(len(counts) / df[g]) + 1.0 for g in self.vocab])
+        self.profiles = np.stack([self._vector(c) for c in counts])
+
+    def _vector(self, counts: Counter[str]) -> np.ndarray:
+        v = np.zeros(len(self.vocab))
+        for g, c in counts.items():
+            if g in self.vocab:
+                v[self.vocab[g]] = 1.0 + math.log(c)
+        v *= self.idf
+        norm = np.linalg.norm(v)
+        return v / norm if norm else v
+
+    def scores(self, text: str) -> np.ndarray:
+        """Cosine similarity of ``text`` to each user's profile, in ``self.users`` order."""
+        return self.profiles @ self._vector(char_grams(text, self.n))
+
+    def ranking(self, text: str) -> list[str]:
+        """The users, most likely author first (ties: the earlier user)."""
+        s = self.scores(text)
+        return [self.users[i] for i in sorted(range(len(s)), key=lambda i: (-s[i], i))]
+
+
+def _cut(tokenizer: Any, text: str, tokens: int) -> str:
+    """The first ``tokens`` tokens of ``text``, decoded as common.chat_format.pick_examples decodes them."""
+    return str(tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]))
+
+
+def _play(user: str) -> str:
+    return user.split("/", 1)[0]
+
+
+def generate_answers(
+    clients_dir: Path, cues: int, tokens: int, seed: int, users: int = 0, temperature: float = 0.7
+) -> dict[str, Any]:
+    """Every user's answers to their first ``cues`` test cues with no, own and another user's turns.
+
+    Returns the users, each user's profile texts (training replies minus kept turns), real test replies
+    (cut to ``tokens`` tokens) and, per user, one record per cue with the three answers and the turns'
+    owners.
+    """
+    dirs = client_dirs(clients_dir)
+    if len(dirs) < 2:
+        raise StateError(f"{clients_dir} needs at least two client states (one to borrow turns from)")
+    dirs = dirs[:users] if users else dirs
+    if len(dirs) < 2:
+        raise StateError("--users must keep at least two users")
+    states = [StateStore(p).load() for p in dirs]
+    if any(s is None or "config" not in s.meta for s in states):
+        raise StateError(f"a state in {clients_dir} holds no model yet")
+    cfgs = [Config.from_run_config(s.meta["config"]) for s in states]  # type: ignore[union-attr]
+    if cfgs[0].task.lm_format != "chat":
+        raise StateError(f"{clients_dir} was trained on raw text (task.lm-format = 'text'): no turns")
+    turns = [kept_turns(c, s.examples) for c, s in zip(cfgs, states, strict=True)]  # type: ignore[union-attr]
+    if not all(t.kept for t in turns):
+        raise StateError(f"the states in {clients_dir} keep no turns (client.chat-examples = 0)")
+    total = max(int(p.name.removeprefix("client-")) for p in clients_dir.glob("client-*")) + 1
+    data: list[ClientData] = [
+        load_client_data(cfgs[0].task, int(p.name.removeprefix("client-")), total) for p in dirs
+    ]
+    if min(len(d.test_prompts) for d in data) < cues:
+        raise DataError(f"a user has fewer than {cues} test cues")
+    out: dict[str, Any] = {"users": [d.user for d in data], "profiles": {}, "real": {}, "answers": {}}
+    for i, (state_dir, d) in enumerate(zip(dirs, data, strict=True)):
+        backbone, model, own = load_chat(state_dir, device="cpu")
+        tok, n = backbone.tokenizer, cfgs[i].task.max_length
+        other = (i + 1) % len(dirs)
+        kept_replies = {reply for _, reply in own.kept}
+        out["profiles"][d.user] = [t for t in d.train_texts if _cut(tok, t, n) not in kept_replies]
+        out["real"][d.user] = [_cut(tok, t, tokens) for t in d.test_texts[:cues]]
+        records = []
+        for j in range(cues):
+            message = cue_tail(tok, d.test_prompts[j], n)
+            contexts = {
+                "none": [],
+                "own": own.for_message(message),
+                "other": turns[other].for_message(message),
+            }
+            record: dict[str, Any] = {"cue": message, "turns-of": data[other].user}
+            for name in CONDITIONS:
+                pieces = stream(
+                    backbone,
+                    model,
+                    message,
+                    max_new_tokens=tokens,
+                    temperature=temperature,
+                    seed=seed + j,
+                    examples=contexts[name],
+                )
+                record[name] = "".join(pieces).strip()
+                record[f"{name}-copied"] = copied_share(record[name], contexts[name])
+            records.append(record)
+        out["answers"][d.user] = records
+        print(f"  {i + 1}/{len(dirs)} {d.user}: {cues} cues answered 3 ways", flush=True)
+    return out
+
+
+def attribute(generated: Mapping[str, Any], n: int = 3) -> dict[str, Any]:
+    """How often the reader names the right user (and play) for real replies and for each condition."""
+    reader = Reader(generated["profiles"], n)
+    users = generated["users"]
+
+    def tally(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+        ranks = [reader.ranking(text) for text, _ in pairs]
+        truth = [u for _, u in pairs]
+        return {
+            "texts": len(pairs),
+            "top1": sum(r[0] == u for r, u in zip(ranks, truth, strict=True)) / len(pairs),
+            "play": sum(_play(r[0]) == _play(u) for r, u in zip(ranks, truth, strict=True)) / len(pairs),
+            "mean-rank": statistics.fmean(r.index(u) + 1 for r, u in zip(ranks, truth, strict=True)),
+        }
+
+    real = [(t, u) for u in users for t in generated["real"][u]]
+    summary: dict[str, Any] = {"users": len(users), "chance": 1 / len(users), "real": tally(real)}
+    for name in CONDITIONS:
+        records = [(r, u) for u in users for r in generated["answers"][u]]
+        row = tally([(r[name], u) for r, u in records])
+        row["copied"] = statistics.fmean(r[f"{name}-copied"] for r, _ in records)
+        row["words"] = statistics.fmean(len(r[name].split()) for r, _ in records)
+        if name == "other":  # named as the user whose turns it was given?
+            row["turn-owner"] = tally([(r[name], r["turns-of"]) for r, _ in records])["top1"]
+        summary[name] = row
+    return summary
+
+
+def table(summary: Mapping[str, Any]) -> str:
+    """A Markdown table of :func:`attribute`'s summary."""
+    lines = [
+        f"{summary['users']} users; chance of naming the right one: {summary['chance']:.1%}.",
+        "",
+        "| texts | n | named the right user | right play | mean rank of the user | words "
+        "| copied from the turns |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    labels = {
+        "real": "the users' real test replies (ceiling)",
+        "none": "answers, no turns",
+        "own": "answers, own turns",
+        "other": "answers, the next user's turns",
+    }
+    for key, label in labels.items():
+        row = summary[key]
+        extra = f" (named as the turns' owner: {row['turn-owner']:.0%})" if "turn-owner" in row else ""
+        words = f"{row['words']:.1f}" if "words" in row else "–"
+        copied = f"{row['copied']:.0%}" if "copied" in row else "–"
+        lines.append(
+            f"| {label} | {row['texts']} | {row['top1']:.0%}{extra} | {row['play']:.0%} "
+            f"| {row['mean-rank']:.1f} | {words} | {copied} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Generate the answers, name their users and print the table (optionally keep everything as JSON)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-dir", type=Path, help="a finished chat-turn simulation folder")
+    ap.add_argument("--report", type=Path, help="print the table of an earlier --json file and stop")
+    ap.add_argument("--mode", default="fedper", help="which mode's client states (default fedper)")
+    ap.add_argument("--cues", type=int, default=5, help="test cues answered per user (default 5)")
+    ap.add_argument("--tokens", type=int, default=48, help="longest answer, in tokens (default 48)")
+    ap.add_argument("--users", type=int, default=0, help="only the first N users (default all)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed of the first cue (default 0)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument("--json", type=Path, help="also write the answers and the summary here")
+    args = ap.parse_args(argv)
+    if args.report:
+        print(table(json.loads(args.report.read_text())["summary"]))
+        return
+    if args.run_dir is None:
+        raise SystemExit("error: give --run-dir (or --report)")
+    if args.cues < 1 or args.tokens < 1 or args.users < 0 or args.threads < 1:
+        raise SystemExit("error: --cues, --tokens and --threads must be >= 1 and --users >= 0")
+    clients = args.run_dir / args.mode / "clients"
+    if not clients.is_dir():
+        raise SystemExit(f"error: {clients} is not a folder (a finished `fedpers simulate` run and mode)")
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    try:
+        generated = generate_answers(clients, args.cues, args.tokens, args.seed, args.users)
+        summary = attribute(generated)
+    except FedpersError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    seconds = time.perf_counter() - start
+    print(table(summary))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        result = {"summary": summary, "seconds": seconds, **generated}
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
