@@ -233,15 +233,22 @@ _EXAMPLES_HELP = (
     "state's choice (all it keeps, or with client.chat-pick = retrieve client.chat-examples turns "
     "retrieved per message)"
 )
+_CONTRAST_HELP = (
+    "amplify what the user's own turns change: each token from (1 + a) x logits with the turns - a x "
+    "logits without them (a second model pass per token); 0 = off"
+)
 _DEVICE_HELP = "auto (CUDA, then Apple MPS, then the CPU) | cpu | cuda | cuda:N | mps"
 
 
 def _say(backbone: object, model: object, prompt: str, chat: bool, opts: dict) -> None:
     from client.generate import stream
 
-    for piece in stream(backbone, model, prompt, chat=chat, **opts):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    try:
+        for piece in stream(backbone, model, prompt, chat=chat, **opts):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except FedpersError as exc:
+        _fail(exc)
     sys.stdout.write("\n")
 
 
@@ -256,11 +263,13 @@ def generate(
     top_p: float = typer.Option(0.9, help="nucleus sampling mass"),
     seed: int = typer.Option(None, help="sampling seed (default: random)"),
     examples: int = typer.Option(-1, help=_EXAMPLES_HELP + " (with --chat)"),
+    contrast: float = typer.Option(0.0, help=_CONTRAST_HELP + " (with --chat)"),
     device: str = typer.Option("auto", help=_DEVICE_HELP),
 ) -> None:
     """Continue a text offline with this user's personal assistant, streaming tokens."""
     backbone, model, turns = _assistant(state_dir, key_file, examples if chat else 0, device)
     opts = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    opts["contrast"] = contrast
     _say(backbone, model, prompt, chat, {**opts, "examples": turns.for_message(prompt)})
 
 
@@ -273,12 +282,13 @@ def chat(
     top_p: float = typer.Option(0.9, help="nucleus sampling mass"),
     seed: int = typer.Option(None, help="sampling seed (default: random)"),
     examples: int = typer.Option(-1, help=_EXAMPLES_HELP),
+    contrast: float = typer.Option(0.0, help=_CONTRAST_HELP),
     device: str = typer.Option("auto", help=_DEVICE_HELP),
 ) -> None:
     """Chat offline with this user's personal assistant (one line per message; an empty line or EOF ends)."""
     backbone, model, turns = _assistant(state_dir, key_file, examples, device)
     opts: dict[str, object] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
-    opts["seed"] = seed
+    opts["seed"], opts["contrast"] = seed, contrast
     for line in sys.stdin:
         prompt = line.strip()
         if not prompt or prompt in {"exit", "quit"}:

@@ -9,6 +9,7 @@ trained (frozen prefix blocks, then the LoRA blocks and the personal adapter) an
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -91,10 +92,14 @@ def stream(
     top_p: float = 0.9,
     seed: int | None = None,
     examples: Sequence[tuple[str, str]] = (),
+    contrast: float = 0.0,
 ) -> Iterator[str]:
     """Yield the reply to ``prompt`` piece by piece (the chat template when ``chat``, else a continuation).
 
-    With ``chat``, ``examples`` (cue, reply) come first as earlier turns (common.chat_format).
+    With ``chat``, ``examples`` (cue, reply) come first as earlier turns (common.chat_format). With
+    ``contrast`` a > 0 each token is drawn from ``(1 + a) * logits(with the turns) - a * logits(without)``
+    (context-aware decoding): what the user's turns change about the next token is amplified. It costs a
+    second model pass per token, on the message alone.
     """
     from transformers import DynamicCache
 
@@ -106,23 +111,40 @@ def stream(
     tok = backbone.tokenizer
     if examples and not chat:
         raise ConfigError("example turns need the chat format (chat=True); a continuation has no turns")
-    text = chat_prompt(tok, prompt, examples) if chat else prompt  # the format chat-turn training used
+    if not math.isfinite(contrast) or contrast < 0:
+        raise ConfigError(f"contrast must be a finite number >= 0, got {contrast}")
+    if contrast > 0 and not examples:
+        raise ConfigError("contrast amplifies the user's turns: it needs turns before the message")
     dev = device_of(backbone.prefix)  # the model was made on the same device (common.device.place)
-    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(dev)  # template has them
-    cache = DynamicCache(config=backbone.prefix.config)
+
+    def ids_of(text: str) -> torch.Tensor:
+        # the chat template has its special tokens already
+        return tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(dev)
+
+    # one (cache, position) per prompt: the prompt as trained, and with contrast the message alone
+    prompts = [ids_of(chat_prompt(tok, prompt, examples) if chat else prompt)]
+    if contrast > 0:
+        prompts.append(ids_of(chat_prompt(tok, prompt, [])))
+    caches = [DynamicCache(config=backbone.prefix.config) for _ in prompts]
+    positions = [0 for _ in prompts]
+
+    def next_logits(k: int, step: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(positions[k], positions[k] + step.shape[1], device=dev).unsqueeze(0)
+        mask = step_mask(backbone.prefix.config, backbone.prefix.embed(step), caches[k], pos)
+        hidden = backbone.prefix(step, mask, caches[k], pos)
+        positions[k] += step.shape[1]
+        return model(hidden, mask, caches[k], pos)[0, -1].float().cpu()  # sampled with a CPU generator
+
     gen = torch.Generator()
     gen.manual_seed(seed if seed is not None else int(torch.seed() % (2**63)))
     eos = {t for t in (tok.eos_token_id, getattr(tok, "sep_token_id", None)) if t is not None}
     produced: list[int] = []
     shown = ""
-    position = 0
-    step = ids
+    steps = prompts
     for _ in range(max_new_tokens):
-        pos = torch.arange(position, position + step.shape[1], device=dev).unsqueeze(0)
-        mask = step_mask(backbone.prefix.config, backbone.prefix.embed(step), cache, pos)
-        hidden = backbone.prefix(step, mask, cache, pos)
-        logits = model(hidden, mask, cache, pos)[0, -1].float().cpu()  # sampled with a CPU generator
-        position += step.shape[1]
+        logits = next_logits(0, steps[0])
+        if contrast > 0:
+            logits = (1.0 + contrast) * logits - contrast * next_logits(1, steps[1])
         nxt = _sample(logits, temperature, top_p, gen)
         if nxt in eos:
             break
@@ -131,7 +153,7 @@ def stream(
         if len(full) > len(shown) and not full.endswith("\ufffd"):  # whole characters only
             yield full[len(shown) :]
             shown = full
-        step = torch.tensor([[nxt]], device=dev)
+        steps = [torch.tensor([[nxt]], device=dev) for _ in prompts]
     full = tok.decode(produced, skip_special_tokens=True)
     if len(full) > len(shown):
         yield full[len(shown) :]

@@ -1,8 +1,8 @@
 """Diagnostic: can a reader tell the users apart from one answer of their assistant?
 
     python -m simulations.lm_attribution --run-dir RUN --mode fedper [--cues 5] [--tokens 48]
-        [--users N] [--seed 0] [--threads T] [--json OUT]
-    python -m simulations.lm_attribution --report OUT      # the table of an earlier --json, again
+        [--users N] [--seed 0] [--contrast A] [--threads T] [--json OUT]
+    python -m simulations.lm_attribution --report OUT      # read an earlier --json's answers again
 
 ``simulations.lm_context`` measures how well a user's assistant *predicts* the user's real replies. This
 one reads what the assistant *says*. For each client state of a finished chat-turn run, the assistant
@@ -120,9 +120,17 @@ def _play(user: str) -> str:
 
 
 def generate_answers(
-    clients_dir: Path, cues: int, tokens: int, seed: int, users: int = 0, temperature: float = 0.7
+    clients_dir: Path,
+    cues: int,
+    tokens: int,
+    seed: int,
+    users: int = 0,
+    temperature: float = 0.7,
+    contrast: float = 0.0,
 ) -> dict[str, Any]:
     """Every user's answers to their first ``cues`` test cues with no, own and another user's turns.
+
+    ``contrast`` is ``stream``'s context-aware decoding for the answers with turns (own and other).
 
     Returns the users, each user's profile texts (training replies minus kept turns), real test replies
     (cut to ``tokens`` tokens) and, per user, one record per cue with the three answers and the turns'
@@ -149,7 +157,13 @@ def generate_answers(
     ]
     if min(len(d.test_prompts) for d in data) < cues:
         raise DataError(f"a user has fewer than {cues} test cues")
-    out: dict[str, Any] = {"users": [d.user for d in data], "profiles": {}, "real": {}, "answers": {}}
+    out: dict[str, Any] = {
+        "users": [d.user for d in data],
+        "contrast": contrast,
+        "profiles": {},
+        "real": {},
+        "answers": {},
+    }
     for i, (state_dir, d) in enumerate(zip(dirs, data, strict=True)):
         backbone, model, own = load_chat(state_dir, device="cpu")
         tok, n = backbone.tokenizer, cfgs[i].task.max_length
@@ -175,6 +189,7 @@ def generate_answers(
                     temperature=temperature,
                     seed=seed + j,
                     examples=contexts[name],
+                    contrast=contrast if contexts[name] else 0.0,
                 )
                 record[name] = "".join(pieces).strip()
                 record[f"{name}-copied"] = copied_share(record[name], contexts[name])
@@ -200,7 +215,14 @@ def attribute(generated: Mapping[str, Any], n: int = 3) -> dict[str, Any]:
         }
 
     real = [(t, u) for u in users for t in generated["real"][u]]
-    summary: dict[str, Any] = {"users": len(users), "chance": 1 / len(users), "real": tally(real)}
+    plays = Counter(_play(u) for u in users)
+    summary: dict[str, Any] = {
+        "users": len(users),
+        "chance": 1 / len(users),
+        "chance-play": sum(plays[_play(u)] for u in users) / len(users) ** 2,
+        "contrast": generated.get("contrast", 0.0),
+        "real": tally(real),
+    }
     for name in CONDITIONS:
         records = [(r, u) for u in users for r in generated["answers"][u]]
         row = tally([(r[name], u) for r, u in records])
@@ -208,14 +230,43 @@ def attribute(generated: Mapping[str, Any], n: int = 3) -> dict[str, Any]:
         row["words"] = statistics.fmean(len(r[name].split()) for r, _ in records)
         if name == "other":  # named as the user whose turns it was given?
             row["turn-owner"] = tally([(r[name], r["turns-of"]) for r, _ in records])["top1"]
+        row["most-named"] = Counter(reader.ranking(r[name])[0] for r, _ in records).most_common(2)
         summary[name] = row
+    ranks = {
+        name: [reader.ranking(r[name]).index(u) for u in users for r in generated["answers"][u]]
+        for name in CONDITIONS
+    }
+    summary["paired"] = {
+        f"own-vs-{name}": paired_ranks(ranks["own"], ranks[name]) for name in ("other", "none")
+    }
     return summary
+
+
+def sign_test(better: int, worse: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least this uneven from a fair coin (no ties)."""
+    n, k = better + worse, min(better, worse)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
+def paired_ranks(first: Sequence[int], second: Sequence[int]) -> dict[str, Any]:
+    """Per text, whether the true user ranks higher (a smaller rank) in ``first`` than in ``second``."""
+    if len(first) != len(second):
+        raise DataError(f"paired ranks need as many texts on each side, got {len(first)} and {len(second)}")
+    better = sum(a < b for a, b in zip(first, second, strict=True))
+    worse = sum(a > b for a, b in zip(first, second, strict=True))
+    ties = len(first) - better - worse
+    return {"better": better, "worse": worse, "ties": ties, "p": sign_test(better, worse)}
 
 
 def table(summary: Mapping[str, Any]) -> str:
     """A Markdown table of :func:`attribute`'s summary."""
     lines = [
-        f"{summary['users']} users; chance of naming the right one: {summary['chance']:.1%}.",
+        f"{summary['users']} users; chance of naming the right one: {summary['chance']:.1%}"
+        + (f", the right play: {summary['chance-play']:.1%}." if "chance-play" in summary else ".")
+        + (f" Answers with turns: contrast {summary['contrast']:g}." if summary.get("contrast") else ""),
         "",
         "| texts | n | named the right user | right play | mean rank of the user | words "
         "| copied from the turns |",
@@ -236,6 +287,20 @@ def table(summary: Mapping[str, Any]) -> str:
             f"| {label} | {row['texts']} | {row['top1']:.0%}{extra} | {row['play']:.0%} "
             f"| {row['mean-rank']:.1f} | {words} | {copied} |"
         )
+    for key, other in (("own-vs-other", "the next user's turns"), ("own-vs-none", "no turns")):
+        pair = summary.get("paired", {}).get(key)
+        if pair:
+            lines.append(
+                f"\nSame cue and seed, own turns against {other}: the right user ranks higher for "
+                f"{pair['better']}, lower for {pair['worse']} "
+                f"(ties {pair['ties']}; sign test p = {pair['p']:.3f})."
+            )
+    for key in ("none", "own"):
+        named = summary[key].get("most-named")
+        if named:
+            names = ", ".join(f"{u} {c / summary[key]['texts']:.0%}" for u, c in named)
+            which = "no" if key == "none" else "own"
+            lines.append(f"\nMost named for the answers with {which} turns: {names}.")
     return "\n".join(lines)
 
 
@@ -249,23 +314,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=48, help="longest answer, in tokens (default 48)")
     ap.add_argument("--users", type=int, default=0, help="only the first N users (default all)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of the first cue (default 0)")
+    ap.add_argument(
+        "--contrast", type=float, default=0.0, help="context-aware decoding of answers with turns (default 0)"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--json", type=Path, help="also write the answers and the summary here")
     args = ap.parse_args(argv)
     if args.report:
-        print(table(json.loads(args.report.read_text())["summary"]))
+        print(table(attribute(json.loads(args.report.read_text()))))  # read again: same reader, same table
         return
     if args.run_dir is None:
         raise SystemExit("error: give --run-dir (or --report)")
-    if args.cues < 1 or args.tokens < 1 or args.users < 0 or args.threads < 1:
-        raise SystemExit("error: --cues, --tokens and --threads must be >= 1 and --users >= 0")
+    if args.cues < 1 or args.tokens < 1 or args.users < 0 or args.threads < 1 or not args.contrast >= 0:
+        raise SystemExit("error: --cues, --tokens and --threads must be >= 1, --users and --contrast >= 0")
     clients = args.run_dir / args.mode / "clients"
     if not clients.is_dir():
         raise SystemExit(f"error: {clients} is not a folder (a finished `fedpers simulate` run and mode)")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
-        generated = generate_answers(clients, args.cues, args.tokens, args.seed, args.users)
+        generated = generate_answers(
+            clients, args.cues, args.tokens, args.seed, args.users, contrast=args.contrast
+        )
         summary = attribute(generated)
     except FedpersError as exc:
         raise SystemExit(f"error: {exc}") from exc

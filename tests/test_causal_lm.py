@@ -324,6 +324,10 @@ def test_a_chat_user_keeps_own_turns_in_the_state_and_chat_uses_them(tmp_path: P
         input="hail\n",
     )
     assert res.exit_code == 0 and res.output.startswith("> ")
+    args = ["chat", "--state-dir", str(state_dir), "--max-new-tokens", "3", "--contrast", "1"]
+    assert CliRunner().invoke(app, args, input="hail\n").exit_code == 0
+    res = CliRunner().invoke(app, [*args, "--examples", "0"], input="hail\n")
+    assert res.exit_code != 0 and "needs turns before the message" in res.output
     # The context diagnostic: without turns it scores exactly what the client reported for its test split.
     from simulations.lm_context import context_perplexity, context_sweep
 

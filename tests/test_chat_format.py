@@ -111,6 +111,40 @@ def test_chat_asks_with_the_prompt_training_used(chat: tuple[Config, Any, Any]) 
     assert first.strip() == backbone.tokenizer.decode([greedy]).strip()
 
 
+def test_contrast_draws_from_the_amplified_difference_the_turns_make(chat: tuple[Config, Any, Any]) -> None:
+    _, backbone, _ = chat
+    torch.manual_seed(0)
+    model = backbone.new_model().eval()
+    with torch.no_grad():
+        model.head.up.weight.normal_(0, 0.5)
+    tok = backbone.tokenizer
+    turns = [
+        ("Who goes there?", "Nay, answer me: stand and unfold yourself."),
+        ("Long live the king!", "Peace!"),
+    ]
+    cue = "What say you, my lord?"
+
+    def last_logits(shots: list[tuple[str, str]]) -> torch.Tensor:
+        ids = tok(chat_prompt(tok, cue, shots), return_tensors="pt", add_special_tokens=False)["input_ids"]
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            return model(backbone.prefix(ids, mask), mask)[0, -1]
+
+    with_turns, without = last_logits(turns), last_logits([])
+    firsts = set()
+    for a in (0.0, 1.0, 4.0):
+        expected = int(((1 + a) * with_turns - a * without).argmax())
+        answer = stream(backbone, model, cue, max_new_tokens=1, temperature=0.0, examples=turns, contrast=a)
+        first = next(answer)
+        assert first.strip() == tok.decode([expected]).strip()
+        firsts.add(expected)
+    assert len(firsts) > 1  # the contrast changed the choice, so the check above can tell them apart
+    with pytest.raises(ConfigError, match="finite number >= 0"):
+        next(stream(backbone, model, cue, examples=turns, contrast=-0.5))
+    with pytest.raises(ConfigError, match="needs turns"):
+        next(stream(backbone, model, cue, contrast=1.0))
+
+
 def _templated() -> Any:
     """The tiny LM's tokenizer with a minimal, readable chat template."""
     tok = copy.deepcopy(get_backbone(Config.from_run_config(CHAT), 1).tokenizer)

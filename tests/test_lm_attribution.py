@@ -10,7 +10,16 @@ import pytest
 from common.config import Config
 from common.data import load_client_data
 from common.errors import DataError
-from simulations.lm_attribution import Reader, attribute, char_grams, copied_share, generate_answers, main
+from simulations.lm_attribution import (
+    Reader,
+    attribute,
+    char_grams,
+    copied_share,
+    generate_answers,
+    main,
+    paired_ranks,
+    sign_test,
+)
 
 LM = {
     "model.name": "tiny-lm",
@@ -62,6 +71,17 @@ def test_reader_rejects_what_it_cannot_read() -> None:
         Reader({"a": ["x"], "b": ["y"]}, n=0)
 
 
+def test_paired_ranks_and_the_sign_test() -> None:
+    pair = paired_ranks([0, 3, 2, 5, 1], [1, 3, 4, 2, 1])
+    assert (pair["better"], pair["worse"], pair["ties"]) == (2, 1, 2)
+    assert pair["p"] == pytest.approx(1.0)  # 2 of 3 is what a fair coin gives most often
+    assert sign_test(10, 0) == pytest.approx(2 / 2**10)  # the two all-one-side splits of 10
+    assert sign_test(86, 59) == pytest.approx(0.0305, abs=5e-4)
+    assert sign_test(0, 0) == 1.0
+    with pytest.raises(DataError, match="as many texts"):
+        paired_ranks([1, 2], [1])
+
+
 def test_attribution_on_a_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from simulations.sequential import run_sequential
 
@@ -79,6 +99,9 @@ def test_attribution_on_a_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture
     summary = attribute(gen)
     assert summary["users"] == 3 and summary["real"]["texts"] == 6 and summary["own"]["texts"] == 6
     assert 0.0 <= summary["other"]["turn-owner"] <= 1.0 and 1.0 <= summary["own"]["mean-rank"] <= 3.0
+    for pair in summary["paired"].values():  # one comparison per answered cue
+        assert pair["better"] + pair["worse"] + pair["ties"] == 6 and 0.0 < pair["p"] <= 1.0
+    assert sum(c for _, c in summary["own"]["most-named"]) <= 6 and 1 / 3 <= summary["chance-play"] <= 1.0
     out = tmp_path / "attr.json"
     main(
         [
