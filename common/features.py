@@ -40,6 +40,7 @@ class Features:
     hidden: torch.Tensor  # (N, T, H) float32
     mask: torch.Tensor  # (N, T) int64
     labels: torch.Tensor  # (N,) int64 class ids, or (N, T) token ids for a causal LM (-100 = padding)
+    source: torch.Tensor | None = None  # (N,) each row's index among the texts encoded (rows are sorted)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -57,7 +58,7 @@ class Features:
         """These features on ``device`` (the same object when they are already there)."""
         if self.hidden.device == device:
             return self
-        return Features(self.hidden.to(device), self.mask.to(device), self.labels.to(device))
+        return Features(self.hidden.to(device), self.mask.to(device), self.labels.to(device), self.source)
 
 
 class PrefixStore(Protocol):
@@ -125,11 +126,12 @@ def encode(
     hidden, mask, order = run_prefix(backbone, ids, chunk, device, store)
     if backbone.causal:  # the targets are the text itself, next token by next token
         targets = _token_targets(ids, unscored, order, mask.shape[1])
-        return _store(key, Features(hidden=hidden, mask=mask, labels=targets))
+        return _store(key, Features(hidden=hidden, mask=mask, labels=targets, source=torch.as_tensor(order)))
     feats = Features(
         hidden=hidden,
         mask=mask,
         labels=torch.tensor(np.asarray(labels, dtype=np.int64)[order]),
+        source=torch.as_tensor(order),
     )
     return _store(key, feats)
 

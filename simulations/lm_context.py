@@ -1,7 +1,7 @@
 """Diagnostic: do a user's own turns as chat context make the assistant speak more like that user?
 
     python -m simulations.lm_context --run-dir RUN --mode fedper [--examples 2,4,8]
-        [--pick spread,longest,retrieve,scored] [--users N] [--threads T] [--json OUT]
+        [--pick spread,longest,retrieve,scored] [--contrast 0.5,1] [--users N] [--threads T] [--json OUT]
     python -m simulations.lm_context --report OUT        # the table of an earlier --json, again
 
 For each client state of a finished chat-turn run (``RUN/MODE/clients/client-NNNN``), the user's personal
@@ -30,11 +30,11 @@ import torch
 
 from client.generate import stream
 from client.predict import load_personal_model
-from client.training import evaluate
+from client.training import contrast_losses, evaluate
 from common.chat_format import PICKS, Example, chat_prompt, keep_turns, pick_examples, turns_before
 from common.data import ClientData, load_client_data
 from common.errors import FedpersError, StateError
-from common.features import encode
+from common.features import Features, encode
 from simulations.lm_style import client_dirs
 
 SCORED = "scored"
@@ -87,13 +87,16 @@ def _contexts(how: str, k: int, kept: list[Example], d: ClientData) -> list[list
     return [turns_before(kept, "longest" if how == SCORED else how, k, cue) for cue in d.test_prompts]
 
 
+def _features(backbone: Any, max_length: int, d: ClientData, shots: list[list[Example]] | None) -> Features:
+    return encode(
+        backbone, d.test_texts, d.test_labels, max_length, prompts=d.test_prompts, turn_examples=shots
+    )
+
+
 def _perplexity(
     model: Any, backbone: Any, max_length: int, d: ClientData, shots: list[list[Example]] | None
 ) -> float:
-    feats = encode(
-        backbone, d.test_texts, d.test_labels, max_length, prompts=d.test_prompts, turn_examples=shots
-    )
-    return math.exp(evaluate(model, feats)[1])
+    return math.exp(evaluate(model, _features(backbone, max_length, d, shots))[1])
 
 
 def _context_tokens(tokenizer: Any, contexts: list[list[Example]]) -> float:
@@ -110,12 +113,15 @@ def context_perplexity(clients_dir: Path, k: int, users: int = 0, how: str = "sp
     return context_sweep(clients_dir, [(how, k)], users)[0]
 
 
-def context_sweep(clients_dir: Path, settings: list[tuple[str, int]], users: int = 0) -> list[dict[str, Any]]:
+def context_sweep(
+    clients_dir: Path, settings: list[tuple[str, int]], users: int = 0, contrasts: tuple[float, ...] = ()
+) -> list[dict[str, Any]]:
     """:func:`context_perplexity` for several (how, k) settings; each state loads and scores "none" once.
 
     For ``retrieve`` each user keeps a pool as the client does (``client.chat-pool`` turns, spread over
     their training data) and each test cue gets the ``k`` pool turns closest to it; "other" retrieves
-    from the next user's pool for the same cue.
+    from the next user's pool for the same cue. With ``contrasts`` each row also has the perplexities
+    under context-aware decoding (``fedpers chat --contrast a``) with the own and the other turns.
     """
     dirs = _states(clients_dir, users)
     rows: list[list[dict[str, Any]]] = [[] for _ in settings]
@@ -144,29 +150,44 @@ def context_sweep(clients_dir: Path, settings: list[tuple[str, int]], users: int
                         own_model = model if u == i else load_personal_model(state_u, None, causal=True)[2]
                         kept[j][u] = scored_turns(own_model, backbone, n, data[u], k)
         d, other = data[i], (i + 1) % len(dirs)
-        none = _perplexity(model, backbone, n, d, None)
+        plain = _features(backbone, n, d, None)
+        none = math.exp(evaluate(model, plain)[1])
         line = [f"  {i + 1}/{len(dirs)} {d.user}: none {none:.2f}"]
         for j, (how, k) in enumerate(settings):
             own = _contexts(how, k, kept[j][i], d)
+            feats = [
+                _features(backbone, n, d, own),
+                _features(backbone, n, d, _contexts(how, k, kept[j][other], d)),
+            ]
             row = {
                 "user": d.user,
                 "other": data[other].user,
                 "none": none,
-                "own": _perplexity(model, backbone, n, d, own),
-                "other-turns": _perplexity(model, backbone, n, d, _contexts(how, k, kept[j][other], d)),
+                "own": math.exp(evaluate(model, feats[0])[1]),
+                "other-turns": math.exp(evaluate(model, feats[1])[1]),
                 "context-tokens": _context_tokens(tok, own),
             }
+            if contrasts:
+                losses = contrast_losses(model, plain, feats, contrasts)
+                row["own-contrast"] = [math.exp(x) for x in losses[0]]
+                row["other-contrast"] = [math.exp(x) for x in losses[1]]
             rows[j].append(row)
             line.append(f"{how} k={k}: own {row['own']:.2f}, other {row['other-turns']:.2f}")
         print("; ".join(line), flush=True)
     return [
-        {"pick": how, "examples": k, "rows": r, "summary": summarize(r)}
+        {
+            "pick": how,
+            "examples": k,
+            "rows": r,
+            "summary": summarize(r, contrasts),
+            "contrasts": list(contrasts),
+        }
         for (how, k), r in zip(settings, rows, strict=True)
     ]
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means, medians and how many users each comparison favours the own turns."""
+def summarize(rows: list[dict[str, Any]], contrasts: tuple[float, ...] | list[float] = ()) -> dict[str, Any]:
+    """Means, medians and how many users each comparison favours the own turns (and each contrast)."""
     out: dict[str, Any] = {"users": len(rows)}
     for key in ("none", "own", "other-turns"):
         vals = [r[key] for r in rows]
@@ -178,7 +199,27 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("none", "other-turns"):  # geometric-mean change of perplexity, own turns vs these
         ratio = statistics.fmean(math.log(r["own"] / r[key]) for r in rows)
         out[f"own-vs-{key.removesuffix('-turns')}-pct"] = 100 * (math.exp(ratio) - 1)
+    out["contrast"] = []
+    for j, a in enumerate(contrasts):
+        own = [r["own-contrast"][j] for r in rows]
+        other = [r["other-contrast"][j] for r in rows]
+        out["contrast"].append(
+            {
+                "contrast": a,
+                "own-mean": statistics.fmean(own),
+                "own-vs-plain-pct": _geo_pct(own, [r["own"] for r in rows]),
+                "own-beats-plain": sum(c < r["own"] for c, r in zip(own, rows, strict=True)),
+                "other-mean": statistics.fmean(other),
+                "own-vs-other-pct": _geo_pct(own, other),
+                "own-beats-other": sum(a_ < b for a_, b in zip(own, other, strict=True)),
+            }
+        )
     return out
+
+
+def _geo_pct(first: list[float], second: list[float]) -> float:
+    """The geometric-mean change from ``second`` to ``first``, in per cent."""
+    return 100 * (math.exp(statistics.fmean(math.log(a / b) for a, b in zip(first, second, strict=True))) - 1)
 
 
 def transcript(
@@ -230,6 +271,25 @@ def table(sweep: list[dict[str, Any]]) -> str:
             f"| {m['own-beats-none']} of {m['users']} | {m['other-turns-mean']:.2f} "
             f"| {m['own-vs-other-pct']:+.1f} % | {m['own-beats-other']} of {m['users']} |"
         )
+    extra = [(one, c) for one in sweep for c in one["summary"].get("contrast", [])]
+    if extra:
+        lines += [
+            "",
+            "Context-aware decoding (`fedpers chat --contrast a`): the same perplexities under "
+            "(1 + a) logits with the turns - a logits without.",
+            "",
+            "| pick | k | contrast a | own turns: mean | vs a = 0 (geo. mean) | users better "
+            "| another user's turns: mean | own vs another's | own better for |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for one, c in extra:
+            users = one["summary"]["users"]
+            lines.append(
+                f"| {one['pick']} | {one['examples']} | {c['contrast']:g} | {c['own-mean']:.2f} "
+                f"| {c['own-vs-plain-pct']:+.1f} % | {c['own-beats-plain']} of {users} "
+                f"| {c['other-mean']:.2f} "
+                f"| {c['own-vs-other-pct']:+.1f} % | {c['own-beats-other']} of {users} |"
+            )
     return "\n".join(lines)
 
 
@@ -253,6 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         help=f"how turns are picked, one or several of {','.join(PICKS)} (or {SCORED}, a diagnostic)",
     )
     ap.add_argument("--users", type=int, default=0, help="only the first N users (default all)")
+    ap.add_argument("--contrast", default="", help="also score context-aware decoding at these a (0.5,1,2)")
     ap.add_argument("--json", type=Path, help="also write the rows and the summary here")
     ap.add_argument(
         "--transcript", default="", help="a message the --transcript-users answer, with and without"
@@ -270,6 +331,12 @@ def main(argv: list[str] | None = None) -> None:
     ks, picks = _ints(args.examples), [h.strip() for h in args.pick.split(",") if h.strip()]
     if not ks or min(ks) < 1 or args.users < 0 or args.threads < 1:
         raise SystemExit("error: --examples and --threads must be >= 1 and --users >= 0")
+    try:
+        contrasts = tuple(float(a) for a in args.contrast.split(",") if a.strip())
+    except ValueError:
+        raise SystemExit(f"error: --contrast takes comma-separated numbers, got {args.contrast!r}") from None
+    if any(not a > 0 or not math.isfinite(a) for a in contrasts):
+        raise SystemExit(f"error: --contrast values must be finite and > 0, got {args.contrast!r}")
     if not picks or set(picks) - {*PICKS, SCORED}:
         raise SystemExit(f"error: --pick takes {', '.join(PICKS)} or {SCORED}, got {args.pick!r}")
     clients = args.run_dir / args.mode / "clients"
@@ -285,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
             for line in transcript(clients, ks[0], args.transcript, args.seed, 50, users, picks[0]):
                 print(line)
             return
-        sweep = context_sweep(clients, [(h, k) for h in picks for k in ks], args.users)
+        sweep = context_sweep(clients, [(h, k) for h in picks for k in ks], args.users, contrasts)
     except FedpersError as exc:
         raise SystemExit(f"error: {exc}") from exc
     seconds = time.perf_counter() - start

@@ -341,6 +341,30 @@ def test_a_chat_user_keeps_own_turns_in_the_state_and_chat_uses_them(tmp_path: P
     assert statistics.fmean(r["none"] for r in rows) == pytest.approx(reported["perplexity-mean"], rel=REL)
     assert all(r["own"] != r["none"] and math.isfinite(r["other-turns"]) for r in rows)
     assert result["summary"]["users"] == 2
+    # Context-aware decoding scored: a = 0 is the plain own / other perplexity, a > 0 another distribution.
+    from client.training import contrast_losses
+    from simulations.lm_context import table
+
+    contrasted = context_sweep(tmp_path / "clients", [("spread", 3)], contrasts=(0.0, 2.0))[0]
+    for row, plain in zip(contrasted["rows"], rows, strict=True):  # a = 0: the own turns' perplexity
+        assert row["own-contrast"][0] == pytest.approx(plain["own"], rel=0.05)  # (on the tokens both score)
+        assert row["own-contrast"][1] != pytest.approx(row["own-contrast"][0], rel=1e-3)
+    assert [c["contrast"] for c in contrasted["summary"]["contrast"]] == [0.0, 2.0]
+    assert "| spread | 3 | 2 |" in table([contrasted])
+    shots = [kept] * len(data.test_texts)
+    turned = encode(
+        backbone, data.test_texts, data.test_labels, 16, prompts=data.test_prompts, turn_examples=shots
+    )
+    plain_loss = evaluate(model, turned)[1]  # with itself as "without", every a gives the plain loss
+    assert contrast_losses(model, turned, [turned], [0.0, 3.0])[0] == pytest.approx(
+        [plain_loss] * 2, rel=1e-5
+    )
+    half = encode(backbone, data.test_texts[:2], data.test_labels[:2], 16, prompts=data.test_prompts[:2])
+    full = encode(backbone, data.test_texts, data.test_labels, 16, prompts=data.test_prompts)
+    with pytest.raises(DataError, match="same examples"):
+        contrast_losses(model, full, [half], [1.0])
+    with pytest.raises(ConfigError, match="finite numbers >= 0"):
+        contrast_losses(model, full, [full], [-1.0])
     with pytest.raises(DataError, match="give prompts too"):
         encode(backbone, data.test_texts, data.test_labels, 16, examples=kept)
 
