@@ -204,8 +204,8 @@ def attribute(generated: Mapping[str, Any], n: int = 3) -> dict[str, Any]:
     reader = Reader(generated["profiles"], n)
     users = generated["users"]
 
-    def tally(pairs: list[tuple[str, str]]) -> dict[str, Any]:
-        ranks = [reader.ranking(text) for text, _ in pairs]
+    def tally(pairs: list[tuple[str, str]], ranks: list[list[str]] | None = None) -> dict[str, Any]:
+        ranks = ranks or [reader.ranking(text) for text, _ in pairs]
         truth = [u for _, u in pairs]
         return {
             "texts": len(pairs),
@@ -223,19 +223,18 @@ def attribute(generated: Mapping[str, Any], n: int = 3) -> dict[str, Any]:
         "contrast": generated.get("contrast", 0.0),
         "real": tally(real),
     }
+    records = [(r, u) for u in users for r in generated["answers"][u]]
+    ranks: dict[str, list[int]] = {}  # per condition: the true user's rank (0 = first) of each answer
     for name in CONDITIONS:
-        records = [(r, u) for u in users for r in generated["answers"][u]]
-        row = tally([(r[name], u) for r, u in records])
+        ranked = [reader.ranking(r[name]) for r, _ in records]  # each answer read once
+        ranks[name] = [order.index(u) for order, (_, u) in zip(ranked, records, strict=True)]
+        row = tally([(r[name], u) for r, u in records], ranked)
         row["copied"] = statistics.fmean(r[f"{name}-copied"] for r, _ in records)
         row["words"] = statistics.fmean(len(r[name].split()) for r, _ in records)
         if name == "other":  # named as the user whose turns it was given?
-            row["turn-owner"] = tally([(r[name], r["turns-of"]) for r, _ in records])["top1"]
-        row["most-named"] = Counter(reader.ranking(r[name])[0] for r, _ in records).most_common(2)
+            row["turn-owner"] = tally([(r[name], r["turns-of"]) for r, _ in records], ranked)["top1"]
+        row["most-named"] = Counter(order[0] for order in ranked).most_common(2)
         summary[name] = row
-    ranks = {
-        name: [reader.ranking(r[name]).index(u) for u in users for r in generated["answers"][u]]
-        for name in CONDITIONS
-    }
     summary["paired"] = {
         f"own-vs-{name}": paired_ranks(ranks["own"], ranks[name]) for name in ("other", "none")
     }

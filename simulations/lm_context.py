@@ -93,12 +93,6 @@ def _features(backbone: Any, max_length: int, d: ClientData, shots: list[list[Ex
     )
 
 
-def _perplexity(
-    model: Any, backbone: Any, max_length: int, d: ClientData, shots: list[list[Example]] | None
-) -> float:
-    return math.exp(evaluate(model, _features(backbone, max_length, d, shots))[1])
-
-
 def _context_tokens(tokenizer: Any, contexts: list[list[Example]]) -> float:
     """How many tokens the turns add before a message, on average (each answer's extra prompt)."""
 
