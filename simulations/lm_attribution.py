@@ -1,8 +1,8 @@
 """Diagnostic: can a reader tell the users apart from one answer of their assistant?
 
     python -m simulations.lm_attribution --run-dir RUN --mode fedper [--cues 5] [--tokens 48]
-        [--users N] [--seed 0] [--contrast A] [--threads T] [--json OUT]
-    python -m simulations.lm_attribution --report OUT      # read an earlier --json's answers again
+        [--users N] [--seed 0] [--contrast A] [--hub] [--threads T] [--json OUT]
+    python -m simulations.lm_attribution --report OUT [--hub]   # read an earlier --json's answers again
 
 ``simulations.lm_context`` measures how well a user's assistant *predicts* the user's real replies. This
 one reads what the assistant *says*. For each client state of a finished chat-turn run, the assistant
@@ -106,7 +106,26 @@ class Reader:
 
     def ranking(self, text: str) -> list[str]:
         """The users, most likely author first (ties: the earlier user)."""
-        s = self.scores(text)
+        return self._order(self.scores(text))
+
+    def rankings(self, texts: Sequence[str], hub: bool = False) -> list[list[str]]:
+        """:meth:`ranking` of each text; with ``hub``, each user's scores standardised over ``texts`` first.
+
+        The hubness correction: a profile that is close to every text (generic diction, say) is named
+        for many texts whoever wrote them. Subtracting each user's mean score over the texts read and
+        dividing by its spread asks instead which user this text is *unusually* close to. It needs a set
+        of texts whose authors are spread over the users (every user's answers to the same number of
+        cues), and never looks at who wrote which.
+        """
+        if not texts:
+            return []
+        s = np.stack([self.scores(t) for t in texts])
+        if hub:
+            spread = s.std(axis=0)
+            s = (s - s.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
+        return [self._order(row) for row in s]
+
+    def _order(self, s: np.ndarray) -> list[str]:
         return [self.users[i] for i in sorted(range(len(s)), key=lambda i: (-s[i], i))]
 
 
@@ -199,13 +218,17 @@ def generate_answers(
     return out
 
 
-def attribute(generated: Mapping[str, Any], n: int = 3) -> dict[str, Any]:
-    """How often the reader names the right user (and play) for real replies and for each condition."""
+def attribute(generated: Mapping[str, Any], n: int = 3, hub: bool = False) -> dict[str, Any]:
+    """How often the reader names the right user (and play) for real replies and for each condition.
+
+    ``hub`` applies :meth:`Reader.rankings`' hubness correction, over each set of texts on its own (the
+    real replies; each condition's answers).
+    """
     reader = Reader(generated["profiles"], n)
     users = generated["users"]
 
     def tally(pairs: list[tuple[str, str]], ranks: list[list[str]] | None = None) -> dict[str, Any]:
-        ranks = ranks or [reader.ranking(text) for text, _ in pairs]
+        ranks = ranks or reader.rankings([text for text, _ in pairs], hub)
         truth = [u for _, u in pairs]
         return {
             "texts": len(pairs),
@@ -221,12 +244,13 @@ def attribute(generated: Mapping[str, Any], n: int = 3) -> dict[str, Any]:
         "chance": 1 / len(users),
         "chance-play": sum(plays[_play(u)] for u in users) / len(users) ** 2,
         "contrast": generated.get("contrast", 0.0),
+        "reader": "hub-corrected" if hub else "plain",
         "real": tally(real),
     }
     records = [(r, u) for u in users for r in generated["answers"][u]]
     ranks: dict[str, list[int]] = {}  # per condition: the true user's rank (0 = first) of each answer
     for name in CONDITIONS:
-        ranked = [reader.ranking(r[name]) for r, _ in records]  # each answer read once
+        ranked = reader.rankings([r[name] for r, _ in records], hub)  # each answer read once
         ranks[name] = [order.index(u) for order, (_, u) in zip(ranked, records, strict=True)]
         row = tally([(r[name], u) for r, u in records], ranked)
         row["copied"] = statistics.fmean(r[f"{name}-copied"] for r, _ in records)
@@ -265,7 +289,12 @@ def table(summary: Mapping[str, Any]) -> str:
     lines = [
         f"{summary['users']} users; chance of naming the right one: {summary['chance']:.1%}"
         + (f", the right play: {summary['chance-play']:.1%}." if "chance-play" in summary else ".")
-        + (f" Answers with turns: contrast {summary['contrast']:g}." if summary.get("contrast") else ""),
+        + (f" Answers with turns: contrast {summary['contrast']:g}." if summary.get("contrast") else "")
+        + (
+            " Reader: hub-corrected (each user's scores standardised over the texts read)."
+            if summary.get("reader") == "hub-corrected"
+            else ""
+        ),
         "",
         "| texts | n | named the right user | right play | mean rank of the user | words "
         "| copied from the turns |",
@@ -318,9 +347,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--json", type=Path, help="also write the answers and the summary here")
+    ap.add_argument(
+        "--hub", action="store_true", help="the reader's hubness correction (see Reader.rankings)"
+    )
     args = ap.parse_args(argv)
     if args.report:
-        print(table(attribute(json.loads(args.report.read_text()))))  # read again: same reader, same table
+        # read again: same reader, same table (or the hub-corrected reader's, with --hub)
+        print(table(attribute(json.loads(args.report.read_text()), hub=args.hub)))
         return
     if args.run_dir is None:
         raise SystemExit("error: give --run-dir (or --report)")
@@ -335,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         generated = generate_answers(
             clients, args.cues, args.tokens, args.seed, args.users, contrast=args.contrast
         )
-        summary = attribute(generated)
+        summary = attribute(generated, hub=args.hub)
     except FedpersError as exc:
         raise SystemExit(f"error: {exc}") from exc
     seconds = time.perf_counter() - start

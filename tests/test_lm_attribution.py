@@ -62,6 +62,17 @@ def test_reader_names_the_author_of_real_held_out_speeches() -> None:
     assert s.shape == (8,) and ((s >= 0) & (s <= 1 + 1e-9)).all()
 
 
+def test_hub_correction_stops_one_central_profile_taking_every_text() -> None:
+    """``h`` writes a bit like both ``a`` and ``b``: the plain reader names it for most texts."""
+    reader = Reader({"a": ["xyz xyz xyz"], "b": ["pqr pqr pqr"], "h": ["xyz pqr xyz pqr"]})
+    texts, truth = ["xyz xyz pqr", "xyz pqr xyz", "pqr pqr xyz", "pqr xyz pqr"], ["a", "a", "b", "b"]
+    plain, hub = reader.rankings(texts), reader.rankings(texts, hub=True)
+    assert plain == [reader.ranking(t) for t in texts] and reader.rankings([], hub=True) == []
+    assert [r[0] for r in plain] == ["h", "h", "b", "h"]
+    assert [r[0] for r in hub] == ["a", "h", "b", "h"]  # "xyz xyz pqr" is unusually close to a
+    assert sum(r[0] == u for r, u in zip(hub, truth, strict=True)) == 2  # plain: 1
+
+
 def test_reader_rejects_what_it_cannot_read() -> None:
     with pytest.raises(DataError, match="at least two users"):
         Reader({"a": ["text"]})
@@ -122,5 +133,7 @@ def test_attribution_on_a_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture
     main(["--report", str(out)])
     report = capsys.readouterr().out.strip()
     assert "| answers, own turns | 2 |" in report and printed.rstrip().endswith(report)
+    main(["--report", str(out), "--hub"])
+    assert "Reader: hub-corrected" in capsys.readouterr().out and "hub-corrected" not in report
     with pytest.raises(SystemExit, match="is not a folder"):
         main(["--run-dir", str(tmp_path / "run"), "--mode", "local"])
