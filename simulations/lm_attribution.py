@@ -1,8 +1,9 @@
 """Diagnostic: can a reader tell the users apart from one answer of their assistant?
 
     python -m simulations.lm_attribution --run-dir RUN --mode fedper [--cues 5] [--tokens 48]
-        [--users N] [--seed 0] [--contrast A] [--hub] [--threads T] [--json OUT]
-    python -m simulations.lm_attribution --report OUT [--hub]   # read an earlier --json's answers again
+        [--users N] [--seed 0] [--contrast A] [--hub] [--uncopied] [--threads T] [--json OUT]
+    python -m simulations.lm_attribution --report OUT [--hub] [--uncopied [--run-dir RUN]]
+        # read an earlier --json's answers again
 
 ``simulations.lm_context`` measures how well a user's assistant *predicts* the user's real replies. This
 one reads what the assistant *says*. For each client state of a finished chat-turn run, the assistant
@@ -15,7 +16,7 @@ user's *training* replies, minus the turns the state keeps, so copying a context
 not count as that user's style. Chance is one in the number of users. The same reader, given the users'
 real test replies (cut to the same number of tokens), shows how far one short text can be told apart at
 all: the ceiling. Answers that copy the context are counted too (the share of an answer's word trigrams
-found in the turns put before it).
+found in the turns put before it), and ``--uncopied`` reads each answer without those words.
 
 Nothing is trained; the test split is only read. Sampling is seeded, so a rerun prints the same table.
 """
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.generate import kept_turns, load_chat, stream
+from client.generate import ChatTurns, kept_turns, load_chat, stream
 from client.state import StateStore
 from common.chat_format import Example, cue_tail
 from common.config import Config
@@ -58,15 +59,27 @@ def word_trigrams(text: str) -> set[tuple[str, ...]]:
     return {tuple(w[i : i + 3]) for i in range(len(w) - 2)}
 
 
+def _turn_trigrams(turns: Sequence[Example]) -> set[tuple[str, ...]]:
+    return set().union(*(word_trigrams(cue) | word_trigrams(reply) for cue, reply in turns), set())
+
+
 def copied_share(answer: str, turns: Sequence[Example]) -> float:
     """The share of the answer's word trigrams that occur in the turns before it (0 when it has none)."""
     grams = word_trigrams(answer)
     if not grams:
         return 0.0
-    seen = (
-        set().union(*(word_trigrams(cue) | word_trigrams(reply) for cue, reply in turns)) if turns else set()
-    )
-    return len(grams & seen) / len(grams)
+    return len(grams & _turn_trigrams(turns)) / len(grams)
+
+
+def strip_copied(answer: str, turns: Sequence[Example]) -> str:
+    """``answer`` without every word of a word trigram found in the turns: what is left is not quotation."""
+    words, seen = answer.split(), _turn_trigrams(turns)
+    lower = [w.lower() for w in words]
+    drop: set[int] = set()
+    for i in range(len(words) - 2):
+        if tuple(lower[i : i + 3]) in seen:
+            drop.update((i, i + 1, i + 2))
+    return " ".join(w for i, w in enumerate(words) if i not in drop)
 
 
 class Reader:
@@ -138,6 +151,26 @@ def _play(user: str) -> str:
     return user.split("/", 1)[0]
 
 
+def _chat_states(clients_dir: Path, users: int = 0) -> tuple[list[Path], list[Config], list[ChatTurns]]:
+    """The first ``users`` (0: all) client states of a chat-turn run: folders, configurations, kept turns."""
+    dirs = client_dirs(clients_dir)
+    if len(dirs) < 2:
+        raise StateError(f"{clients_dir} needs at least two client states (one to borrow turns from)")
+    dirs = dirs[:users] if users else dirs
+    if len(dirs) < 2:
+        raise StateError("--users must keep at least two users")
+    states = [StateStore(p).load() for p in dirs]
+    if any(s is None or "config" not in s.meta for s in states):
+        raise StateError(f"a state in {clients_dir} holds no model yet")
+    cfgs = [Config.from_run_config(s.meta["config"]) for s in states]  # type: ignore[union-attr]
+    if cfgs[0].task.lm_format != "chat":
+        raise StateError(f"{clients_dir} was trained on raw text (task.lm-format = 'text'): no turns")
+    turns = [kept_turns(c, s.examples) for c, s in zip(cfgs, states, strict=True)]  # type: ignore[union-attr]
+    if not all(t.kept for t in turns):
+        raise StateError(f"the states in {clients_dir} keep no turns (client.chat-examples = 0)")
+    return dirs, cfgs, turns
+
+
 def generate_answers(
     clients_dir: Path,
     cues: int,
@@ -155,21 +188,7 @@ def generate_answers(
     (cut to ``tokens`` tokens) and, per user, one record per cue with the three answers and the turns'
     owners.
     """
-    dirs = client_dirs(clients_dir)
-    if len(dirs) < 2:
-        raise StateError(f"{clients_dir} needs at least two client states (one to borrow turns from)")
-    dirs = dirs[:users] if users else dirs
-    if len(dirs) < 2:
-        raise StateError("--users must keep at least two users")
-    states = [StateStore(p).load() for p in dirs]
-    if any(s is None or "config" not in s.meta for s in states):
-        raise StateError(f"a state in {clients_dir} holds no model yet")
-    cfgs = [Config.from_run_config(s.meta["config"]) for s in states]  # type: ignore[union-attr]
-    if cfgs[0].task.lm_format != "chat":
-        raise StateError(f"{clients_dir} was trained on raw text (task.lm-format = 'text'): no turns")
-    turns = [kept_turns(c, s.examples) for c, s in zip(cfgs, states, strict=True)]  # type: ignore[union-attr]
-    if not all(t.kept for t in turns):
-        raise StateError(f"the states in {clients_dir} keep no turns (client.chat-examples = 0)")
+    dirs, cfgs, turns = _chat_states(clients_dir, users)
     total = max(int(p.name.removeprefix("client-")) for p in clients_dir.glob("client-*")) + 1
     data: list[ClientData] = [
         load_client_data(cfgs[0].task, int(p.name.removeprefix("client-")), total) for p in dirs
@@ -212,17 +231,42 @@ def generate_answers(
                 )
                 record[name] = "".join(pieces).strip()
                 record[f"{name}-copied"] = copied_share(record[name], contexts[name])
+                record[f"{name}-uncopied"] = strip_copied(record[name], contexts[name])
             records.append(record)
         out["answers"][d.user] = records
         print(f"  {i + 1}/{len(dirs)} {d.user}: {cues} cues answered 3 ways", flush=True)
     return out
 
 
-def attribute(generated: Mapping[str, Any], n: int = 3, hub: bool = False) -> dict[str, Any]:
+def add_uncopied(generated: dict[str, Any], clients_dir: Path) -> None:
+    """Give answers stored without ``<condition>-uncopied`` (:func:`strip_copied`) that field, in place.
+
+    The turns come again from the run's states (``clients_dir``); each answer's stored copied share must
+    come out the same from them, or the states are not the ones that answered.
+    """
+    users = generated["users"]
+    _, _, turns = _chat_states(clients_dir, len(users))
+    for i, user in enumerate(users):
+        for record in generated["answers"][user]:
+            contexts = {
+                "none": [],
+                "own": turns[i].for_message(record["cue"]),
+                "other": turns[(i + 1) % len(users)].for_message(record["cue"]),
+            }
+            for name in CONDITIONS:
+                if not math.isclose(copied_share(record[name], contexts[name]), record[f"{name}-copied"]):
+                    raise StateError(f"the states in {clients_dir} did not give {user}'s stored answers")
+                record[f"{name}-uncopied"] = strip_copied(record[name], contexts[name])
+
+
+def attribute(
+    generated: Mapping[str, Any], n: int = 3, hub: bool = False, uncopied: bool = False
+) -> dict[str, Any]:
     """How often the reader names the right user (and play) for real replies and for each condition.
 
     ``hub`` applies :meth:`Reader.rankings`' hubness correction, over each set of texts on its own (the
-    real replies; each condition's answers).
+    real replies; each condition's answers). ``uncopied`` reads each answer without the words it copied
+    from the turns before it (:func:`strip_copied`), so what is named is not quotation.
     """
     reader = Reader(generated["profiles"], n)
     users = generated["users"]
@@ -245,16 +289,25 @@ def attribute(generated: Mapping[str, Any], n: int = 3, hub: bool = False) -> di
         "chance-play": sum(plays[_play(u)] for u in users) / len(users) ** 2,
         "contrast": generated.get("contrast", 0.0),
         "reader": "hub-corrected" if hub else "plain",
+        "answers-read": "uncopied" if uncopied else "whole",
         "real": tally(real),
     }
     records = [(r, u) for u in users for r in generated["answers"][u]]
     ranks: dict[str, list[int]] = {}  # per condition: the true user's rank (0 = first) of each answer
     for name in CONDITIONS:
-        ranked = reader.rankings([r[name] for r, _ in records], hub)  # each answer read once
+        key = f"{name}-uncopied" if uncopied else name
+        if any(key not in r for r, _ in records):
+            raise DataError(
+                "these answers were stored without their uncopied text: give the run's --run-dir "
+                "(and --mode) with --report to read the turns from its states"
+            )
+        texts = [r[key] for r, _ in records]
+        ranked = reader.rankings(texts, hub)  # each answer read once
         ranks[name] = [order.index(u) for order, (_, u) in zip(ranked, records, strict=True)]
-        row = tally([(r[name], u) for r, u in records], ranked)
+        row = tally([(t, u) for t, (_, u) in zip(texts, records, strict=True)], ranked)
         row["copied"] = statistics.fmean(r[f"{name}-copied"] for r, _ in records)
-        row["words"] = statistics.fmean(len(r[name].split()) for r, _ in records)
+        row["words"] = statistics.fmean(len(t.split()) for t in texts)
+        row["empty"] = sum(not t.strip() for t in texts)
         if name == "other":  # named as the user whose turns it was given?
             row["turn-owner"] = tally([(r[name], r["turns-of"]) for r, _ in records], ranked)["top1"]
         row["most-named"] = Counter(order[0] for order in ranked).most_common(2)
@@ -286,15 +339,20 @@ def paired_ranks(first: Sequence[int], second: Sequence[int]) -> dict[str, Any]:
 
 def table(summary: Mapping[str, Any]) -> str:
     """A Markdown table of :func:`attribute`'s summary."""
+    head = f"{summary['users']} users; chance of naming the right one: {summary['chance']:.1%}"
+    head += f", the right play: {summary['chance-play']:.1%}." if "chance-play" in summary else "."
+    if summary.get("contrast"):
+        head += f" Answers with turns: contrast {summary['contrast']:g}."
+    if summary.get("reader") == "hub-corrected":
+        head += " Reader: hub-corrected (each user's scores standardised over the texts read)."
+    if summary.get("answers-read") == "uncopied":
+        empty = sum(summary[name].get("empty", 0) for name in CONDITIONS)
+        head += (
+            " Answers read without their copied words (every word of a word trigram found in the turns"
+            " before it; words: those left" + (f"; {empty} answers left empty)." if empty else ").")
+        )
     lines = [
-        f"{summary['users']} users; chance of naming the right one: {summary['chance']:.1%}"
-        + (f", the right play: {summary['chance-play']:.1%}." if "chance-play" in summary else ".")
-        + (f" Answers with turns: contrast {summary['contrast']:g}." if summary.get("contrast") else "")
-        + (
-            " Reader: hub-corrected (each user's scores standardised over the texts read)."
-            if summary.get("reader") == "hub-corrected"
-            else ""
-        ),
+        head,
         "",
         "| texts | n | named the right user | right play | mean rank of the user | words "
         "| copied from the turns |",
@@ -350,10 +408,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--hub", action="store_true", help="the reader's hubness correction (see Reader.rankings)"
     )
+    ap.add_argument(
+        "--uncopied",
+        action="store_true",
+        help="read each answer without the words it copied from its turns (see strip_copied); with "
+        "--report on answers stored before that text was kept, also give --run-dir to read the turns",
+    )
     args = ap.parse_args(argv)
     if args.report:
         # read again: same reader, same table (or the hub-corrected reader's, with --hub)
-        print(table(attribute(json.loads(args.report.read_text()), hub=args.hub)))
+        generated = json.loads(args.report.read_text())
+        try:
+            if args.uncopied and args.run_dir is not None:
+                add_uncopied(generated, args.run_dir / args.mode / "clients")
+            print(table(attribute(generated, hub=args.hub, uncopied=args.uncopied)))
+        except FedpersError as exc:
+            raise SystemExit(f"error: {exc}") from exc
         return
     if args.run_dir is None:
         raise SystemExit("error: give --run-dir (or --report)")
@@ -368,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
         generated = generate_answers(
             clients, args.cues, args.tokens, args.seed, args.users, contrast=args.contrast
         )
-        summary = attribute(generated, hub=args.hub)
+        summary = attribute(generated, hub=args.hub, uncopied=args.uncopied)
     except FedpersError as exc:
         raise SystemExit(f"error: {exc}") from exc
     seconds = time.perf_counter() - start

@@ -9,9 +9,10 @@ import pytest
 
 from common.config import Config
 from common.data import load_client_data
-from common.errors import DataError
+from common.errors import DataError, StateError
 from simulations.lm_attribution import (
     Reader,
+    add_uncopied,
     attribute,
     char_grams,
     copied_share,
@@ -19,6 +20,7 @@ from simulations.lm_attribution import (
     main,
     paired_ranks,
     sign_test,
+    strip_copied,
 )
 
 LM = {
@@ -48,6 +50,11 @@ def test_char_grams_and_copied_share() -> None:
     assert copied_share("stand and unfold thyself now", turns) == pytest.approx(1 / 3)
     assert copied_share("stand and unfold yourself.", []) == 0.0
     assert copied_share("two words", turns) == 0.0  # no trigram at all
+    # every word of a copied trigram goes, whatever its case; the rest stays in order
+    assert strip_copied("Well: Stand and unfold yourself. now, sir", turns) == "Well: now, sir"
+    assert strip_copied("stand and unfold thyself now", turns) == "thyself now"
+    assert strip_copied("stand and unfold yourself.", turns) == ""
+    assert strip_copied("stand and unfold yourself.", []) == "stand and unfold yourself."
 
 
 def test_reader_names_the_author_of_real_held_out_speeches() -> None:
@@ -104,7 +111,8 @@ def test_attribution_on_a_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture
         records = gen["answers"][user]
         assert len(records) == 2 and all(r["turns-of"] == gen["users"][(i + 1) % 3] for r in records)
         assert all(0.0 <= r[f"{c}-copied"] <= 1.0 for r in records for c in ("none", "own", "other"))
-        assert all(r["none-copied"] == 0.0 for r in records)
+        assert all(r["none-copied"] == 0.0 and r["none-uncopied"] == r["none"] for r in records)
+        assert all(len(r["own-uncopied"].split()) <= len(r["own"].split()) for r in records)
         assert len(gen["profiles"][user]) == 40 - 2  # the two kept turns are not the user's profile
     assert gen == generate_answers(clients, cues=2, tokens=6, seed=1)  # seeded: the same answers again
     summary = attribute(gen)
@@ -113,6 +121,20 @@ def test_attribution_on_a_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture
     for pair in summary["paired"].values():  # one comparison per answered cue
         assert pair["better"] + pair["worse"] + pair["ties"] == 6 and 0.0 < pair["p"] <= 1.0
     assert sum(c for _, c in summary["own"]["most-named"]) <= 6 and 1 / 3 <= summary["chance-play"] <= 1.0
+    assert attribute(gen, uncopied=True)["answers-read"] == "uncopied" and summary["answers-read"] == "whole"
+    # answers stored without their uncopied text get it again from the states, the same
+    old = json.loads(json.dumps(gen))
+    for records in old["answers"].values():
+        for r in records:
+            for c in ("none", "own", "other"):
+                del r[f"{c}-uncopied"]
+    with pytest.raises(DataError, match="give the run's --run-dir"):
+        attribute(old, uncopied=True)
+    add_uncopied(old, clients)
+    assert old == gen
+    old["answers"][gen["users"][0]][0]["own-copied"] += 0.5  # not what these states answered
+    with pytest.raises(StateError, match="did not give"):
+        add_uncopied(old, clients)
     out = tmp_path / "attr.json"
     main(
         [
@@ -135,5 +157,7 @@ def test_attribution_on_a_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "| answers, own turns | 2 |" in report and printed.rstrip().endswith(report)
     main(["--report", str(out), "--hub"])
     assert "Reader: hub-corrected" in capsys.readouterr().out and "hub-corrected" not in report
+    main(["--report", str(out), "--uncopied", "--run-dir", str(tmp_path / "run")])
+    assert "without their copied words" in capsys.readouterr().out and "copied words" not in report
     with pytest.raises(SystemExit, match="is not a folder"):
         main(["--run-dir", str(tmp_path / "run"), "--mode", "local"])
