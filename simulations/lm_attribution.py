@@ -349,7 +349,7 @@ def table(summary: Mapping[str, Any]) -> str:
         empty = sum(summary[name].get("empty", 0) for name in CONDITIONS)
         head += (
             " Answers read without their copied words (every word of a word trigram found in the turns"
-            " before it; words: those left" + (f"; {empty} answers left empty)." if empty else ").")
+            " before it; words: those left" + (f"; {empty} left empty)." if empty else ").")
         )
     lines = [
         head,
