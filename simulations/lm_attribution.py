@@ -309,7 +309,8 @@ def attribute(
         row["words"] = statistics.fmean(len(t.split()) for t in texts)
         row["empty"] = sum(not t.strip() for t in texts)
         if name == "other":  # named as the user whose turns it was given?
-            row["turn-owner"] = tally([(r[name], r["turns-of"]) for r, _ in records], ranked)["top1"]
+            owners = [(t, r["turns-of"]) for t, (r, _) in zip(texts, records, strict=True)]
+            row["turn-owner"] = tally(owners, ranked)["top1"]
         row["most-named"] = Counter(order[0] for order in ranked).most_common(2)
         summary[name] = row
     summary["paired"] = {

@@ -112,7 +112,6 @@ def test_attribution_on_a_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture
         assert len(records) == 2 and all(r["turns-of"] == gen["users"][(i + 1) % 3] for r in records)
         assert all(0.0 <= r[f"{c}-copied"] <= 1.0 for r in records for c in ("none", "own", "other"))
         assert all(r["none-copied"] == 0.0 and r["none-uncopied"] == r["none"] for r in records)
-        assert all(len(r["own-uncopied"].split()) <= len(r["own"].split()) for r in records)
         assert len(gen["profiles"][user]) == 40 - 2  # the two kept turns are not the user's profile
     assert gen == generate_answers(clients, cues=2, tokens=6, seed=1)  # seeded: the same answers again
     summary = attribute(gen)
