@@ -23,6 +23,7 @@ from common.errors import ConfigError
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 TEXT_DATASETS = ("shakespeare", "text-file")  # free text for the causal LMs (no labels)
+USER_FILE_DATASETS = ("file", "text-file")  # bring-your-own files: one client per user
 MODES = ("fedper", "local", "fedavg", "fedavg-ft", "fedsa", "ffa", "fedbias")
 CAUSAL_MODELS = ("smollm2", "tiny-lm")  # model.name values that build the generative model
 
@@ -54,6 +55,17 @@ class TaskConfig:
     pii_patterns: str
     min_speeches: int = dataclasses.field(metadata=_range(2, None))
     lm_format: str = dataclasses.field(metadata=_choices("text", "chat"))
+    min_examples: int = dataclasses.field(metadata=_range(0, None))
+    max_users: int = dataclasses.field(metadata=_range(0, None))
+
+    def __post_init__(self) -> None:
+        if self.dataset not in USER_FILE_DATASETS:
+            for key, value in (("task.min-examples", self.min_examples), ("task.max-users", self.max_users)):
+                if value:
+                    raise ConfigError(
+                        f"{key} = {value} selects users of a data file with a user column: it applies to "
+                        f"task.dataset = 'file' or 'text-file', not {self.dataset!r} (set it to 0)"
+                    )
 
 
 @dataclasses.dataclass(frozen=True)
