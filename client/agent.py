@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import ssl
 import stat
 import sys
 import time
@@ -27,7 +29,10 @@ from common.launch import check_address, find_tool, free_port, run_foreground
 
 # Flower exits with status 1 for every error; these lines of its output say which one it was.
 ACTIVATION_FAILED = "Failed to activate SuperNode"
-CONNECT_FAILED = "Failed to initialize the connection"
+NOT_REGISTERED = "All SuperNodes must be registered"
+CERT_FAILED = "CERTIFICATE_VERIFY_FAILED"
+WATCHED = (ACTIVATION_FAILED, NOT_REGISTERED, CERT_FAILED)
+SUPERNODE_RETRIES = 10  # connection attempts (with Flower's backoff) before the SuperNode exits
 
 
 class AgentError(FedpersError):
@@ -63,6 +68,8 @@ class AgentLaunch:
     argv: list[str]
     env: dict[str, str]
     checks: list[str]
+    superlink: str = ""
+    insecure: bool = False
 
 
 def _private_file(path: Path, what: str) -> Path:
@@ -174,8 +181,8 @@ def plan_agent(opts: AgentOptions, flower_supernode: str | None = None) -> Agent
     checks.append(f"state: {state} (encrypted; key {opts.key_file or '$FEDPERS_STATE_KEY or state.key'})")
     port = opts.clientappio_port or free_port()
     argv += ["--node-config", _node_config(node_config), "--port", str(port)]
-    if opts.max_retries is not None:
-        argv += ["--max-retries", str(opts.max_retries)]
+    # the SuperNode gives up after its retries; the agent decides whether to start it again
+    argv += ["--max-retries", str(SUPERNODE_RETRIES if opts.max_retries is None else opts.max_retries)]
     env = dict(os.environ)
     env.update(
         {
@@ -186,54 +193,108 @@ def plan_agent(opts: AgentOptions, flower_supernode: str | None = None) -> Agent
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         }
     )
-    return AgentLaunch(argv, env, checks)
+    return AgentLaunch(argv, env, checks, opts.superlink, opts.insecure)
 
 
 def run_agent(
     launch: AgentLaunch,
     activation_timeout: float = 180.0,
     retry_every: float = 10.0,
-    healthy_after: float = 300.0,
+    max_backoff: float = 300.0,
 ) -> int:
-    """Run the SuperNode in the foreground and keep it running; its last exit code.
+    """Run the SuperNode in the foreground and keep it running, forever; its last exit code.
 
-    The agent is the device's supervisor: a SuperNode that exits with an error is started again every
-    ``retry_every`` seconds. A SuperLink refuses to activate a node whose previous session is still
-    marked online (two heartbeat intervals, 60 s by default, after a crash), so a device that restarts
-    after a crash rejoins by itself. Failures that follow each other for longer than
-    ``activation_timeout`` seconds without the SuperNode staying up for ``healthy_after`` seconds end
-    the agent with a hint (an unregistered key, a wrong CA or address fail this way). SIGINT/SIGTERM
-    stop the SuperNode and the agent; a clean exit (0) is not restarted.
+    The agent is the device's supervisor. A SuperNode that exits with an error is started again, first
+    after ``retry_every`` seconds, then with the wait doubling up to ``max_backoff`` while failures
+    follow each other; an unreachable SuperLink (network down, server restarting) is retried forever.
+    The agent gives up only on what cannot heal by waiting:
+
+    - a refused activation that persists for ``activation_timeout`` seconds, counted from the first
+      failure of the streak (an unregistered key; a restart right after a crash is refused too, for
+      about a minute, while the SuperLink still holds the old session);
+    - a key-less node at a SuperLink that admits registered keys only;
+    - TLS that cannot work: the CA does not vouch for the SuperLink's certificate, or ``--insecure``
+      dials a SuperLink that speaks TLS (found by a probe of the address after a connection failure).
+
+    A SuperNode that ran for longer than ``retry_every`` before it failed starts a new streak.
+    SIGINT/SIGTERM stop the SuperNode and the agent; a clean exit (0) is not restarted.
     """
     failing_since: float | None = None
+    wait = retry_every
     while True:
         started = time.monotonic()
-        result = run_foreground(launch.argv, launch.env, watch=(ACTIVATION_FAILED, CONNECT_FAILED))
+        result = run_foreground(launch.argv, launch.env, watch=WATCHED)
         now = time.monotonic()
         if result.stopped or result.code == 0:
             return result.code
-        if failing_since is None or now - started >= healthy_after:
-            failing_since = started  # a crash after a healthy stretch starts a new retry window
-        waited = now - failing_since
-        why = _why(result.seen)
-        if waited + retry_every > activation_timeout:
-            print(f"fedpers agent: SuperNode exited with code {result.code}: {why}", file=sys.stderr)
-            return result.code
+        if failing_since is None or now - started > max(retry_every, 30.0):
+            failing_since, wait = now, retry_every  # a crash after a healthy stretch: a new streak
+        cause = _cause(result.seen, launch)
+        if cause.fatal or (cause.expires and now - failing_since + wait > activation_timeout):
+            print(f"fedpers agent: SuperNode exited with code {result.code}: {cause.hint}", file=sys.stderr)
+            return result.code or 1
         print(
-            f"fedpers agent: SuperNode exited with code {result.code} ({why}); starting it again in "
-            f"{retry_every:.0f} s ({waited:.0f} of {activation_timeout:.0f} s of retries)",
+            f"fedpers agent: SuperNode exited with code {result.code} ({cause.hint}); starting it again in "
+            f"{wait:.0f} s",
             file=sys.stderr,
             flush=True,
         )
-        time.sleep(retry_every)
+        time.sleep(wait)
+        wait = min(wait * 2, max_backoff)
 
 
-def _why(seen: frozenset[str]) -> str:
-    if ACTIVATION_FAILED in seen:
-        return (
-            "the SuperLink did not activate this node: its key is not registered (`flwr supernode "
-            "register node.pub`), or its previous session is still marked online after a restart"
+@dataclass(frozen=True)
+class Cause:
+    """Why the SuperNode failed: a hint that names it, whether waiting can help."""
+
+    hint: str
+    fatal: bool = False  # waiting cannot help: give up now
+    expires: bool = False  # may heal, but only within the activation timeout
+
+
+def _cause(seen: frozenset[str], launch: AgentLaunch) -> Cause:
+    """Classify a failed SuperNode from its output (and, for a failed connection, a probe of the link)."""
+    if NOT_REGISTERED in seen:
+        return Cause(
+            "the SuperLink admits registered node keys only and this agent has none: create one with "
+            "`fedpers node-key`, have the operator run `flwr supernode register node.pub`, then pass "
+            "--node-key",
+            fatal=True,
         )
-    if CONNECT_FAILED in seen:
-        return "the SuperLink could not be reached: check the address, the CA certificate and TLS"
-    return "see the SuperNode's output above"
+    if ACTIVATION_FAILED in seen:
+        return Cause(
+            "the SuperLink did not activate this node: its key is not registered (`flwr supernode "
+            "register node.pub`), or its previous session is still marked online after a restart",
+            expires=True,
+        )
+    if CERT_FAILED in seen:
+        return Cause(
+            "TLS verification failed: the CA certificate (--root-certificates) did not sign the "
+            "SuperLink's certificate, or the certificate does not name the address dialled",
+            fatal=True,
+        )
+    probe = probe_link(launch.superlink, launch.insecure)
+    if probe:
+        return Cause(probe, fatal=True)
+    return Cause("the SuperLink could not be reached (network or server down?); retrying")
+
+
+def probe_link(address: str, insecure: bool, timeout: float = 5.0) -> str | None:
+    """A reason that waiting cannot fix, found by dialling ``address``; None if it may heal."""
+    host, port = check_address(address)
+    try:
+        with socket.create_connection((host.strip("[]"), port), timeout=timeout) as sock:
+            if not insecure:
+                return None
+            ctx = ssl.create_default_context()
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            try:
+                with ctx.wrap_socket(sock, server_hostname=host):
+                    return (
+                        f"--insecure dials {address} in plain HTTP, but the SuperLink speaks TLS: drop "
+                        "--insecure and pass --root-certificates ca.crt"
+                    )
+            except (ssl.SSLError, OSError):
+                return None
+    except OSError:
+        return None

@@ -2,8 +2,11 @@
 
 Everything is generated locally with ``cryptography``: an EC P-384 CA (``ca.key`` 0600, ``ca.crt``) and a
 server key and certificate signed by it (``server.key`` 0600, ``server.pem``) whose subject alternative
-names list every DNS name and IP address clients will dial. Clients only need ``ca.crt``. Existing keys
-are never overwritten unless asked (a silently replaced CA would lock every deployed client out).
+names list every DNS name and IP address clients will dial, plus ``127.0.0.1`` and ``localhost``: the
+SuperLink's own SuperExec and the operator's ``flwr`` on the server dial it on loopback, and a
+certificate without them leaves every run "pending" (the SuperExec fails verification and is not
+restarted). Clients only need ``ca.crt``. Existing keys are never overwritten unless asked (a silently
+replaced CA would lock every deployed client out).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from common.errors import FedpersError
 
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DNS = re.compile(rf"^(?=.{{1,253}}$)(\*\.)?{_LABEL}(\.{_LABEL})*$")
+LOOPBACK = ("127.0.0.1", "localhost")  # what the SuperLink's own SuperExec and the operator dial
 
 
 class CertError(FedpersError):
@@ -107,6 +111,7 @@ def create_tls(out: str | Path, hosts: Sequence[str], days: int = 365, force: bo
     existing = [p.name for p in (files.ca_key, files.server_key) if p.exists()]
     if existing and not force:
         raise CertError(f"{', '.join(existing)} already exist in {folder}; pass --force to replace them")
+    hosts = [*hosts, *(h for h in LOOPBACK if h not in hosts)]
     _san(hosts)  # validate before writing anything
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = _cert("fedpers CA", ca_key, None, ca_key, days, ca=True)
