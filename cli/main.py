@@ -83,17 +83,22 @@ def simulate(
     from common.config import parse_set_options
     from simulations.compare import compare as run_compare
     from simulations.compare import table
+    from simulations.preflight import check_modes, remove_unfinished
     from simulations.run import load_settings, new_run_id
     from simulations.run import simulate as run_sim
 
     try:
         settings = load_settings(config, parse_set_options(set_ or []))
+        if clients:
+            settings = replace(settings, num_clients=clients)
+        modes = tuple(m.strip() for m in compare.split(",") if m.strip()) or settings.compare
+        roster = check_modes(settings, modes)  # every data file and client share, before any folder
     except FedpersError as exc:
         _fail(exc)
-    if clients:
-        settings = replace(settings, num_clients=clients)
-    modes = tuple(m.strip() for m in compare.split(",") if m.strip()) or settings.compare
+    if roster.note:
+        console.print(f"data: {roster.note}", soft_wrap=True, markup=False)
     out = run_dir or Path("runs") / new_run_id(config.stem if config else "sim")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     console.print(
         f"[bold]fedpers simulate[/] → {out}  ({settings.num_clients} clients"
@@ -120,13 +125,16 @@ def simulate(
 
         try:
             if sequential:
-                rows = _run_sequential(settings, modes, out, on_round)
+                rows = _run_sequential(settings, modes, out, on_round, roster.users)
             elif modes:
-                rows = run_compare(settings, modes, out, on_round)
+                rows = run_compare(settings, modes, out, on_round, roster.users)
             else:
-                mode = settings.overrides.get("personalization.mode", "default")
-                rows = [{"mode": mode, **run_sim(settings, out, lambda line: on_round(str(mode), line))}]
+                mode = str(settings.overrides.get("personalization.mode", "default"))
+                summary = run_sim(settings, out, lambda line: on_round(mode, line), roster.users)
+                rows = [{"mode": mode, **summary}]
         except FedpersError as exc:
+            if created:
+                remove_unfinished(out)
             _fail(exc)
     Console().print(table(rows))
     if (out / "paired.md").is_file():  # the first mode against each other one, paired over clients
@@ -135,12 +143,15 @@ def simulate(
     console.print(f"report: {report}" if report.exists() else f"outputs: {out}")
 
 
-def _run_sequential(settings: Any, modes: tuple[str, ...], out: Path, on_round: Any) -> list[dict[str, Any]]:
+def _run_sequential(
+    settings: Any, modes: tuple[str, ...], out: Path, on_round: Any, users: dict[int, str]
+) -> list[dict[str, Any]]:
     import shutil
 
     from common.config import Config
     from common.fileio import write_json_atomic
     from simulations.compare import shared_feature_cache, write_comparison
+    from simulations.preflight import write_user_map
     from simulations.sequential import run_sequential
 
     rows = []
@@ -155,6 +166,9 @@ def _run_sequential(settings: Any, modes: tuple[str, ...], out: Path, on_round: 
             on_round(m, {**line, "total_rounds": t})
 
         summary = run_sequential(over, settings.num_clients, out / mode, on_round=show)
+        for row in summary["clients"]:  # the runner's own mapping: clients never send their user
+            row["user"] = users.get(row["client"], "")
+        write_user_map(out / mode / "clients", users)
         write_json_atomic(out / mode / "summary.json", summary)
         rows.append({"mode": mode, **summary})
     if scratch is not None:
@@ -214,9 +228,7 @@ def recommend(
     Console().print(table)
 
 
-def _assistant(
-    state_dir: Path, key_file: Path | None, examples: int, device: str
-) -> tuple[object, object, Any]:
+def _assistant(state_dir: Path, key_file: Path | None, examples: int, device: str) -> tuple[Any, Any, Any]:
     """(backbone, model, ChatTurns): the state's turns, at most ``examples`` per message (-1 = its own)."""
     from client.generate import load_chat
 
@@ -240,16 +252,30 @@ _CONTRAST_HELP = (
 _DEVICE_HELP = "auto (CUDA, then Apple MPS, then the CPU) | cpu | cuda | cuda:N | mps"
 
 
-def _say(backbone: object, model: object, prompt: str, chat: bool, opts: dict) -> None:
+def _say(backbone: object, model: object, prompt: str, chat: bool, opts: dict) -> str:
+    """Stream the answer to ``prompt`` to stdout; return its text."""
     from client.generate import stream
 
+    pieces = []
     try:
         for piece in stream(backbone, model, prompt, chat=chat, **opts):
             sys.stdout.write(piece)
             sys.stdout.flush()
+            pieces.append(piece)
     except FedpersError as exc:
         _fail(exc)
     sys.stdout.write("\n")
+    return "".join(pieces)
+
+
+def _check_assistant(prompt: str | None, chat: bool, options: dict[str, Any]) -> None:
+    """Every chat/generate argument checked before the model loads (one line, exit 2)."""
+    from cli.assistant import check_options
+
+    try:
+        check_options(prompt=prompt, chat=chat, **options)
+    except FedpersError as exc:
+        _fail(exc)
 
 
 @app.command()
@@ -267,6 +293,8 @@ def generate(
     device: str = typer.Option("auto", help=_DEVICE_HELP),
 ) -> None:
     """Continue a text offline with this user's personal assistant, streaming tokens."""
+    checks = {"examples": examples, "max_new_tokens": max_new_tokens, "temperature": temperature}
+    _check_assistant(prompt, chat, {**checks, "top_p": top_p, "contrast": contrast, "device": device})
     backbone, model, turns = _assistant(state_dir, key_file, examples if chat else 0, device)
     opts = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     opts["contrast"] = contrast
@@ -285,16 +313,33 @@ def chat(
     contrast: float = typer.Option(0.0, help=_CONTRAST_HELP),
     device: str = typer.Option("auto", help=_DEVICE_HELP),
 ) -> None:
-    """Chat offline with this user's personal assistant (one line per message; an empty line or EOF ends)."""
+    """Chat offline with this user's personal assistant: one line per message, remembered for the session.
+
+    Each answer sees this session's earlier messages and answers (the oldest dropped past the model's
+    context). exit, quit or EOF (Ctrl-D) ends; an empty line is skipped.
+    """
+    from cli.assistant import EMPTY_LINE_HINT, END_WORDS, banner
+    from client.generate import Conversation, context_size
+
+    checks = {"examples": examples, "max_new_tokens": max_new_tokens, "temperature": temperature}
+    _check_assistant(None, True, {**checks, "top_p": top_p, "contrast": contrast, "device": device})
     backbone, model, turns = _assistant(state_dir, key_file, examples, device)
     opts: dict[str, object] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
     opts["seed"], opts["contrast"] = seed, contrast
+    memory = Conversation(context_size(backbone))
+    console.print(banner(state_dir, memory.context), soft_wrap=True)
     for line in sys.stdin:
         prompt = line.strip()
-        if not prompt or prompt in {"exit", "quit"}:
+        if prompt in END_WORDS:
             break
+        if not prompt:
+            console.print(EMPTY_LINE_HINT, soft_wrap=True)
+            continue
         sys.stdout.write("> ")
-        _say(backbone, model, prompt, True, {**opts, "examples": turns.for_message(prompt)})
+        kept = turns.for_message(prompt)
+        history = memory.fitting(backbone.tokenizer, prompt, kept, max_new_tokens)
+        answer = _say(backbone, model, prompt, True, {**opts, "examples": kept, "history": history})
+        memory.add(prompt, answer)
 
 
 @app.command()
@@ -349,6 +394,8 @@ def _start(plan: Any, run: Any, check: bool) -> None:
         console.print(f"[green]✓[/] {line}")
     if check:
         console.print(" ".join(launch.argv), soft_wrap=True, markup=False)
+        if getattr(launch, "gateway", None):
+            console.print(" ".join(launch.gateway), soft_wrap=True, markup=False)
         return
     raise typer.Exit(run(launch))
 
@@ -380,10 +427,13 @@ def agent(
     ),
     port: int = typer.Option(0, help="local port of the SuperNode's ClientApp API (0 = a free one)"),
     max_retries: int = typer.Option(
-        None, help="give up after this many reconnection attempts (default: never)"
+        None,
+        help="connection attempts of the SuperNode before it exits and the agent restarts it (default 10)",
     ),
     activation_timeout: float = typer.Option(
-        180.0, help="keep retrying a refused activation this long (a restart after a crash waits ~60 s)"
+        180.0,
+        help="keep retrying a refused activation this long from the first refusal (a restart after a crash "
+        "waits ~60 s); an unreachable SuperLink is retried forever",
     ),
     insecure: bool = typer.Option(False, help="plain HTTP, no TLS (tests on a trusted network only)"),
     check: bool = typer.Option(False, help="check everything and print the SuperNode command, start nothing"),
@@ -414,7 +464,12 @@ def agent(
 
 @app.command()
 def server(
-    address: str = typer.Option("0.0.0.0:9091", help="HOST:PORT the SuperLink listens on (all its APIs)"),
+    address: str = typer.Option(
+        "0.0.0.0:9092", help="HOST:PORT devices dial: the gateway, which serves the Fleet API only"
+    ),
+    control_address: str = typer.Option(
+        "127.0.0.1:9093", help="loopback HOST:PORT of the SuperLink itself (Control API: the operator's flwr)"
+    ),
     certs_dir: Path = typer.Option(
         None, "--certs", help="folder from `fedpers certs` (ca.crt, server.pem, ...)"
     ),
@@ -444,6 +499,7 @@ def server(
         public_host=public_host,
         node_auth=node_auth,
         insecure=insecure,
+        control_address=control_address,
     )
     _start(lambda: plan_link(opts), run_link, check)
 

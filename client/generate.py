@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from common.chat_format import Example, turns_before
+from common.chat_format import Example, chat_prompt, turns_before
 from common.device import device_of
 from common.errors import ConfigError
 
@@ -36,6 +36,8 @@ class ChatTurns:
 
     def limit(self, k: int) -> ChatTurns:
         """The same turns with at most ``k`` per message (-1: the state's own choice; 0: none)."""
+        if k < -1:
+            raise ConfigError(f"--examples must be -1 (the state's choice), 0 (none) or a count, got {k}")
         if k > len(self.kept):
             raise ConfigError(
                 f"{k} turns asked for, but the state keeps {len(self.kept)} of this user's turns "
@@ -46,6 +48,39 @@ class ChatTurns:
     def for_message(self, message: str) -> list[Example]:
         """The earlier turns to put before ``message``."""
         return turns_before(self.kept, self.how, self.k, message)
+
+
+@dataclasses.dataclass
+class Conversation:
+    """One chat session's earlier (message, answer) turns; the oldest are dropped to fit the context.
+
+    ``context`` is how many tokens the model attends to (its position limit). Nothing is saved: the
+    memory ends with the session.
+    """
+
+    context: int
+    turns: list[Example] = dataclasses.field(default_factory=list)
+
+    def add(self, message: str, answer: str) -> None:
+        """Remember one exchange."""
+        self.turns.append((message, answer))
+
+    def fitting(
+        self, tok: Any, message: str, examples: Sequence[Example], max_new_tokens: int
+    ) -> list[Example]:
+        """The latest turns that fit, after ``examples`` and before ``message``, with room for the reply."""
+        budget = self.context - max_new_tokens
+        for start in range(len(self.turns)):
+            recent = self.turns[start:]
+            text = chat_prompt(tok, message, [*examples, *recent])
+            if len(tok(text, add_special_tokens=False)["input_ids"]) <= budget:
+                return recent
+        return []
+
+
+def context_size(backbone: Any) -> int:
+    """How many tokens the backbone's causal LM attends to (its position limit)."""
+    return int(backbone.prefix.config.max_position_embeddings)
 
 
 def load_chat(
@@ -93,23 +128,26 @@ def stream(
     seed: int | None = None,
     examples: Sequence[tuple[str, str]] = (),
     contrast: float = 0.0,
+    history: Sequence[Example] = (),
 ) -> Iterator[str]:
     """Yield the reply to ``prompt`` piece by piece (the chat template when ``chat``, else a continuation).
 
-    With ``chat``, ``examples`` (cue, reply) come first as earlier turns (common.chat_format). With
+    With ``chat``, ``examples`` (cue, reply) come first as earlier turns (common.chat_format), then
+    ``history``, this conversation's earlier (message, answer) turns (see :class:`Conversation`). With
     ``contrast`` a > 0 each token is drawn from ``(1 + a) * logits(with the turns) - a * logits(without)``
     (context-aware decoding): what the user's turns change about the next token is amplified. It costs a
-    second model pass per token, on the message alone.
+    second model pass per token, on the conversation without the user's kept turns.
     """
     from transformers import DynamicCache
 
     from common.causal_model import step_mask
-    from common.chat_format import chat_prompt
 
+    if not prompt.strip():
+        raise ConfigError("the prompt is empty: give a text to continue (or, in chat, a message)")
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     tok = backbone.tokenizer
-    if examples and not chat:
+    if (examples or history) and not chat:
         raise ConfigError("example turns need the chat format (chat=True); a continuation has no turns")
     if not math.isfinite(contrast) or contrast < 0:
         raise ConfigError(f"contrast must be a finite number >= 0, got {contrast}")
@@ -122,9 +160,9 @@ def stream(
         return tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(dev)
 
     # one (cache, position) per prompt: the prompt as trained, and with contrast the message alone
-    prompts = [ids_of(chat_prompt(tok, prompt, examples) if chat else prompt)]
+    prompts = [ids_of(chat_prompt(tok, prompt, [*examples, *history]) if chat else prompt)]
     if contrast > 0:
-        prompts.append(ids_of(chat_prompt(tok, prompt, [])))
+        prompts.append(ids_of(chat_prompt(tok, prompt, history)))
     caches = [DynamicCache(config=backbone.prefix.config) for _ in prompts]
     positions = [0 for _ in prompts]
 

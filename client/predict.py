@@ -54,7 +54,7 @@ def load_personal(
     """
     if not (Path(state_dir) / "personal.state").is_file():
         raise StateError(f"no personal state in {state_dir}: this client has not taken part in a round yet")
-    state = StateStore(state_dir, key_file).load()
+    state = StateStore(state_dir, key_file).load(reading=True)
     if state is None or "config" not in state.meta or not state.shared and not state.tensors:
         raise StateError(
             f"the state in {state_dir} holds no model yet (written after the client's first evaluation)"

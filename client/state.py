@@ -96,20 +96,23 @@ class StateStore:
         """Whether a state file is present."""
         return self.path.exists()
 
-    def load(self) -> PersonalState | None:
-        """The saved state, ``None`` if there is none yet; StateError if it is damaged."""
+    def load(self, *, reading: bool = False) -> PersonalState | None:
+        """The saved state, ``None`` if there is none yet; StateError if it is damaged or the key is wrong.
+
+        ``reading``: the caller only reads the state (predict, chat, generate), so the error says what the
+        user must fix (the key) rather than that training is refused.
+        """
         if not self.path.exists():
             return None
         blob = self.path.read_bytes()
         if len(blob) < len(MAGIC) + 12 + 16 or not blob.startswith(MAGIC):
-            raise StateError(f"{self.path} is truncated or not a fedpers state file; refusing to train")
+            then = "" if reading else "; refusing to train"
+            raise StateError(f"{self.path} is truncated or not a fedpers state file{then}")
         nonce = blob[len(MAGIC) : len(MAGIC) + 12]
         try:
             plain = self._aead.decrypt(nonce, blob[len(MAGIC) + 12 :], MAGIC)
         except InvalidTag as exc:
-            raise StateError(
-                f"{self.path} failed authentication (tampered, truncated or wrong key); refusing to train"
-            ) from exc
+            raise StateError(self._unopened(reading)) from exc
         (hlen,) = struct.unpack(">Q", plain[:8])
         header = json.loads(plain[8 : 8 + hlen])
         with np.load(io.BytesIO(plain[8 + hlen :]), allow_pickle=False) as npz:
@@ -125,6 +128,15 @@ class StateStore:
             shared=shared,
             examples=[(str(c), str(r)) for c, r in header.get("examples", [])],
         )
+
+    def _unopened(self, reading: bool) -> str:
+        """Why the state did not decrypt: AES-GCM cannot tell a wrong key from an altered file."""
+        if reading:
+            return (
+                f"the state key does not open {self.path} (wrong --key-file or ${KEY_ENV}), "
+                "or the file was altered"
+            )
+        return f"{self.path} failed authentication (tampered, truncated or wrong key); refusing to train"
 
     def save(self, state: PersonalState) -> None:
         """Encrypt and write ``state`` atomically."""

@@ -323,7 +323,7 @@ def test_a_chat_user_keeps_own_turns_in_the_state_and_chat_uses_them(tmp_path: P
         ["chat", "--state-dir", str(state_dir), "--examples", "2", "--max-new-tokens", "3"],
         input="hail\n",
     )
-    assert res.exit_code == 0 and res.output.startswith("> ")
+    assert res.exit_code == 0 and res.stdout.startswith("> ")
     args = ["chat", "--state-dir", str(state_dir), "--max-new-tokens", "3", "--contrast", "1"]
     assert CliRunner().invoke(app, args, input="hail\n").exit_code == 0
     res = CliRunner().invoke(app, [*args, "--examples", "0"], input="hail\n")
@@ -398,7 +398,7 @@ def test_retrieving_turns_keeps_a_pool_and_picks_per_message(
         ["chat", "--state-dir", str(state_dir), "--examples", "1", "--max-new-tokens", "3"],
         input="hail\n",
     )
-    assert res.exit_code == 0 and res.output.startswith("> ")
+    assert res.exit_code == 0 and res.stdout.startswith("> ")
     sweep = context_sweep(tmp_path / "clients", [("retrieve", 2), ("spread", 2), ("scored", 2)])
     assert [r["none"] for r in sweep[0]["rows"]] == [r["none"] for r in sweep[1]["rows"]]
     assert [r["none"] for r in sweep[2]["rows"]] == [r["none"] for r in sweep[1]["rows"]]
