@@ -25,6 +25,7 @@ from common.config import TEXT_DATASETS, TaskConfig
 from common.datafile import Table, read_file
 from common.errors import ConfigError, DataError
 from common.pii import parse_patterns, scrub
+from common.users import select_users
 
 TWEET_LABELS = ("negative", "neutral", "positive")
 NEWS_LABELS = ("not-liked", "liked")
@@ -100,18 +101,43 @@ def load_client_data(
     if task.dataset == "tweets":
         source: tuple[Any, ...] = ("tweets", str(ensure("tweets")))
     else:
-        path = _data_file(task, data_path)
-        st = path.stat()
-        source = ("file", str(path.resolve()), st.st_mtime_ns, st.st_size, names)
+        source = _file_source(task, data_path, names)
     texts, labels, users = _load_source(source)
     where = source[1]
+    if users is None and (task.min_examples or task.max_users):
+        raise ConfigError(
+            f"task.min-examples / task.max-users select users, but {where} has no user column "
+            "(add one, or set both to 0)"
+        )
     if users is not None:
-        user, rows = _user_rows(users, partition_id, where)
+        user, rows = _user_rows(users, partition_id, where, task)
         shard = np.array(rows, dtype=np.int64)
     else:
         user = f"client-{partition_id}"
         shard = _dirichlet(source, num_partitions, task.dirichlet_alpha, task.seed)[partition_id]
     return _split(texts, labels, shard, task, partition_id, names, user, where)
+
+
+def file_users(task: TaskConfig, data_path: str | None = None) -> tuple[str, ...] | None:
+    """The user column (one entry a row) of a "file" / "text-file" data file; None without one.
+
+    Reads the file as the clients do (cached per process), so every data error surfaces here.
+    """
+    if task.dataset == "text-file":
+        path = _data_file(task, data_path)
+        st = path.stat()
+        return tuple(_text_source(str(path.resolve()), st.st_mtime_ns, st.st_size)[1])
+    if task.dataset == "file":
+        users = _load_source(_file_source(task, data_path, label_names(task)))[2]
+        return None if users is None else tuple(users)
+    return None
+
+
+def _file_source(task: TaskConfig, data_path: str | None, names: tuple[str, ...]) -> tuple[Any, ...]:
+    """The cache key of a labelled data file: its path, modification time, size and label names."""
+    path = _data_file(task, data_path)
+    st = path.stat()
+    return ("file", str(path.resolve()), st.st_mtime_ns, st.st_size, names)
 
 
 @lru_cache(maxsize=4)
@@ -137,7 +163,7 @@ def _shakespeare_client(task: TaskConfig, partition_id: int) -> ClientData:
 
 
 def _text_file_client(task: TaskConfig, partition_id: int, data_path: str | None) -> ClientData:
-    """User ``partition_id`` (in sorted order) of a free-text file: their texts, split train/test."""
+    """User ``partition_id`` (common.users' order) of a free-text file: their texts, split train/test."""
     from common.shakespeare import seeded_split
 
     path = _data_file(task, data_path)
@@ -148,9 +174,12 @@ def _text_file_client(task: TaskConfig, partition_id: int, data_path: str | None
             f"{path} has no prompt column: task.lm-format = 'chat' trains each text as the reply to its "
             "prompt (add a prompt field, or use task.lm-format = 'text')"
         )
-    user, rows = _user_rows(users, partition_id, str(path))
+    user, rows = _user_rows(users, partition_id, str(path), task)
     if len(rows) < 2:
-        raise DataError(f"user {user!r} has {len(rows)} text(s) in {path}: need 2 to split train/test")
+        raise DataError(
+            f"user {user!r} has {len(rows)} text(s) in {path}: need 2 to split train/test "
+            "(task.min-examples = 2 leaves such users out)"
+        )
     own = tuple(texts[i] for i in rows)
     cues = tuple(prompts[i] for i in rows) if prompts is not None else ()
     fraction = task.test_size / (task.train_size + task.test_size)
@@ -158,15 +187,18 @@ def _text_file_client(task: TaskConfig, partition_id: int, data_path: str | None
     return _text_client(task, user, own, cues, train, test)
 
 
-def _user_rows(users: Sequence[str], partition_id: int, where: str) -> tuple[str, list[int]]:
-    """(user, their row indices) of client ``partition_id``: users in sorted order, one per client."""
-    unique = sorted(set(users))
-    if partition_id >= len(unique):
+def _user_rows(
+    users: Sequence[str], partition_id: int, where: str, task: TaskConfig
+) -> tuple[str, list[int]]:
+    """(user, their row indices) of client ``partition_id``: the kept users in common.users' order."""
+    kept = select_users(users, task).kept
+    if partition_id >= len(kept):
         raise DataError(
-            f"client {partition_id} has no user in {where}: the file has {len(unique)} users "
-            f"(partition ids 0..{len(unique) - 1})"
+            f"client {partition_id} has no user in {where}: the file has {len(set(users))} users, "
+            f"{len(kept)} kept by task.min-examples = {task.min_examples} and task.max-users = "
+            f"{task.max_users} (partition ids 0..{len(kept) - 1})"
         )
-    user = unique[partition_id]
+    user = kept[partition_id]
     return user, [i for i, u in enumerate(users) if u == user]
 
 
@@ -260,7 +292,8 @@ def _split(
     if n_train < 2:
         raise DataError(
             f"client {partition_id} ({user}) has only {len(shard)} examples in {where}: fewer than 2 "
-            "training examples after holding out its test split (needs at least 3)"
+            "training examples after holding out its test split (needs at least 3; with a user column, "
+            "task.min-examples = 3 leaves such users out)"
         )
     tr, te = picked[:n_train], picked[n_train : n_train + n_test]
     if task.evaluate_on == "validation":  # tuning: evaluate on held-out train examples, never on test

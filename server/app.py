@@ -31,11 +31,18 @@ from server.user_dp import UserLevelDP
 logging.getLogger("flwr").propagate = False
 
 
-def run_federation(cfg: Config, grid: Grid, run_id: int, context: Context | None = None) -> Path:
+def run_federation(
+    cfg: Config,
+    grid: Grid,
+    run_id: int,
+    context: Context | None = None,
+    users: Mapping[int, str] | None = None,
+) -> Path:
     """Run (or resume) the federation described by ``cfg``; returns the run folder.
 
     With ``secagg.enabled`` the training rounds run under Flower's SecAgg+ (server.secagg), which needs
-    the ServerApp's ``context``.
+    the ServerApp's ``context``. ``users``: a simulation's partition id → user name, known to the runner
+    (never sent by clients), written into the report.
     """
     out = run_dir(cfg, run_id)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,20 +113,26 @@ def run_federation(cfg: Config, grid: Grid, run_id: int, context: Context | None
         ledger,
         shared_bytes=sum(a.nbytes for a in arrays.values()),
         model_bytes=model_bytes,
+        users=users,
     )
     log(INFO, "run written to %s", out)
     return out
 
 
-def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
-    """A ServerApp whose configuration is ``context.run_config`` on top of ``overrides``."""
+def make_server_app(
+    overrides: Mapping[str, Any] | None = None, users: Mapping[int, str] | None = None
+) -> ServerApp:
+    """A ServerApp whose configuration is ``context.run_config`` on top of ``overrides``.
+
+    ``users`` (simulation only): the runner's partition id → user name, for clients.csv and report.md.
+    """
     base = dict(overrides or {})
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = Config.from_run_config({**base, **dict(context.run_config)})
-        run_federation(cfg, grid, context.run_id, context)
+        run_federation(cfg, grid, context.run_id, context, users)
 
     return server_app
 

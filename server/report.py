@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from server.recorder import Recorder, distribution
 
 COLUMNS = (
     "client",
+    "user",  # simulation: the user the runner gave this partition (empty in a deployment: never sent)
     "num-examples",
     "test-examples",
     P.MAJORITY_ACC,
@@ -56,13 +58,25 @@ def summarize(recorder: Recorder, shared_bytes: int, model_bytes: int) -> dict[s
     return out
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def _write_csv(path: Path, rows: list[dict[str, Any]], users: Mapping[int, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in sorted(rows, key=lambda r: r["client"]):
-            writer.writerow({k: row.get(k, "") for k in COLUMNS})
+            writer.writerow({**{k: row.get(k, "") for k in COLUMNS}, "user": users.get(row["client"], "")})
+
+
+def _user_table(rows: list[dict[str, Any]], users: Mapping[int, str]) -> list[str]:
+    """report.md lines: one row per client with its user, training examples, final score and ε."""
+    causal = any(r.get(P.PERPLEXITY) is not None for r in rows)
+    score, key = ("test perplexity", P.PERPLEXITY) if causal else ("test accuracy", P.EVAL_ACC)
+    out = ["", f"| client | user | train examples | {score} | ε |", "|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["client"]):
+        cells = [r.get(P.NUM_EXAMPLES, "–"), r.get(key), r.get(P.EPSILON)]
+        shown = [f"{c:.3f}" if isinstance(c, float) else "–" if c is None else str(c) for c in cells]
+        out.append(f"| {r['client']} | {users.get(r['client'], '')} | " + " | ".join(shown) + " |")
+    return out
 
 
 def _plots(out: Path, recorder: Recorder) -> list[str]:
@@ -105,10 +119,20 @@ def _plots(out: Path, recorder: Recorder) -> list[str]:
 
 
 def write_report(
-    out: Path, cfg: Config, recorder: Recorder, ledger: Ledger, *, shared_bytes: int, model_bytes: int
+    out: Path,
+    cfg: Config,
+    recorder: Recorder,
+    ledger: Ledger,
+    *,
+    shared_bytes: int,
+    model_bytes: int,
+    users: Mapping[int, str] | None = None,
 ) -> dict[str, Any]:
-    """Write clients.csv, plots and report.md; return the summary."""
-    _write_csv(out / "clients.csv", list(recorder.clients.values()))
+    """Write clients.csv, plots and report.md; return the summary.
+
+    ``users``: a simulation's partition id → user name (from the runner), shown beside each client.
+    """
+    _write_csv(out / "clients.csv", list(recorder.clients.values()), users or {})
     plots = _plots(out, recorder)
     s = summarize(recorder, shared_bytes, model_bytes)
     lines = [
@@ -140,6 +164,8 @@ def write_report(
             f"ε spent per client: max {s['epsilon-max']:.3f}, mean {s['epsilon-mean']:.3f} "
             f"(budget {cfg.dp.epsilon})",
         ]
+    if users:
+        lines += _user_table(list(recorder.clients.values()), users)
     refused = [e for e in ledger.entries if e["status"] != "accepted"]
     if refused:
         lines += ["", f"{len(refused)} replies refused or rejected (see ledger.json)."]

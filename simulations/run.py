@@ -10,12 +10,20 @@ import json
 import os
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import MODES, Config, ConfigError, load_overrides_toml, validate_keys
+from common.config import (
+    MODES,
+    USER_FILE_DATASETS,
+    Config,
+    ConfigError,
+    load_overrides_toml,
+    validate_keys,
+)
+from common.errors import FedpersError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -93,19 +101,28 @@ def new_run_id(prefix: str) -> str:
 
 
 def simulate(
-    settings: SimSettings, run_dir: Path, on_round: Callable[[dict[str, Any]], None] | None = None
+    settings: SimSettings,
+    run_dir: Path,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    users: Mapping[int, str] | None = None,
 ) -> dict[str, Any]:
-    """Run one federation in-process on Flower's simulation engine; returns the run summary."""
+    """Run one federation in-process on Flower's simulation engine; returns the run summary.
+
+    ``users`` (from simulations.preflight): each partition's user, written into clients.csv, report.md
+    and the client state folder's users.json by this process; clients never send it.
+    """
     from flwr.simulation import run_simulation
 
     from client.app import make_client_app
     from common.assets import ensure
+    from common.runs import client_state_dir
     from server import recorder
     from server.app import make_server_app
+    from simulations.preflight import write_user_map
 
     run_config = settings.for_mode()
     cfg = Config.from_run_config(run_config)
-    needed = {cfg.task.dataset} - {"file"}
+    needed = {cfg.task.dataset} - set(USER_FILE_DATASETS)  # the user's own file is no asset
     needed.add("minilm" if cfg.model.name == "minilm" else "tweets")  # the tiny tokenizer trains on tweets
     for name in sorted(needed):
         ensure(name)
@@ -118,7 +135,7 @@ def simulate(
         recorder.ROUND_LISTENERS.append(on_round)
     try:
         run_simulation(
-            server_app=make_server_app(overrides),
+            server_app=make_server_app(overrides, users, by_partition=True),
             client_app=make_client_app(overrides),
             num_supernodes=settings.num_clients,
             backend_config={
@@ -132,4 +149,19 @@ def simulate(
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
-    return json.loads(summary_path.read_text())
+    if users:
+        write_user_map(client_state_dir(Config.from_run_config(overrides), 0, 0).parent, users)
+    summary: dict[str, Any] = json.loads(summary_path.read_text())
+    if not summary.get("clients"):
+        raise FedpersError(f"no client took part in any round of {run_dir}: {_first_refusal(run_dir)}")
+    return summary
+
+
+def _first_refusal(run_dir: Path) -> str:
+    """The first refusal or rejection a run's metrics.jsonl records (why no client took part)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for line in map(json.loads, filter(str.strip, lines)):
+        for reason in line.get("refusals", []) + line.get("rejections", []):
+            return str(reason)
+    return "no reply arrived (see the log above)"

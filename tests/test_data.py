@@ -136,11 +136,11 @@ def test_news_same_article_different_labels(news_ready: Path) -> None:
 def test_csv_natural_users(tmp_path: Path) -> None:
     f = _write_csv(tmp_path / "d.csv", _user_rows({"carol": 8, "alice": 6, "bob": 12}))
     task = _task(dataset="file", labels="neg,pos", train_size=5, test_size=2)
-    d = load_client_data(task, 1, 3, data_path=str(f))
+    d = load_client_data(task, 0, 3, data_path=str(f))  # users largest first: bob, carol, alice
     assert d.user == "bob" and (len(d.train_texts), len(d.test_texts)) == (5, 2)
     assert all(t.startswith("bob ") for t in d.train_texts + d.test_texts)
     assert not set(d.train_texts) & set(d.test_texts)
-    small = load_client_data(task, 0, 3, data_path=str(f))  # alice: 6 < 7 -> proportional split
+    small = load_client_data(task, 2, 3, data_path=str(f))  # alice: 6 < 7 -> proportional split
     assert small.user == "alice" and (len(small.train_texts), len(small.test_texts)) == (4, 2)
     with pytest.raises(DataError, match="the file has 3 users"):
         load_client_data(task, 3, 4, data_path=str(f))
