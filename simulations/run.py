@@ -135,7 +135,7 @@ def simulate(
         recorder.ROUND_LISTENERS.append(on_round)
     try:
         run_simulation(
-            server_app=make_server_app(overrides, users, by_partition=True),
+            server_app=make_server_app(overrides, users),
             client_app=make_client_app(overrides),
             num_supernodes=settings.num_clients,
             backend_config={
