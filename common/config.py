@@ -1,9 +1,10 @@
 """Typed, validated run configuration.
 
-The defaults live in ONE place: ``[tool.flwr.app.config]`` of ``pyproject.toml`` (dotted keys, as Flower
-reads them). This module turns such a flat mapping into frozen nested dataclasses, rejecting unknown keys,
-wrong types and values outside the allowed set with a :class:`ConfigError` that names the key. Server and
-client use the same parser.
+The defaults are ``common/defaults.toml``, shipped inside the package (an installed wheel has no
+pyproject.toml), and equal to ``[tool.flwr.app.config]`` of ``pyproject.toml`` (dotted keys, what Flower
+reads for ``flwr run .``; tests/test_config.py keeps the two identical). This module turns such a flat
+mapping into frozen nested dataclasses, rejecting unknown keys, wrong types and values outside the allowed
+set with a :class:`ConfigError` that names the key. Server and client use the same parser.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, get_type_hints
 from common.chat_format import PICKS
 from common.errors import ConfigError
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+DEFAULTS = Path(__file__).resolve().with_name("defaults.toml")  # the defaults fedpers reads (in the wheel)
 
 TEXT_DATASETS = ("shakespeare", "text-file")  # free text for the causal LMs (no labels)
 USER_FILE_DATASETS = ("file", "text-file")  # bring-your-own files: one client per user
@@ -201,7 +202,7 @@ class Config:
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], *, strict: bool = True) -> Config:
-        """Build a Config from Flower's flat ``run_config`` on top of the pyproject defaults.
+        """Build a Config from Flower's flat ``run_config`` on top of the defaults.
 
         Keys missing from ``run_config`` take their default. With ``strict`` an unknown key raises.
         """
@@ -337,18 +338,17 @@ def _coerce(key: str, value: Any, ftype: type, meta: Mapping[str, Any]) -> Any:
 
 @lru_cache(maxsize=1)
 def default_run_config() -> dict[str, Any]:
-    """The defaults from ``[tool.flwr.app.config]`` in pyproject.toml (the single source)."""
-    if not PYPROJECT.is_file():
-        raise ConfigError(
-            f"cannot find {PYPROJECT}: fedpers reads its defaults from [tool.flwr.app.config] there; "
-            "run from a checkout of the project (pip install -e .)"
-        )
-    with PYPROJECT.open("rb") as fh:
-        data = tomllib.load(fh)
-    flat = _flatten(data["tool"]["flwr"]["app"]["config"])
+    """The defaults from the package's ``defaults.toml`` (= pyproject's ``[tool.flwr.app.config]``)."""
+    if not DEFAULTS.is_file():
+        raise ConfigError(f"cannot find {DEFAULTS}: the fedpers installation is incomplete; reinstall it")
+    with DEFAULTS.open("rb") as fh:
+        flat = _flatten(tomllib.load(fh))
     missing = set(allowed_keys()) - set(flat)
     if missing:
-        raise ConfigError(f"pyproject.toml [tool.flwr.app.config] lacks defaults for: {sorted(missing)}")
+        raise ConfigError(
+            f"{DEFAULTS} lacks defaults for {sorted(missing)}: copy them from pyproject.toml "
+            "[tool.flwr.app.config] (the two are kept identical)"
+        )
     return validate_keys(flat)
 
 

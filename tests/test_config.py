@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from common.config import (
+    DEFAULTS,
     MODES,
-    PYPROJECT,
     Config,
     allowed_keys,
     default_run_config,
@@ -27,8 +27,16 @@ def _pyproject_defaults() -> dict[str, object]:
         return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
 
 
-def test_pyproject_is_the_one_read() -> None:
-    assert PYPROJECT == ROOT / "pyproject.toml"
+def test_the_shipped_defaults_equal_pyprojects_table() -> None:
+    """common/defaults.toml (read by fedpers, in the wheel) = [tool.flwr.app.config] (read by flwr run)."""
+    with DEFAULTS.open("rb") as fh:
+        shipped = tomllib.load(fh)
+    assert DEFAULTS.parent == ROOT / "common"
+    raw = _pyproject_defaults()
+    assert list(shipped) == list(raw), "same keys in the same order"
+    for key, value in raw.items():
+        assert shipped[key] == value and type(shipped[key]) is type(value), key
+    assert default_run_config() == raw
 
 
 def test_defaults_parse_and_match_pyproject() -> None:
