@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from client.state import PersonalState, StateStore
+from client.state_dir import check_state_dir
 from common.config import Config, is_causal
 from common.data import label_names
 from common.device import place, resolve_device
@@ -52,8 +53,7 @@ def load_personal(
 
     The backbone and the model are placed on ``device`` (cpu | auto | cuda[:N] | mps).
     """
-    if not (Path(state_dir) / "personal.state").is_file():
-        raise StateError(f"no personal state in {state_dir}: this client has not taken part in a round yet")
+    check_state_dir(state_dir)  # a run, mode or clients folder, a file, nothing: says which
     state = StateStore(state_dir, key_file).load(reading=True)
     if state is None or "config" not in state.meta or not state.shared and not state.tensors:
         raise StateError(

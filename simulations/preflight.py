@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.state_dir import USER_MAP
 from common.config import USER_FILE_DATASETS, Config, TaskConfig
 from common.data import file_users, load_client_data
 from common.errors import DataError
 from common.fileio import write_json_atomic
 from common.users import select_users
 from simulations.run import SimSettings
-
-USER_MAP = "users.json"  # in a mode's client state folder: {"client-0000": "<user>", ...}
 
 
 @dataclass(frozen=True)
