@@ -59,6 +59,9 @@ class AgentOptions:
     feature_cache: bool = True  # keep the frozen prefix's output in <state-dir>/features (encrypted)
     clientappio_port: int = 0  # 0 = a free port on 127.0.0.1
     max_retries: int | None = None
+    max_epsilon: float = 8.0  # this device's ε cap over all runs; a run asking for more is refused
+    delta: float = 0.0  # this device's δ (0 = min(1e-5, 0.1/n)); a run asking for a larger δ is refused
+    allow_no_dp: bool = False  # accept runs with dp.enabled = false
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,9 @@ def _node_config(values: dict[str, object]) -> str:
     """Flower's ``--node-config`` string: space-separated key=value with TOML values."""
     parts = []
     for key, value in values.items():
-        if isinstance(value, str):
+        if isinstance(value, bool):
+            parts.append(f"{key}={'true' if value else 'false'}")
+        elif isinstance(value, str):
             parts.append(f"{key}={json.dumps(value)}")  # a JSON string is a valid TOML basic string
         else:
             parts.append(f"{key}={value}")
@@ -169,6 +174,18 @@ def plan_agent(opts: AgentOptions, flower_supernode: str | None = None) -> Agent
     }
     if opts.max_physical_batch < 0:
         raise ConfigError("--max-physical-batch must be >= 0 (0 = the whole logical batch)")
+    if not opts.max_epsilon > 0:
+        raise ConfigError(f"--max-epsilon must be > 0, got {opts.max_epsilon:g}")
+    if not 0 <= opts.delta < 0.1:
+        raise ConfigError(f"--delta must be in [0, 0.1) (0 = min(1e-5, 0.1/n)), got {opts.delta:g}")
+    node_config.update(
+        {"max-epsilon": opts.max_epsilon, "delta": opts.delta, "allow-no-dp": opts.allow_no_dp}
+    )
+    delta = f"δ = {opts.delta:g}" if opts.delta else "δ = min(1e-5, 0.1/n) for n training examples"
+    checks.append(
+        f"privacy: this device spends at most ε = {opts.max_epsilon:g} over all runs, at {delta}; "
+        + ("runs without DP accepted (--allow-no-dp)" if opts.allow_no_dp else "runs without DP refused")
+    )
     if opts.max_physical_batch:
         checks.append(f"memory: at most {opts.max_physical_batch} examples per forward/backward pass")
     if opts.feature_cache:

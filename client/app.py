@@ -9,6 +9,7 @@ of a round are handled by Flower's mod alone and skip those ~4 s of imports.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,11 +30,36 @@ logging.getLogger("flwr").propagate = False
 ERROR_CODE = 4001  # a fedpers refusal (budget, state, data): the server logs it and carries on
 
 
-def node_info(cfg: Config, context: Context) -> NodeInfo:
-    """Partition, state folder and data path of this node (node_config wins over defaults)."""
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"`,;:()]+)+")
+
+
+def public_reason(exc: Exception, known: tuple[str | None, ...] = ()) -> str:
+    """What a refusal tells the server: the error without file paths (they name the user's folders).
+
+    ``known``: this node's own paths, removed whole first (a path with spaces defeats the pattern).
+    """
+    text = f"{type(exc).__name__}: {exc}"
+    for path in sorted({p for p in (*known, str(Path.home())) if p and len(p) > 1}, key=len, reverse=True):
+        text = text.replace(path, "<path>")
+    return _PATH.sub("<path>", text)
+
+
+def _refusal(msg: Message, exc: Exception, context: Context) -> Message:
+    """The error reply for a refused instruction (the reason without this device's paths)."""
+    nc = context.node_config
+    own = tuple(str(nc[k]) for k in ("state-dir", "data-path", "key-file", "feature-cache") if nc.get(k))
+    return Message(Error(code=ERROR_CODE, reason=public_reason(exc, own)), reply_to=msg)
+
+
+def node_info(cfg: Config, context: Context, limits: Mapping[str, Any] | None = None) -> NodeInfo:
+    """Partition, state folder, data path and privacy limits of this node.
+
+    ``context.node_config`` (a deployed agent's flags) wins over ``limits`` (a simulation's device
+    settings), which win over the defaults.
+    """
     from client.node import NodeInfo
 
-    nc = context.node_config
+    nc = {**dict(limits or {}), **dict(context.node_config)}
     pid = int(nc.get("partition-id", 0))
     state_dir = (
         Path(str(nc["state-dir"])) if nc.get("state-dir") else client_state_dir(cfg, context.run_id, pid)
@@ -50,11 +76,20 @@ def node_info(cfg: Config, context: Context) -> NodeInfo:
         feature_cache=(
             Path(str(nc["feature-cache"])) if nc.get("feature-cache") else client_cache_dir(cfg, pid)
         ),
+        max_epsilon=float(nc["max-epsilon"]) if float(nc.get("max-epsilon", 0) or 0) > 0 else None,
+        delta=float(nc.get("delta", 0.0)),
+        allow_no_dp=bool(nc.get("allow-no-dp", True)),
     )
 
 
-def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
-    """A ClientApp whose configuration is ``context.run_config`` on top of ``overrides``."""
+def make_client_app(
+    overrides: Mapping[str, Any] | None = None, limits: Mapping[str, Any] | None = None
+) -> ClientApp:
+    """A ClientApp whose configuration is ``context.run_config`` on top of ``overrides``.
+
+    ``limits``: the simulated devices' own privacy limits (node-config keys ``max-epsilon``, ``delta``,
+    ``allow-no-dp``), which a run config cannot change.
+    """
     base = dict(overrides or {})
     client_app = ClientApp()
 
@@ -74,13 +109,13 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             else:
                 shared = from_record(msg.content.array_records.get(P.ARRAYS, ArrayRecord()))
                 server_round = int(msg.content.config_records[P.CONFIG].get(P.SERVER_ROUND, 0))  # type: ignore[arg-type]
-            arrays, metrics = run_train(cfg, node_info(cfg, context), shared, server_round)
+            arrays, metrics = run_train(cfg, node_info(cfg, context, limits), shared, server_round)
             if legacy:
                 update = update_for_secagg(cfg, shared, arrays)
                 return Message(content=fitres_content(cfg, update, metrics), reply_to=msg)
         except FedpersError as exc:
             logging.getLogger("flwr").warning("client refused to train: %s", exc)
-            return Message(Error(code=ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            return _refusal(msg, exc, context)
         record = MetricRecord(metrics)  # type: ignore[arg-type]
         content = RecordDict({P.ARRAYS: to_record(arrays), P.METRICS: record})
         return Message(content=content, reply_to=msg)
@@ -95,10 +130,11 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         config = msg.content.config_records.get(P.CONFIG, ConfigRecord())
         try:
             metrics = run_evaluate(
-                cfg, node_info(cfg, context), shared, bool(config.get(P.FINAL_ROUND, False))
+                cfg, node_info(cfg, context, limits), shared, bool(config.get(P.FINAL_ROUND, False))
             )
         except FedpersError as exc:
-            return Message(Error(code=ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            logging.getLogger("flwr").warning("client refused to evaluate: %s", exc)
+            return _refusal(msg, exc, context)
         record = MetricRecord(metrics)  # type: ignore[arg-type]
         return Message(content=RecordDict({P.METRICS: record}), reply_to=msg)
 

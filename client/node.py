@@ -26,11 +26,11 @@ from common.chat_format import keep_turns
 from common.config import Config, is_causal
 from common.data import ClientData, label_names, load_client_data, majority_baseline_accuracy
 from common.device import place, resolve_device
-from common.errors import PrivacyBudgetExhausted, StateError
+from common.errors import DeviceRefusal, PrivacyBudgetExhausted, StateError
 from common.features import Features, encode
 from common.model import Backbone, PersonalModel, get_backbone
 from common.params import get_arrays, nbytes, set_arrays
-from common.privacy import calibrate_sigma, compose, epsilon
+from common.privacy import SAMPLE_DELTA, calibrate_sigma, check_delta, compose, default_delta, epsilon
 from common.split import Role, split_names
 
 log = logging.getLogger("flwr")
@@ -51,6 +51,42 @@ class NodeInfo:
     device: str = "auto"  # auto | cpu | cuda[:N] | mps (node_config "device"; see common.device)
     max_physical_batch: int = 0  # examples per forward/backward pass on this device (0 = no cap)
     feature_cache: Path | None = None  # folder for this client's encrypted prefix features (None = off)
+    max_epsilon: float | None = None  # the device's own ε cap over all runs (None: the run's budget)
+    delta: float = 0.0  # the device's δ (0: the run's dp.delta, else min(1e-5, 0.1/n))
+    allow_no_dp: bool = True  # whether the device accepts a run with dp.enabled = false
+
+
+def check_device_limits(cfg: Config, node: NodeInfo) -> None:
+    """Refuse, before anything is loaded, a run that asks for more than this device allows."""
+    if not cfg.dp.enabled:
+        if not node.allow_no_dp:
+            raise DeviceRefusal(
+                "the run asks to train without sample-level DP (dp.enabled = false); this device trains "
+                "only under DP (start its agent with --allow-no-dp to accept)"
+            )
+        return
+    cap = node.max_epsilon
+    if cap is not None and cfg.dp.epsilon > cap * (1 + 1e-9):
+        raise DeviceRefusal(
+            f"the run asks for a budget of ε = {cfg.dp.epsilon:g}; this device caps its privacy loss over "
+            f"all runs at ε = {cap:g} (fedpers agent --max-epsilon)"
+        )
+    if node.delta > 0 and cfg.dp.delta > node.delta:
+        raise DeviceRefusal(
+            f"the run asks for δ = {cfg.dp.delta:g}; this device accounts at δ ≤ {node.delta:g} "
+            "(fedpers agent --delta)"
+        )
+
+
+def device_delta(cfg: Config, node: NodeInfo, n: int) -> float:
+    """δ of this device's sample-level guarantee for ``n`` training examples (refused if ≥ 1/n)."""
+    asked = cfg.dp.delta or node.delta
+    if not asked:
+        return default_delta(n, SAMPLE_DELTA)
+    try:
+        return check_delta(asked, n, "dp.delta; n = this client's training examples")
+    except ValueError as exc:
+        raise DeviceRefusal(str(exc)) from exc
 
 
 @dataclass
@@ -121,7 +157,7 @@ def _plan(cfg: Config, s: _Session, node: NodeInfo, rounds_left: int) -> DPPlan:
     """
     n = len(s.train)
     q = sample_rate(n, cfg.train.batch_size)
-    delta = cfg.dp.delta or 1.0 / n
+    delta = device_delta(cfg, node, n)
     plan = s.state.run_plan
     if plan.get("run_id") == node.run_id and plan.get("sample_rate") == q and plan.get("delta") == delta:
         return DPPlan(float(plan["sigma"]), q, delta)
@@ -148,7 +184,7 @@ def _check_budget(cfg: Config, s: _Session, plan: DPPlan, steps: int) -> None:
     after = epsilon(
         compose(s.state.history, plan.sigma, plan.sample_rate, steps), plan.delta, cfg.dp.accountant
     )
-    if after > cfg.dp.epsilon * (1 + 1e-9):
+    if after > cfg.dp.epsilon * (1 + 1e-9):  # the run's budget, never above the device's cap
         spent = epsilon(s.state.history, plan.delta, cfg.dp.accountant)
         raise PrivacyBudgetExhausted(
             f"privacy budget exhausted: ε={spent:.3f} now, {after:.3f} after {steps} more steps ≥ budget "
@@ -205,6 +241,7 @@ def _save(s: _Session) -> None:
 
 def run_train(cfg: Config, node: NodeInfo, shared: Arrays, server_round: int) -> tuple[Arrays, Metrics]:
     """Handle one train instruction; returns (shared arrays to send, metrics)."""
+    check_device_limits(cfg, node)
     s = _open(cfg, node, shared)
     report = cfg.client.report_before_after  # two extra test passes per round: optional for speed
     before = evaluate(s.model, s.test) if report else None
@@ -240,6 +277,7 @@ def run_evaluate(cfg: Config, node: NodeInfo, shared: Arrays, final_round: bool)
 
     In ``fedavg-ft`` the final evaluation first fine-tunes a copy locally (under DP, accounted).
     """
+    check_device_limits(cfg, node)
     s = _open(cfg, node, shared)
     plan = None
     steps = 0

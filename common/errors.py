@@ -33,3 +33,7 @@ class PrivacyBudgetExhausted(FedpersError):
 
 class StateError(FedpersError):
     """The encrypted on-device personal state is missing its key, tampered or truncated."""
+
+
+class DeviceRefusal(FedpersError):
+    """The run asks for more than this device allows (its ε cap, its δ, training without DP)."""

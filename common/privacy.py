@@ -19,6 +19,27 @@ Entry = tuple[float, float, int]
 History = list[Entry]
 
 SIGMA_MAX = 1e4
+SAMPLE_DELTA = 1e-5  # default δ, sample level (or 0.1/n when that is smaller)
+USER_DELTA = 1e-6  # default δ, user level (or 0.1/N when that is smaller)
+
+
+def default_delta(count: int, cap: float) -> float:
+    """The default δ for ``count`` neighbours-to-protect (examples or users): min(cap, 0.1 / count)."""
+    return min(cap, 0.1 / max(count, 1))
+
+
+def check_delta(delta: float, count: int, what: str) -> float:
+    """``delta`` if it is a meaningful guarantee for ``count`` records, else ValueError.
+
+    A δ ≥ 1/count is refused: a mechanism that publishes one random record verbatim is (0, 1/count)-DP.
+    """
+    if not 0 < delta < 1.0 / max(count, 1):
+        raise ValueError(
+            f"δ = {delta:g} is not below 1/{count} ({what}): at that δ, publishing one random record "
+            f"verbatim would be 'private'; use δ ≤ {0.1 / max(count, 1):.1e} (0.1/{count}) or leave it at 0 "
+            "for the default"
+        )
+    return delta
 
 
 def normalize(history: Iterable[Sequence[float]]) -> History:

@@ -121,6 +121,10 @@ def audit_client(
         )
     if len({float(e[P.DELTA]) for e in spent}) > 1:
         result.problems.append("δ changed between entries")
+    rolled = [e for e in entries if str(e.get("reason", "")).startswith("state rolled back")]
+    if rolled:  # the server dropped those replies, but the device did train them: its ε counts them
+        rounds = ", ".join(str(e.get("round")) for e in rolled)
+        result.problems.append(f"state rolled back (round {rounds}): the device spent budget twice")
     if result.problems:
         result.status = "inconsistent"
     # Over budget: the reported ε above it, or the independent one above it by more than the tolerance.

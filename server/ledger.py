@@ -32,6 +32,10 @@ def ledger_meta(cfg: Config) -> dict[str, Any]:
     }
 
 
+class StateRollback(ValueError):
+    """A device's privacy history went backwards."""
+
+
 class Ledger:
     """Append-only list of privacy entries, saved atomically as ``ledger.json``."""
 
@@ -45,11 +49,23 @@ class Ledger:
             self.meta = {**data.get("meta", {}), **self.meta}
 
     def record(
-        self, server_round: int, node_id: int, status: str, metrics: Mapping[str, Any], reason: str = ""
+        self,
+        server_round: int,
+        node_id: int,
+        status: str,
+        metrics: Mapping[str, Any],
+        reason: str = "",
+        client: int | None = None,
     ) -> None:
-        """Add one client's report for a round (status: accepted, rejected, refused)."""
+        """Add one client's report for a round (status: accepted, rejected, refused, finetune).
+
+        ``client`` is the device's identity (its node id in a deployment); without it, the partition id
+        the client reported (the plain-loop simulation, where partition = device).
+        """
         entry: dict[str, Any] = {"round": server_round, "node_id": node_id, "status": status}
-        if P.PARTITION_ID in metrics:
+        if client is not None:
+            entry["client"] = int(client)
+        elif P.PARTITION_ID in metrics:
             entry["client"] = int(metrics[P.PARTITION_ID])
         for key in P.PRIVACY_KEYS:
             if key in metrics:
@@ -57,6 +73,29 @@ class Ledger:
         if reason:
             entry["reason"] = reason
         self.entries.append(entry)
+
+    def check_no_rollback(self, client: int, metrics: Mapping[str, Any]) -> None:
+        """Raise StateRollback if ``client`` reports fewer DP steps in all than it reported before.
+
+        A device's step count only grows; fewer steps mean its state file was replaced by an older copy
+        and it is about to spend budget it already spent.
+        """
+        if P.TOTAL_STEPS not in metrics:
+            return
+        now = int(metrics[P.TOTAL_STEPS])
+        before = max(
+            (
+                int(e[P.TOTAL_STEPS])
+                for e in self.entries
+                if e.get("client") == client and P.TOTAL_STEPS in e and e.get("status") != "rejected"
+            ),
+            default=0,
+        )
+        if now < before:
+            raise StateRollback(
+                f"state rolled back: the client reports {now} DP steps in all, fewer than the {before} it "
+                "reported before (an older copy of its state file?); reply dropped"
+            )
 
     def record_user_level(self, server_round: int, status: str, info: Mapping[str, Any]) -> None:
         """Add the server's user-level DP release (or refusal) of a round."""

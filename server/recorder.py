@@ -55,15 +55,18 @@ class Recorder:
         self._rejected: list[str] = []
         self._refused: list[str] = []
 
-    def _client(self, node: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        cid = int(metrics.get(P.PARTITION_ID, node))
+    def _client(self, node: int, metrics: dict[str, Any], client: int | None) -> dict[str, Any]:
+        cid = int(metrics.get(P.PARTITION_ID, node)) if client is None else int(client)
         row = self.clients.setdefault(cid, {"client": cid, "node_id": node})
+        row["node_id"] = node
         return row
 
-    def train_reply(self, rnd: int, node: int, metrics: dict[str, Any], norm: float) -> None:
-        """An accepted train reply."""
+    def train_reply(
+        self, rnd: int, node: int, metrics: dict[str, Any], norm: float, client: int | None = None
+    ) -> None:
+        """An accepted train reply (``client``: the device's identity; default its partition id)."""
         self._train.append({**metrics, P.UPDATE_NORM: norm})
-        row = self._client(node, metrics)
+        row = self._client(node, metrics, client)
         for key in (
             P.NUM_EXAMPLES,
             P.ACC_BEFORE,
@@ -83,10 +86,10 @@ class Recorder:
         if P.EPSILON in metrics:
             self.eps_history.setdefault(row["client"], []).append((rnd, float(metrics[P.EPSILON])))
 
-    def eval_reply(self, rnd: int, node: int, metrics: dict[str, Any]) -> None:
+    def eval_reply(self, rnd: int, node: int, metrics: dict[str, Any], client: int | None = None) -> None:
         """A personalized evaluation reply."""
         self._eval.append(metrics)
-        row = self._client(node, metrics)
+        row = self._client(node, metrics, client)
         row[P.EVAL_ACC] = metrics.get(P.EVAL_ACC)
         row["test-examples"] = metrics.get(P.NUM_EXAMPLES)
         row[P.MAJORITY_ACC] = metrics.get(P.MAJORITY_ACC, row.get(P.MAJORITY_ACC))

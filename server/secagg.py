@@ -136,8 +136,10 @@ class SecAggStrategy(Strategy):
         rnd = server_round + s.offset
         new = None  # failures were recorded with their node ids as they arrived (WatchedGrid)
         for proxy, res in results:
-            s.ledger.record(rnd, proxy.node_id, "accepted", dict(res.metrics))
-            s.recorder.train_reply(rnd, proxy.node_id, dict(res.metrics), float("nan"))
+            metrics, node = dict(res.metrics), proxy.node_id
+            client = s.client_of(node, metrics)
+            s.ledger.record(rnd, node, "accepted", metrics, client=client)
+            s.recorder.train_reply(rnd, node, metrics, float("nan"), client=client)
         if results:
             try:
                 new = s.server_step(self._apply(rnd, parameters_to_ndarrays(results[0][1].parameters)))
@@ -155,7 +157,7 @@ class SecAggStrategy(Strategy):
     def refused(self, rnd: int, node: int, reason: str) -> None:
         """A client's error reply in any SecAgg+ stage (its budget, its state, a dropout it reported)."""
         log(WARNING, "round %d: node %d refused or failed under SecAgg+: %s", rnd, node, reason)
-        self.inner.ledger.record(rnd, node, "refused", {}, reason)
+        self.inner.ledger.record(rnd, node, "refused", {}, reason, client=self.inner.client_of(node, {}))
         self.inner.recorder.refusal(rnd, node, reason)
 
     def _apply(self, rnd: int, mean_update: list[np.ndarray]) -> dict[str, np.ndarray]:

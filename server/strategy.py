@@ -46,6 +46,7 @@ class FedpersStrategy(FedAvg):
         max_update_norm: float = 0.0,
         user_dp: UserLevelDP | None = None,
         server_opt: ServerOptimizer | None = None,
+        client_key: str = "node",
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(arrayrecord_key=P.ARRAYS, configrecord_key=P.CONFIG, **fedavg_kwargs)
@@ -62,6 +63,9 @@ class FedpersStrategy(FedAvg):
         self._round_start = time.perf_counter()
         self.user_dp = user_dp
         self.server_opt = server_opt or ServerOptimizer()
+        if client_key not in ("node", "partition"):
+            raise ValueError(f"client_key must be 'node' or 'partition', got {client_key!r}")
+        self.client_key = client_key
         self._cohort, self._population = 0, 0
         if user_dp is not None:  # a resumed or continued federation keeps composing its user-level ε
             for e in ledger.user_level_entries():
@@ -69,6 +73,12 @@ class FedpersStrategy(FedAvg):
                     user_dp.history, e["user-noise-multiplier"], e["user-sample-rate"], 1
                 )
                 user_dp.clipping_norm = float(e["user-next-clipping-norm"])
+
+    def client_of(self, node: int, metrics: dict[str, Any]) -> int:
+        """The client a reply belongs to: its node id (a device), or its partition id (a simulation)."""
+        if self.client_key == "partition" and P.PARTITION_ID in metrics:
+            return int(metrics[P.PARTITION_ID])  # type: ignore[arg-type]
+        return int(node)
 
     # -- train ------------------------------------------------------------------------------------
     def configure_train(
@@ -92,10 +102,11 @@ class FedpersStrategy(FedAvg):
             if msg.has_error():
                 reason = str(msg.error.reason)
                 log(WARNING, "round %d: node %d refused or failed: %s", rnd, node, reason)
-                self.ledger.record(rnd, node, "refused", {}, reason)
+                self.ledger.record(rnd, node, "refused", {}, reason, client=self.client_of(node, {}))
                 self.recorder.refusal(rnd, node, reason)
                 continue
             metrics = dict(next(iter(msg.content.metric_records.values()), MetricRecord()))
+            client = self.client_of(node, metrics)
             record = msg.content.array_records.get(P.ARRAYS)
             try:
                 for other in msg.content.array_records.values():
@@ -113,19 +124,20 @@ class FedpersStrategy(FedAvg):
                     current=self.current,
                     max_update_norm=self.max_update_norm,
                 )
+                self.ledger.check_no_rollback(client, metrics)
             except PrivacyViolation as exc:
                 log(WARNING, "round %d: PRIVACY VIOLATION by node %d, reply dropped: %s", rnd, node, exc)
-                self.ledger.record(rnd, node, "rejected", metrics, f"privacy violation: {exc}")
+                self.ledger.record(rnd, node, "rejected", metrics, f"privacy violation: {exc}", client=client)
                 self.recorder.rejection(rnd, node, f"privacy violation: {exc}")
                 continue
             except Exception as exc:  # noqa: BLE001 - any malformed reply is dropped, never aggregated
                 log(WARNING, "round %d: reply of node %d rejected: %s", rnd, node, exc)
-                self.ledger.record(rnd, node, "rejected", metrics, str(exc))
+                self.ledger.record(rnd, node, "rejected", metrics, str(exc), client=client)
                 self.recorder.rejection(rnd, node, str(exc))
                 continue
             accepted.append((arrays, float(metrics[P.NUM_EXAMPLES])))  # type: ignore[arg-type]
-            self.ledger.record(rnd, node, "accepted", metrics)
-            self.recorder.train_reply(rnd, node, metrics, norm)
+            self.ledger.record(rnd, node, "accepted", metrics, client=client)
+            self.recorder.train_reply(rnd, node, metrics, norm, client=client)
         log(INFO, "round %d: aggregating %d valid replies", rnd, len(accepted))
         if self.user_dp is not None:
             new = self._user_level_release(rnd, [a for a, _ in accepted])
@@ -192,9 +204,11 @@ class FedpersStrategy(FedAvg):
                 self.recorder.refusal(rnd, msg.metadata.src_node_id, str(msg.error.reason))
                 continue
             metrics = dict(next(iter(msg.content.metric_records.values()), MetricRecord()))
-            self.recorder.eval_reply(rnd, msg.metadata.src_node_id, metrics)
+            node = msg.metadata.src_node_id
+            client = self.client_of(node, metrics)
+            self.recorder.eval_reply(rnd, node, metrics, client=client)
             if P.STEPS in metrics and P.EPSILON in metrics:  # fedavg-ft spent budget while fine-tuning
-                self.ledger.record(rnd, msg.metadata.src_node_id, "finetune", metrics)
+                self.ledger.record(rnd, node, "finetune", metrics, client=client)
         self.ledger.save()
         summary = self.recorder.end_round(rnd, time.perf_counter() - self._round_start)
         return MetricRecord(dict(summary)) if summary else None  # type: ignore[arg-type]

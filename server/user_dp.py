@@ -28,7 +28,8 @@ import numpy as np
 from flwr.supercore.differential_privacy import compute_adaptive_noise_params, compute_stdv
 
 from common.config import Config
-from common.privacy import History, compose, epsilon
+from common.errors import ConfigError
+from common.privacy import USER_DELTA, History, check_delta, compose, default_delta, epsilon
 
 
 @dataclass
@@ -43,7 +44,7 @@ class UserLevelDP:
     count_stddev: float = 0.0  # 0 = max(m / 20 (Andrew et al.), z): small cohorts need more count noise
     accountant: str = "prv"
     sampling: str = "poisson"
-    delta: float = 0.0  # 0 = 1 / population
+    delta: float = 0.0  # 0 = min(1e-6, 0.1 / population)
     budget: float = 0.0  # 0 = report only
     history: History = field(default_factory=list)
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(secrets.randbits(128)))
@@ -70,8 +71,13 @@ class UserLevelDP:
         return 1.0 if self.sampling == "none" else min(1.0, cohort / max(population, 1))
 
     def delta_for(self, population: int) -> float:
-        """δ of the user-level guarantee."""
-        return self.delta if self.delta > 0 else 1.0 / max(population, 1)
+        """δ of the user-level guarantee: ``dp.user-delta`` (below 1/population), or min(1e-6, 0.1/N)."""
+        if self.delta <= 0:
+            return default_delta(population, USER_DELTA)
+        try:
+            return check_delta(self.delta, population, "dp.user-delta; N = the population")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
 
     def epsilon_after(self, cohort: int, population: int) -> float:
         """ε if one more round with this cohort and population were released."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import stat
 import sys
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from client.agent import AgentOptions, plan_agent
 from client.node_key import create_node_key
@@ -119,9 +122,34 @@ def test_server_command_has_tls_node_auth_and_writes_the_operator_connection(
     assert "--enable-supernode-auth" in launch.argv and "--insecure" not in launch.argv
     assert "--disable-runtime-dependency-installation" in launch.argv
     assert launch.argv[launch.argv.index("--ssl-certfile") + 1].endswith("server.pem")
+    # the SuperLink itself listens on loopback only; devices reach the Fleet-only gateway
+    assert launch.argv[launch.argv.index("--host") + 1] == "127.0.0.1"
+    assert launch.argv[launch.argv.index("--port") + 1] == "9093"
+    assert launch.gateway[launch.gateway.index("--listen") + 1] == "127.0.0.1:9091"
+    assert launch.gateway[launch.gateway.index("--upstream") + 1] == "127.0.0.1:9093"
     text = launch.config_file.read_text()
-    assert "[superlink.fedpers]" in text and 'address = "127.0.0.1:9091"' in text
+    assert "[superlink.fedpers]" in text and 'address = "127.0.0.1:9093"' in text
     assert "root-certificates" in text
+    assert stat.S_IMODE((tmp_path / "db").stat().st_mode) == 0o700
+    with pytest.raises(FedpersError, match="must be a loopback address.*ssh -L"):
+        plan_link(dataclasses.replace(opts, control_address="0.0.0.0:9093"))
+
+
+def test_server_refuses_a_certificate_without_the_loopback_address(tmp_path: Path) -> None:
+    from server.certs import _cert, _write_key  # a certificate as an older fedpers made it
+
+    create_tls(tmp_path, ["superlink.example.org"])
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ca_key = serialization.load_pem_private_key((tmp_path / "ca.key").read_bytes(), None)
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    key = ec.generate_private_key(ec.SECP384R1())
+    old = _cert("superlink.example.org", key, ca.subject, ca_key, 30, False, ["superlink.example.org"])
+    (tmp_path / "server.pem").write_bytes(old.public_bytes(serialization.Encoding.PEM))
+    _write_key(tmp_path / "server.key", key)
+    with pytest.raises(FedpersError, match="not valid for '127.0.0.1', which the SuperLink's own SuperExec"):
+        check_certs(tmp_path, "superlink.example.org")
 
 
 def test_server_refuses_a_certificate_for_another_host_or_a_foreign_ca(tmp_path: Path, certs: Path) -> None:

@@ -23,7 +23,7 @@ from common.split import split_names
 
 BASE = dict(TINY_TRAIN)
 N, Q, STEPS = 60, 1 / 3, 3  # train examples, sample rate, DP steps per round for BASE
-DELTA = 1 / N
+DELTA = min(1e-5, 0.1 / N)  # the default sample-level δ (dp.delta = 0)
 
 
 def _cfg(**over: object) -> Config:

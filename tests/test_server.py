@@ -229,12 +229,48 @@ def test_ledger_holds_exactly_what_clients_sent(model: Model, tmp_path: Path, ta
     for i, (entry, w) in enumerate(zip(on_disk, WEIGHTS, strict=True)):
         sent = client_metrics(i, w)
         assert entry["status"] == "accepted" and entry["round"] == 1
-        assert entry["node_id"] == 100 + i and entry["client"] == i
+        assert entry["node_id"] == 100 + i and entry["client"] == 100 + i  # a device = its node id
         for key in P.PRIVACY_KEYS:
             assert entry[key] == sent[key], key
         assert P.ACC_BEFORE not in entry  # the ledger is for privacy numbers only
     latest = Ledger(tmp_path / "ledger.json").latest_by_client()
-    assert {c: e[P.EPSILON] for c, e in latest.items()} == {0: 1.5, 1: 2.5, 2: 3.5}
+    assert {c: e[P.EPSILON] for c, e in latest.items()} == {100: 1.5, 101: 2.5, 102: 3.5}
+
+
+def test_devices_that_report_the_same_partition_stay_distinct_clients(
+    model: Model, tmp_path: Path, task_identity: None
+) -> None:
+    """Three agents started without partition flags all report partition 0: three clients all the same."""
+    same = [reply(100 + i, u, {**client_metrics(0, w), P.EPSILON: 1.5 + i}) for i, (u, w) in enumerate(
+        zip(good_updates(model), WEIGHTS, strict=True))]  # fmt: skip
+    deployed = make_strategy(model, tmp_path / "deployed")
+    deployed.aggregate_train(1, same)
+    deployed.aggregate_evaluate(1, [])
+    assert {e["client"] for e in deployed.ledger.entries} == {100, 101, 102}
+    assert sorted(deployed.recorder.clients) == [100, 101, 102]
+    simulated = make_strategy(model, tmp_path / "simulated", client_key="partition")
+    simulated.aggregate_train(1, good_replies(model))  # a simulation keys by partition: stable across runs
+    assert [e["client"] for e in simulated.ledger.entries] == [0, 1, 2]
+
+
+def test_a_reply_whose_step_count_goes_backwards_is_rejected_as_a_rollback(
+    model: Model, tmp_path: Path, task_identity: None
+) -> None:
+    strategy = make_strategy(model, tmp_path)
+    strategy.aggregate_train(1, good_replies(model))  # node 102 reports 12 steps in all
+    strategy.aggregate_evaluate(1, [])
+    moved = good_updates(model, seed=1)
+    replies = [reply(100 + i, moved[i], {**client_metrics(i, w), P.TOTAL_STEPS: 4 * (i + 1) + 4})
+               for i, w in enumerate(WEIGHTS)]  # fmt: skip
+    replies[2] = reply(102, moved[2], {**client_metrics(2, WEIGHTS[2]), P.TOTAL_STEPS: 8})  # an older state
+    arrays, summary = strategy.aggregate_train(2, replies)
+    assert arrays is not None and summary is not None and summary["accepted"] == 2
+    (entry,) = [e for e in strategy.ledger.entries if e["round"] == 2 and e["client"] == 102]
+    assert entry["status"] == "rejected" and entry["reason"].startswith("state rolled back")
+    expected = by_hand(moved[:2], WEIGHTS[:2])
+    got = from_record(arrays)
+    for k in model.shared:
+        np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-7)
 
 
 # --- bad replies ----------------------------------------------------------------------------------
@@ -423,7 +459,7 @@ def test_error_replies_are_recorded_as_refused(model: Model, tmp_path: Path, tas
         np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-7)
     assert summary["refused"] == 1 and summary["accepted"] == 3
     entry = [e for e in strategy.ledger.entries if e["node_id"] == 300]
-    assert entry == [{"round": 1, "node_id": 300, "status": "refused", "reason": reason}]
+    assert entry == [{"round": 1, "node_id": 300, "client": 300, "status": "refused", "reason": reason}]
     strategy.aggregate_evaluate(1, [])
     line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert line["refusals"] == [f"node 300: {reason}"]

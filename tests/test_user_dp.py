@@ -54,7 +54,7 @@ def test_epsilon_composes_over_rounds_with_the_cohort_sampling_rate() -> None:
     dp = UserLevelDP(noise_multiplier=1.0, clipping_norm=0.1, rng=np.random.default_rng(0))
     eps = [dp.release(_zeros(), [_zeros()] * 5, cohort=5, population=50)[1]["user-epsilon"] for _ in range(3)]
     history = compose(compose(compose([], 1.0, 0.1, 1), 1.0, 0.1, 1), 1.0, 0.1, 1)
-    assert eps[0] < eps[1] < eps[2] == pytest.approx(epsilon(history, 1 / 50, "prv"))
+    assert eps[0] < eps[1] < eps[2] == pytest.approx(epsilon(history, 1e-6, "prv"))  # δ = min(1e-6, 0.1/N)
     assert UserLevelDP(noise_multiplier=1.0, clipping_norm=0.1, sampling="none").sample_rate(5, 50) == 1.0
 
 
@@ -67,7 +67,9 @@ def test_strategy_releases_noisy_mean_refuses_past_budget_and_resumes_history(
         replies = [reply(n + 1, moved, client_metrics(n, 10 * (n + 1))) for n in range(3)]
         return strategy.aggregate_train(rnd, replies)
 
-    dp = UserLevelDP(noise_multiplier=2.0, clipping_norm=0.01, budget=1.0, rng=np.random.default_rng(1))
+    dp = UserLevelDP(
+        noise_multiplier=2.0, clipping_norm=0.01, budget=1.0, delta=0.01, rng=np.random.default_rng(1)
+    )
     strategy = make_strategy(model, tmp_path, user_dp=dp)
     arrays, _ = run_round(strategy, 1)
     assert arrays is not None  # uniform mean of clipped updates + noise, not the weighted average
