@@ -7,7 +7,8 @@ independent accountant of the same kind (PRV ↔ PLD, RDP ↔ RDP; and by more t
 terms, the PRV accountant's own error), or when the ledger holds fewer steps
 than the client reports having taken (history missing, e.g. an earlier run's ledger), and **over budget**
 when any ε exceeds the budget. Neighbouring relation: add/remove one example of the client's data;
-Poisson sampling with rate q; Gaussian noise σ × clipping norm; δ = 1/n_train per client unless fixed.
+Poisson sampling with rate q; Gaussian noise σ × clipping norm; δ = min(1e-5, 0.1/n_train) per client
+unless fixed (ledgers written before that rule say "1/n_train per client").
 """
 
 from __future__ import annotations

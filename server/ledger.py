@@ -19,7 +19,11 @@ from common.fileio import write_json_atomic
 def ledger_meta(cfg: Config) -> dict[str, Any]:
     """What an auditor needs to read the entries: budget, accountant, δ rule, neighbouring relation."""
     return {
-        "delta_rule": "1/n_train per client" if not cfg.dp.delta else cfg.dp.delta,
+        "delta_rule": "min(1e-5, 0.1/n_train) per client (or the device's own δ)"
+        if not cfg.dp.delta
+        else cfg.dp.delta,
+        "user_delta_rule": "min(1e-6, 0.1/population)" if not cfg.dp.user_delta else cfg.dp.user_delta,
+        "device_caps": "each device refuses a run asking for more than its own ε cap and δ",
         "accountant": cfg.dp.accountant,
         "budget": cfg.dp.epsilon,
         "dp": cfg.dp.enabled,

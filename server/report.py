@@ -142,7 +142,8 @@ def write_report(
         f"(LoRA r={cfg.lora.r} on {cfg.lora.target_modules}, top layers from {cfg.model.frozen_layers})",
         f"- DP: {'on' if cfg.dp.enabled else 'off'}"
         + (
-            f", budget ε={cfg.dp.epsilon} per client, δ={'1/n_train' if not cfg.dp.delta else cfg.dp.delta}, "
+            f", budget ε={cfg.dp.epsilon} per client, "
+            f"δ={'min(1e-5, 0.1/n_train)' if not cfg.dp.delta else cfg.dp.delta}, "
             f"{cfg.dp.accountant.upper()} accountant, clip {cfg.dp.max_grad_norm}"
             if cfg.dp.enabled
             else ""
