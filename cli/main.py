@@ -165,7 +165,8 @@ def _run_sequential(
         def show(line: dict[str, Any], m: str = mode, t: int = total) -> None:
             on_round(m, {**line, "total_rounds": t})
 
-        summary = run_sequential(over, settings.num_clients, out / mode, on_round=show)
+        limits = settings.limits
+        summary = run_sequential(over, settings.num_clients, out / mode, on_round=show, limits=limits)
         for row in summary["clients"]:  # the runner's own mapping: clients never send their user
             row["user"] = users.get(row["client"], "")
         write_user_map(out / mode / "clients", users)
@@ -436,6 +437,13 @@ def agent(
         "waits ~60 s); an unreachable SuperLink is retried forever",
     ),
     insecure: bool = typer.Option(False, help="plain HTTP, no TLS (tests on a trusted network only)"),
+    max_epsilon: float = typer.Option(
+        8.0, help="this device's privacy cap: the most ε any run may spend here, over all runs"
+    ),
+    delta: float = typer.Option(
+        0.0, help="this device's δ (0 = min(1e-5, 0.1/n) for n training examples); larger asks are refused"
+    ),
+    allow_no_dp: bool = typer.Option(False, help="accept runs that ask to train without DP"),
     check: bool = typer.Option(False, help="check everything and print the SuperNode command, start nothing"),
 ) -> None:
     """Run this device's client agent: a Flower SuperNode with the fedpers ClientApp (TLS, node auth)."""
@@ -458,6 +466,9 @@ def agent(
         feature_cache=feature_cache,
         clientappio_port=port,
         max_retries=max_retries,
+        max_epsilon=max_epsilon,
+        delta=delta,
+        allow_no_dp=allow_no_dp,
     )
     _start(lambda: plan_agent(opts), lambda launch: run_agent(launch, activation_timeout), check)
 

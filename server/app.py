@@ -37,12 +37,15 @@ def run_federation(
     run_id: int,
     context: Context | None = None,
     users: Mapping[int, str] | None = None,
+    by_partition: bool = False,
 ) -> Path:
     """Run (or resume) the federation described by ``cfg``; returns the run folder.
 
     With ``secagg.enabled`` the training rounds run under Flower's SecAgg+ (server.secagg), which needs
     the ServerApp's ``context``. ``users``: a simulation's partition id → user name, known to the runner
-    (never sent by clients), written into the report.
+    (never sent by clients), written into the report. Each device is one client in the ledger and the
+    report, keyed by its node id (stable for a registered node key); ``by_partition`` (simulations,
+    whose node ids change every run) keys simulated clients by their partition id instead.
     """
     out = run_dir(cfg, run_id)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,6 +90,7 @@ def run_federation(
             round_offset=done,
             max_update_norm=cfg.fed.max_update_norm,
             user_dp=UserLevelDP.from_config(cfg) if cfg.dp.user_level else None,
+            client_key="partition" if by_partition else "node",
             server_opt=ServerOptimizer.from_config(cfg, ckpt.velocity if ckpt is not None else None),
             fraction_train=cfg.fed.fraction_train,
             fraction_evaluate=cfg.fed.fraction_evaluate,
@@ -120,7 +124,9 @@ def run_federation(
 
 
 def make_server_app(
-    overrides: Mapping[str, Any] | None = None, users: Mapping[int, str] | None = None
+    overrides: Mapping[str, Any] | None = None,
+    users: Mapping[int, str] | None = None,
+    by_partition: bool = False,
 ) -> ServerApp:
     """A ServerApp whose configuration is ``context.run_config`` on top of ``overrides``.
 
@@ -132,7 +138,7 @@ def make_server_app(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = Config.from_run_config({**base, **dict(context.run_config)})
-        run_federation(cfg, grid, context.run_id, context, users)
+        run_federation(cfg, grid, context.run_id, context, users, by_partition)
 
     return server_app
 

@@ -28,7 +28,8 @@ from common.errors import FedpersError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-SIM_KEYS = {"num-clients", "client-cpus", "compare", "mode-settings"}
+DEVICE_KEYS = ("max-epsilon", "delta", "allow-no-dp")  # each simulated device's own privacy limits
+SIM_KEYS = {"num-clients", "client-cpus", "compare", "mode-settings", *DEVICE_KEYS}
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class SimSettings:
     compare: tuple[str, ...] = ()
     overrides: dict[str, Any] = field(default_factory=dict)
     per_mode: dict[str, dict[str, Any]] = field(default_factory=dict)  # [mode.<name>] tables
+    limits: dict[str, Any] = field(default_factory=dict)  # the simulated devices' max-epsilon, delta, ...
 
     def for_mode(self, mode: str | None = None) -> dict[str, Any]:
         """The run config of ``mode`` (default: the configured one): overrides + that mode's table."""
@@ -76,7 +78,22 @@ def load_settings(path: str | Path | None, sets: dict[str, Any] | None = None) -
     if num < 1:
         raise ConfigError("[simulation] num-clients must be ≥ 1")
     compare = tuple(sim.get("compare", ()))
-    return SimSettings(num, float(sim.get("client-cpus", 1.0)), compare, overrides, per_mode)
+    limits = _device_limits(sim)
+    return SimSettings(num, float(sim.get("client-cpus", 1.0)), compare, overrides, per_mode, limits)
+
+
+def _device_limits(sim: dict[str, Any]) -> dict[str, Any]:
+    """The simulated devices' own limits from ``[simulation]`` (as ``fedpers agent`` takes them as flags)."""
+    limits = {k: sim[k] for k in DEVICE_KEYS if k in sim}
+    if "max-epsilon" in limits and not (
+        isinstance(limits["max-epsilon"], int | float) and limits["max-epsilon"] > 0
+    ):
+        raise ConfigError(f"[simulation] max-epsilon must be a number > 0, got {limits['max-epsilon']!r}")
+    if "delta" in limits and not (isinstance(limits["delta"], int | float) and 0 <= limits["delta"] < 0.1):
+        raise ConfigError(f"[simulation] delta must be in [0, 0.1), got {limits['delta']!r}")
+    if "allow-no-dp" in limits and not isinstance(limits["allow-no-dp"], bool):
+        raise ConfigError(f"[simulation] allow-no-dp must be true or false, got {limits['allow-no-dp']!r}")
+    return limits
 
 
 def _mode_tables(path: Path, data: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
@@ -135,8 +152,8 @@ def simulate(
         recorder.ROUND_LISTENERS.append(on_round)
     try:
         run_simulation(
-            server_app=make_server_app(overrides, users),
-            client_app=make_client_app(overrides),
+            server_app=make_server_app(overrides, users, by_partition=True),
+            client_app=make_client_app(overrides, settings.limits),
             num_supernodes=settings.num_clients,
             backend_config={
                 "client_resources": {"num_cpus": settings.client_cpus, "num_gpus": 0.0},

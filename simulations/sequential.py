@@ -34,11 +34,14 @@ def run_sequential(
     out: Path,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     evaluate_every: int = 1,
+    limits: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``fed.num-rounds`` rounds over all clients; returns per-round lines and a final summary.
 
     Clients are evaluated every ``evaluate_every`` rounds and always after the last one. Every train
     reply's privacy report goes into ``out/ledger.json`` exactly as the server's ledger records it.
+    ``limits``: the simulated devices' own privacy limits (``[simulation]`` max-epsilon, delta,
+    allow-no-dp).
     """
     if evaluate_every < 1:
         raise ValueError(f"evaluate_every must be >= 1, got {evaluate_every}")
@@ -49,8 +52,20 @@ def run_sequential(
     server_opt = ServerOptimizer.from_config(cfg)
     run_id = int(time.time())
     states = out / "clients"
+    lim = dict(limits or {})
+    cap = float(lim["max-epsilon"]) if lim.get("max-epsilon") else None
+    delta, no_dp = float(lim.get("delta", 0.0)), bool(lim.get("allow-no-dp", True))
     nodes = [
-        NodeInfo(i, num_clients, states / f"client-{i:04d}", run_id, feature_cache=client_cache_dir(cfg, i))
+        NodeInfo(
+            i,
+            num_clients,
+            states / f"client-{i:04d}",
+            run_id,
+            feature_cache=client_cache_dir(cfg, i),
+            max_epsilon=cap,
+            delta=delta,
+            allow_no_dp=no_dp,
+        )  # fmt: skip
         for i in range(num_clients)
     ]
     ledger = Ledger(
