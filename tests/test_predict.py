@@ -31,7 +31,7 @@ def test_predict_matches_the_clients_final_evaluation(tmp_path: Path) -> None:
 
 
 def test_predict_errors_are_clear(tmp_path: Path) -> None:
-    with pytest.raises(StateError, match="has not taken part"):
+    with pytest.raises(StateError, match="is empty: no client state here"):
         predict(tmp_path, ["hello"])
     run_sequential(TINY, 2, tmp_path / "run")
     with pytest.raises(ValueError, match="at least one text"):
