@@ -218,12 +218,14 @@ def run_agent(
     activation_timeout: float = 180.0,
     retry_every: float = 10.0,
     max_backoff: float = 300.0,
+    healthy_after: float = 30.0,
 ) -> int:
     """Run the SuperNode in the foreground and keep it running, forever; its last exit code.
 
     The agent is the device's supervisor. A SuperNode that exits with an error is started again, first
     after ``retry_every`` seconds, then with the wait doubling up to ``max_backoff`` while failures
-    follow each other; an unreachable SuperLink (network down, server restarting) is retried forever.
+    follow each other (refused activations are retried every ``retry_every`` seconds); an unreachable
+    SuperLink (network down, server restarting) is retried forever.
     The agent gives up only on what cannot heal by waiting:
 
     - a refused activation that persists for ``activation_timeout`` seconds, counted from the first
@@ -233,7 +235,7 @@ def run_agent(
     - TLS that cannot work: the CA does not vouch for the SuperLink's certificate, or ``--insecure``
       dials a SuperLink that speaks TLS (found by a probe of the address after a connection failure).
 
-    A SuperNode that ran for longer than ``retry_every`` before it failed starts a new streak.
+    A SuperNode that ran for longer than ``healthy_after`` seconds before it failed starts a new streak.
     SIGINT/SIGTERM stop the SuperNode and the agent; a clean exit (0) is not restarted.
     """
     failing_since: float | None = None
@@ -244,20 +246,22 @@ def run_agent(
         now = time.monotonic()
         if result.stopped or result.code == 0:
             return result.code
-        if failing_since is None or now - started > max(retry_every, 30.0):
+        if failing_since is None or now - started > healthy_after:
             failing_since, wait = now, retry_every  # a crash after a healthy stretch: a new streak
         cause = _cause(result.seen, launch)
-        if cause.fatal or (cause.expires and now - failing_since + wait > activation_timeout):
+        if cause.fatal or (cause.expires and now - failing_since > activation_timeout):
             print(f"fedpers agent: SuperNode exited with code {result.code}: {cause.hint}", file=sys.stderr)
             return result.code or 1
+        pause = retry_every if cause.expires else wait  # a refused activation clears within a minute
         print(
             f"fedpers agent: SuperNode exited with code {result.code} ({cause.hint}); starting it again in "
-            f"{wait:.0f} s",
+            f"{pause:.0f} s",
             file=sys.stderr,
             flush=True,
         )
-        time.sleep(wait)
-        wait = min(wait * 2, max_backoff)
+        time.sleep(pause)
+        if not cause.expires:
+            wait = min(wait * 2, max_backoff)
 
 
 @dataclass(frozen=True)
