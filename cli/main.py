@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TextIO
 
 import typer
 from rich.console import Console
@@ -76,14 +79,22 @@ def simulate(
     sequential: bool = typer.Option(
         False, help="run the same client code in a plain loop, no Flower/Ray (quick sweeps, speed floor)"
     ),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Flower/Ray/library output on the console (else <run>/log.txt)"
+    ),
 ) -> None:
-    """Run a local federation on Flower's simulation engine and write runs/<id>/."""
+    """Run a local federation on Flower's simulation engine and write runs/<id>/.
+
+    The console shows progress, fedpers' warnings (each once) and the results; Flower's, Ray's and the
+    libraries' output goes to <run>/log.txt (with --verbose, to the console as well as Flower's lines to
+    log.txt).
+    """
     from dataclasses import replace
 
     from common.config import parse_set_options
     from simulations.compare import compare as run_compare
     from simulations.compare import table
-    from simulations.preflight import check_modes, remove_unfinished
+    from simulations.preflight import check_modes
     from simulations.run import load_settings, new_run_id
     from simulations.run import simulate as run_sim
 
@@ -104,14 +115,22 @@ def simulate(
         f"[bold]fedpers simulate[/] → {out}  ({settings.num_clients} clients"
         f"{', modes ' + ', '.join(modes) if modes else ''})"
     )
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-    ) as progress:
+    from simulations.run_log import LOG_NAME, run_log
+
+    with (
+        run_log(out / LOG_NAME, verbose, _warn) as terminal,
+        _console_to(terminal),
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+            redirect_stdout=verbose,  # quiet: prints go to the log, not above the bars
+            redirect_stderr=verbose,
+        ) as progress,
+    ):
         tasks: dict[str, Any] = {}
 
         def on_round(mode: str, line: dict[str, Any]) -> None:
@@ -132,15 +151,55 @@ def simulate(
                 mode = str(settings.overrides.get("personalization.mode", "default"))
                 summary = run_sim(settings, out, lambda line: on_round(mode, line), roster.users)
                 rows = [{"mode": mode, **summary}]
-        except FedpersError as exc:
-            if created:
-                remove_unfinished(out)
-            _fail(exc)
+        except Exception as exc:
+            _simulation_failed(exc, out, created, verbose)
     Console().print(table(rows))
     if (out / "paired.md").is_file():  # the first mode against each other one, paired over clients
         Console().print((out / "paired.md").read_text())
     report = out / (modes[0] if modes else "") / "report.md"
     console.print(f"report: {report}" if report.exists() else f"outputs: {out}")
+    console.print(f"log: {out / LOG_NAME}")
+
+
+def _warn(message: str) -> None:
+    """A fedpers warning during a quiet run, on the console."""
+    from rich.markup import escape
+
+    console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _console_to(terminal: TextIO | None) -> Iterator[None]:
+    """Point the console at ``terminal`` (the real one while fds 1/2 go to the log); None: unchanged."""
+    if terminal is None:
+        yield
+        return
+    console.file = terminal
+    try:
+        yield
+    finally:
+        console.file = None  # type: ignore[assignment]  # back to sys.stderr
+
+
+def _simulation_failed(exc: Exception, out: Path, created: bool, verbose: bool) -> NoReturn:
+    """One line for a failed run that points to its log; a refused run's unfinished folder is removed."""
+    from rich.markup import escape
+
+    from simulations.preflight import remove_unfinished
+    from simulations.run_log import LOG_NAME, keep_log
+
+    log: Path | None = out / LOG_NAME
+    if not isinstance(exc, FedpersError):
+        traceback.print_exc()  # into the log (onto the console with --verbose)
+    elif created:  # a fedpers error: no half-made run is left behind, its log is kept beside it
+        kept = keep_log(out)
+        if remove_unfinished(out):
+            log = kept
+        elif kept is not None:
+            kept.unlink()
+    where = f"; the full log is in {log}" if log is not None and not verbose else ""
+    console.print(f"[bold red]error:[/] {escape(str(exc))}{where}", soft_wrap=True)
+    raise typer.Exit(2 if isinstance(exc, FedpersError) else 1)
 
 
 def _run_sequential(

@@ -165,7 +165,7 @@ def simulate(
             recorder.ROUND_LISTENERS.remove(on_round)
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
-        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
+        raise RuntimeError(f"the simulation ended without writing {summary_path}")
     if users:
         write_user_map(client_state_dir(Config.from_run_config(overrides), 0, 0).parent, users)
     summary: dict[str, Any] = json.loads(summary_path.read_text())
@@ -181,4 +181,4 @@ def _first_refusal(run_dir: Path) -> str:
     for line in map(json.loads, filter(str.strip, lines)):
         for reason in line.get("refusals", []) + line.get("rejections", []):
             return str(reason)
-    return "no reply arrived (see the log above)"
+    return "no reply arrived"
