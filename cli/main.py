@@ -615,6 +615,7 @@ def audit(
     folder = out or find_ledger(path).parent / "audit"
     paths = write_audit(report, folder)
     table = Table("client", "ε (ours)", "ε (dp-acc. RDP)", "ε (PLD)", "budget", "steps", "status")
+    table.columns[0].no_wrap = True  # a deployed device's node id has up to 20 digits: never cut it
     for row in rows(report):
         table.add_row(*row)
     Console().print(table)

@@ -50,6 +50,7 @@ class ClientAudit:
     status: str = "ok"
     problems: list[str] = field(default_factory=list)
     epsilon_by_round: list[tuple[int, float]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def find_ledger(path: str | Path) -> Path:
@@ -93,6 +94,31 @@ def independent_epsilons(history: list[tuple[float, float, int]], delta: float) 
     return float(rdp.get_epsilon(delta)), float(pld.get_epsilon(delta))
 
 
+def _history(spent: Sequence[Mapping[str, Any]]) -> tuple[list[tuple[float, float, int]], list[str], int]:
+    """The client's (σ, q, steps) history from its entries, notes on steps it completed, steps missing.
+
+    A reply can be lost after the client trained (a SecAgg+ round that failed after its key exchange,
+    a timeout): the next entry's cumulative step count is then ahead of the entries. When the entries on
+    both sides of the gap share σ and q (one run's noise plan, which every step of that run uses), the
+    missing steps are that (σ, q); otherwise they are counted as missing (an incomplete history).
+    """
+    history: list[tuple[float, float, int]] = []
+    notes: list[str] = []
+    counted = missing = 0
+    for before, e in zip([None, *spent[:-1]], spent, strict=True):
+        sigma, q, steps = float(e[P.SIGMA]), float(e[P.SAMPLE_RATE]), int(e[P.STEPS])
+        gap = int(e.get(P.TOTAL_STEPS, counted + steps)) - counted - steps
+        plan = (float(before[P.SIGMA]), float(before[P.SAMPLE_RATE])) if before is not None else None
+        if gap > 0 and plan == (sigma, q):
+            history.append((sigma, q, gap))
+            notes.append(f"{gap} steps before round {e.get('round')} (a lost reply), at the run's σ and q")
+        elif gap > 0:
+            missing += gap
+        counted += max(gap, 0) + steps
+        history.append((sigma, q, steps))
+    return history, notes, missing
+
+
 def audit_client(
     client: int, entries: Sequence[Mapping[str, Any]], budget: float, accountant: str
 ) -> ClientAudit:
@@ -100,7 +126,7 @@ def audit_client(
     spent = [e for e in entries if P.SIGMA in e and P.STEPS in e and P.SAMPLE_RATE in e]
     if not spent:
         raise AuditError(f"client {client} has no privacy entries")
-    history = [(float(e[P.SIGMA]), float(e[P.SAMPLE_RATE]), int(e[P.STEPS])) for e in spent]
+    history, notes, missing = _history(spent)
     delta = float(spent[-1][P.DELTA])
     reported = float(spent[-1][P.EPSILON])
     total = int(spent[-1].get(P.TOTAL_STEPS, sum(h[2] for h in history)))
@@ -109,7 +135,8 @@ def audit_client(
         client, delta, sum(h[2] for h in history), total, reported, eps_rdp, eps_pld, budget,
         epsilon_by_round=[(i + 1, float(e[P.EPSILON])) for i, e in enumerate(spent)],
     )  # fmt: skip
-    if total > result.steps:
+    result.notes = notes
+    if missing > 0 or total > result.steps + missing:
         result.problems.append(
             f"history incomplete: the client reports {total} steps in all, this ledger holds {result.steps}"
         )

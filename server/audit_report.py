@@ -22,7 +22,9 @@ def rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
             f"{c['epsilon_pld']:.4f}",
             f"{c['budget']:g}",
             str(c["steps"]),
-            c["status"] + (": " + "; ".join(c["problems"]) if c["problems"] else ""),
+            c["status"]
+            + (": " + "; ".join(c["problems"]) if c["problems"] else "")
+            + (" (" + "; ".join(c["notes"]) + ")" if c.get("notes") else ""),
         )
         for c in everyone
     ]
@@ -37,7 +39,7 @@ def conventions(report: dict[str, Any]) -> list[str]:
         *(
             [
                 f"User-level row: {report['user_neighbouring']}; one Poisson-subsampled Gaussian step "
-                "per round (q = cohort / population), δ = 1/population unless set."
+                "per round (q = cohort / population), δ = min(1e-6, 0.1/population) unless set."
             ]  # fmt: skip
             if "user_level" in report
             else []

@@ -53,7 +53,7 @@ from common import protocol as P
 from common.config import Config
 from common.errors import ConfigError, ParameterError
 from common.params import check_arrays, to_record
-from server.strategy import FedpersStrategy
+from server.strategy import FedpersStrategy, sender
 
 
 def check_secagg(cfg: Config, shared: list[str]) -> None:
@@ -222,10 +222,11 @@ class WatchedGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         """Flower's send_and_receive; error replies are recorded as refusals first."""
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        sent = list(messages)
+        replies = list(self._grid.send_and_receive(sent, timeout=timeout))
         for msg in replies:
             if msg.has_error() and msg.metadata.message_type == MessageType.TRAIN:
-                self._strategy.refused(self._strategy.round, msg.metadata.src_node_id, str(msg.error.reason))
+                self._strategy.refused(self._strategy.round, sender(msg, sent), str(msg.error.reason))
         return replies
 
     def __getattr__(self, name: str) -> Any:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -27,6 +28,16 @@ from server.recorder import Recorder
 from server.server_opt import ServerOptimizer
 from server.user_dp import UserLevelDP
 from server.validation import PrivacyViolation, validate_reply, weighted_average
+
+
+def sender(reply: Message, sent: Iterable[Message]) -> int:
+    """The node a reply is about: its source, or for an error the SuperLink wrote itself ("Node
+    Unavailable", a timeout), the node the instruction went to."""
+    node = int(reply.metadata.src_node_id)
+    if node != SUPERLINK_NODE_ID:
+        return node
+    asked = reply.metadata.reply_to_message_id
+    return next((int(m.metadata.dst_node_id) for m in sent if m.metadata.message_id == asked), node)
 
 
 class FedpersStrategy(FedAvg):
@@ -67,6 +78,7 @@ class FedpersStrategy(FedAvg):
             raise ValueError(f"client_key must be 'node' or 'partition', got {client_key!r}")
         self.client_key = client_key
         self._cohort, self._population = 0, 0
+        self._sent: list[Message] = []  # this round's instructions (an error reply names its node by them)
         if user_dp is not None:  # a resumed or continued federation keeps composing its user-level ε
             for e in ledger.user_level_entries():
                 user_dp.history = compose(
@@ -89,6 +101,7 @@ class FedpersStrategy(FedAvg):
         self.current = from_record(arrays)
         messages = list(super().configure_train(server_round + self.offset, arrays, config, grid))
         self._cohort, self._population = len(messages), len(list(grid.get_node_ids()))
+        self._sent = messages
         return messages
 
     def aggregate_train(
@@ -98,7 +111,7 @@ class FedpersStrategy(FedAvg):
         rnd = server_round + self.offset
         accepted: list[tuple[dict[str, np.ndarray], float]] = []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = sender(msg, self._sent)
             if msg.has_error():
                 reason = str(msg.error.reason)
                 log(WARNING, "round %d: node %d refused or failed: %s", rnd, node, reason)
@@ -194,17 +207,18 @@ class FedpersStrategy(FedAvg):
     ) -> Iterable[Message]:
         """Flag the final round (fedavg-ft fine-tunes before its last evaluation)."""
         config[P.FINAL_ROUND] = server_round + self.offset >= self.total_rounds
-        return super().configure_evaluate(server_round + self.offset, arrays, config, grid)
+        self._sent = list(super().configure_evaluate(server_round + self.offset, arrays, config, grid))
+        return self._sent
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record each client's personalized test accuracy; return the weighted mean."""
         rnd = server_round + self.offset
         for msg in replies:
+            node = sender(msg, self._sent)
             if msg.has_error():
-                self.recorder.refusal(rnd, msg.metadata.src_node_id, str(msg.error.reason))
+                self.recorder.refusal(rnd, node, str(msg.error.reason))
                 continue
             metrics = dict(next(iter(msg.content.metric_records.values()), MetricRecord()))
-            node = msg.metadata.src_node_id
             client = self.client_of(node, metrics)
             self.recorder.eval_reply(rnd, node, metrics, client=client)
             if P.STEPS in metrics and P.EPSILON in metrics:  # fedavg-ft spent budget while fine-tuning

@@ -97,3 +97,27 @@ def test_user_level_entries_are_recomputed_and_checked(tmp_path: Path) -> None:
     report = audit_ledger(path)
     assert not report["ok"] and report["user_level"]["status"] == "inconsistent"
     assert "all users (user-level)" in write_audit(report, tmp_path / "a")["md"].read_text()
+
+
+def test_a_lost_reply_within_one_noise_plan_is_completed_and_a_rollback_is_flagged(tmp_path: Path) -> None:
+    """Round 2's reply of client 0 never arrived (a failed SecAgg+ round) though the client trained:
+    round 3 reports 15 steps in all. Same σ and q on both sides: the audit counts the lost steps."""
+    path = _ledger(tmp_path / "ledger.json")
+    data = json.loads(path.read_text())
+    data["entries"] = [e for e in data["entries"] if not (e["client"] == 0 and e["round"] == 2)]
+    path.write_text(json.dumps(data))
+    c0 = audit_ledger(path)["clients"][0]
+    assert c0["status"] == "ok" and c0["steps"] == 3 * STEPS and "lost reply" in c0["notes"][0]
+    other = dict(data)  # the same gap across two noise plans cannot be attributed: incomplete
+    other["entries"] = [
+        dict(e, sigma=1.3) if e["client"] == 0 and e["round"] == 3 else e for e in data["entries"]
+    ]
+    path.write_text(json.dumps(other))
+    assert "history incomplete" in " ".join(audit_ledger(path)["clients"][0]["problems"])
+    rolled = _ledger(tmp_path / "rolled.json")
+    data = json.loads(rolled.read_text())
+    data["entries"].append({**data["entries"][-1], "round": 4, "status": "rejected", "total-steps": STEPS,
+                            "reason": "state rolled back: the client reports 5 DP steps in all"})  # fmt: skip
+    rolled.write_text(json.dumps(data))
+    c1 = audit_ledger(rolled)["clients"][1]
+    assert c1["status"] != "ok" and "state rolled back (round 4)" in " ".join(c1["problems"])
