@@ -1,17 +1,25 @@
-"""End to end on loopback: a real SuperLink (TLS + node authentication) and three real SuperNodes.
+"""README's deployment section, run as written, on loopback: a real SuperLink, gateway and three agents.
 
-Everything goes through the commands a deployment uses (`fedpers certs`, `fedpers node-key`,
-`fedpers server`, `fedpers agent`, `flwr supernode register`, `flwr run`): one 3-round federation in
-which SuperNode 0 is killed (SIGKILL, the whole process group) right after round 1 and started again;
-the run must complete, and the restarted client's personal head and privacy history must have survived
-and kept composing. A SuperNode whose key is not registered and one that dials without TLS are refused.
-The whole deployment runs twice: with plain FedAvg and with SecAgg+ (the killed node is a dropout there).
+Every command comes from the fenced ``bash`` blocks of README.md's "Deployment" section, run through
+bash as written; only these are substituted: the host names and ports (everything dials 127.0.0.1 on
+free ports), the device's ``node.pub`` and the run folder (paths), and ``~`` (each party runs with its own
+``HOME``: the server's folder, or the device's). The one addition: the operator's run config gets keys that
+make it a test-sized federation (the tiny BERT instead of MiniLM, small splits, a round timeout).
+
+Three agents start with their own CSV and no partition flags. Agent 0 runs with a shortened give-up window
+(``--activation-timeout 90``); once its SuperNode has been up longer than that window, the SuperNode (not
+the agent) is SIGKILLed: the agent must start it again and the device take part in a later round. Beside
+them, a holder of only ``ca.crt`` tries the Control API through the devices' port, an unregistered key
+and an agent dialing without TLS are turned away.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -21,241 +29,312 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
-from client.node_key import create_node_key
 from client.state import StateStore
+from common.assets import asset_path, cache_root, ensure
 from common.launch import free_port
-from common.privacy import epsilon
-from server.certs import create_tls
-from server.link import LinkOptions, plan_link
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-RUN_CONFIG = {
-    "model.name": "tiny",
-    "model.frozen-layers": 1,
-    "task.train-size": 60,
-    "task.test-size": 30,
-    "train.batch-size": 20,
-    "task.dirichlet-alpha": 0.3,
-    "dp.noise-multiplier": 0.7,
-    "dp.epsilon": 6.0,
-    "fed.num-rounds": 3,
-    "fed.min-clients": 3,
-    "fed.round-timeout": 60.0,
-    "client.report-before-after": False,
-}
-DEADLINE_S = 600
+WINDOW_S = 90  # agent 0's --activation-timeout: its SuperNode is killed after longer uptime than this
+DEADLINE_S = 900
+TEST_SIZED = (
+    'model.name="tiny" model.frozen-layers=1 task.train-size=60 task.test-size=30 train.batch-size=20 '
+    "fed.round-timeout=120.0 client.report-before-after=false"
+)
 
 
-def _toml_value(v: object) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return json.dumps(v)
+def readme_commands() -> list[str]:
+    """The commands of README's deployment section, in order (continuation lines joined)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Deployment") : text.index("### Secure aggregation")]
+    commands: list[str] = []
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.strip():
+                commands.append(" ".join(line.split()))
+    return commands
 
 
-class Procs:
-    """Child processes in their own sessions, so that a kill takes their children (ClientApps) too."""
+def _find(commands: list[str], start: str) -> str:
+    found = [c for c in commands if c.startswith(start) or f" {start}" in c]
+    assert len(found) == 1, f"README's deployment section should hold one `{start}` command: {found}"
+    return found[0]
 
-    def __init__(self, logs: Path) -> None:
+
+class Party:
+    """One machine of the deployment: its own HOME and working folder, commands run through bash."""
+
+    def __init__(self, home: Path, logs: Path) -> None:
+        self.home = home
         self.logs = logs
-        self.procs: dict[str, subprocess.Popen] = {}
+        home.mkdir(parents=True, exist_ok=True)
+        self.env = {
+            **os.environ,
+            "HOME": str(home),
+            "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "HF_HUB_OFFLINE": "1",
+            "FEDPERS_CACHE": str(cache_root()),  # the assets, wherever HOME is
+        }
+        self.env.pop("FEDPERS_STATE_KEY", None)
 
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    def run(self, command: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", "-c", command], cwd=cwd or self.home, env=self.env, capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
+
+    def start(self, name: str, command: str) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("ab")
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs[name] = proc
-        return proc
-
-    def kill(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            proc = self.procs[name]
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for name in list(self.procs):
-            try:
-                self.procs[name].wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.procs[name].pid, signal.SIGKILL)
-            self.procs.pop(name)
+        return subprocess.Popen(
+            ["bash", "-c", f"exec {command}"], cwd=self.home, env=self.env, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
 
 
-def _wait_port(port: int, timeout: float = 60) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
-
-
-def _wait(what: str, check, timeout: float, procs: Procs) -> None:  # type: ignore[no-untyped-def]
+def _wait(what: str, check, timeout: float, logs: Path) -> None:  # type: ignore[no-untyped-def]
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if check():
             return
         time.sleep(1)
-    tails = "\n".join(f"--- {n} ---\n{procs.log(n)[-3000:]}" for n in sorted(procs.procs))
+    tails = "\n".join(
+        f"--- {p.name} ---\n{p.read_text(errors='replace')[-2500:]}" for p in logs.glob("*.log")
+    )
     raise TimeoutError(f"timed out waiting for {what}\n{tails}")
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _rounds_done(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    return sum(1 for line in path.read_text().splitlines() if line.strip())
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
 
 
-@pytest.fixture(scope="module", params=["fedavg", "secagg"])
-def deployment(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[dict]:
-    """Run the whole deployment once per aggregation (plain, SecAgg+); the tests read what it left."""
-    secagg = request.param == "secagg"
-    root = tmp_path_factory.mktemp(f"deploy-{request.param}")
-    procs = Procs(root)
-    port = free_port()
-    certs = create_tls(root / "certs", ["127.0.0.1"])
-    keys = [create_node_key(root / f"keys{i}") for i in range(4)]  # keys3 is never registered
-    link = plan_link(
-        LinkOptions(
-            address=f"127.0.0.1:{port}",
-            certs=root / "certs",
-            database=root / "superlink.db",
-            flwr_home=root / "operator",
-        ),
-        flower_superlink=str(BIN / "flower-superlink"),
-    )
-    env = {**link.env}
-    agent_env = {**os.environ, "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])}
-    base = [str(BIN / "fedpers"), "agent", "--superlink", f"127.0.0.1:{port}", "--device", "cpu"]
-    agents = []
-    for i in range(4):
-        agents.append(
-            [
-                *base,
-                *("--state-dir", str(root / f"device{i}"), "--root-certificates", str(certs.ca_cert)),
-                *(
-                    "--node-key",
-                    str(keys[i].private),
-                    "--partition-id",
-                    str(min(i, 2)),
-                    "--num-partitions",
-                    "3",
-                ),
-                *(("--activation-timeout", "5") if i == 3 else ()),
-            ]
-        )
-    no_tls = [*base, "--state-dir", str(root / "plain"), "--insecure", "--node-key", str(keys[0].private)]
-    no_tls += ["--max-retries", "3", "--activation-timeout", "5"]
-    run_dir = root / "run"
-    out: dict = {"root": root, "run_dir": run_dir, "procs": procs}
+def _supernode(agent: subprocess.Popen) -> psutil.Process | None:
     try:
-        procs.start("superlink", link.argv, env)
-        _wait_port(port)
-        flwr = str(BIN / "flwr")
-        for i in range(3):
-            subprocess.run(
-                [flwr, "supernode", "register", str(keys[i].public), "fedpers"],
-                env=env,
-                check=True,
-                capture_output=True,
-                timeout=60,
-            )
-        for i in range(3):
-            procs.start(f"node{i}", agents[i], agent_env)
-        procs.start("unregistered", agents[3], agent_env)
-        procs.start("no-tls", no_tls, agent_env)
-        overrides = " ".join(
-            f"{k}={_toml_value(v)}"
-            for k, v in {**RUN_CONFIG, "secagg.enabled": secagg, "output.run-dir": str(run_dir)}.items()
-        )
+        kids = psutil.Process(agent.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return None
+    return next((k for k in kids if "flower-supernode" in " ".join(k.cmdline())), None)
+
+
+def _device_csvs(count: int) -> list[list[tuple[str, str]]]:
+    """Real tweets, a different label mix per device (90 rows each)."""
+    ensure("tweets")
+    path = asset_path("tweets")
+    with path.open(encoding="latin-1", newline="") as fh:
+        rows = [(r["text"], r["sentiment"]) for r in csv.DictReader(fh)]
+    by_label = {lab: [t for t, lbl in rows if lbl == lab] for lab in ("negative", "neutral", "positive")}
+    mixes = [(60, 20, 10), (10, 60, 20), (20, 10, 60)]
+    out = []
+    for i in range(count):
+        own: list[tuple[str, str]] = []
+        for (label, texts), k in zip(by_label.items(), mixes[i], strict=True):
+            own += [(t, label) for t in texts[i * 100 : i * 100 + k]]
+        out.append(own)
+    return out
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """Follow README's deployment section once; the tests read what it left behind."""
+    root = tmp_path_factory.mktemp("deploy")
+    logs = root / "logs"
+    logs.mkdir()
+    commands = readme_commands()
+    fleet, control = free_port(), free_port()
+    server = Party(root / "server", logs)
+    devices = [Party(root / f"device{i}", logs) for i in range(4)]  # device 3 is never registered
+    run_dir = root / "run-1"
+
+    def hosts(command: str) -> str:
+        for old, new in (
+            ("0.0.0.0:9092", f"127.0.0.1:{fleet}"),
+            ("superlink.example.org:9092", f"127.0.0.1:{fleet}"),
+            ("127.0.0.1:9093", f"127.0.0.1:{control}"),
+        ):
+            command = command.replace(old, new)
+        return command
+
+    procs: list[subprocess.Popen] = []
+    out: dict = {"root": root, "run_dir": run_dir, "server": server, "devices": devices, "logs": logs}
+    out["fleet"], out["control"] = fleet, control
+    try:
+        # 1. server: certificates (for the public name; 127.0.0.1 is added by fedpers) and the SuperLink
+        certs = server.run(_find(commands, "fedpers certs"))
+        assert certs.returncode == 0, certs.stderr
+        procs.append(server.start("server", hosts(_find(commands, "fedpers server"))))
+        _wait("the gateway and the SuperLink", lambda: _listening(fleet) and _listening(control), 60, logs)
+        # 2. devices: a node key each, registered by the operator (all but device 3)
+        register = _find(commands, "flwr supernode register")
+        for i, device in enumerate(devices):
+            made = device.run(_find(commands, "fedpers node-key"))
+            assert made.returncode == 0, made.stderr
+            shutil.copy(server.home / "certs" / "ca.crt", device.home / "ca.crt")
+            if i < 3:
+                pub = shlex.quote(str(device.home / "keys" / "node.pub"))
+                done = server.run(register.replace(" node.pub ", f" {pub} "))
+                assert done.returncode == 0, done.stdout + done.stderr
+        # 3. agents, each with its own CSV and no partition flags
+        agent = hosts(_find(commands, "fedpers agent"))
+        for device, rows in zip(devices, [*_device_csvs(3), []], strict=True):
+            with (device.home / "my-texts.csv").open("w", newline="", encoding="utf-8") as fh:
+                csv.writer(fh).writerows([("text", "label"), *rows])
+        (devices[3].home / "my-texts.csv").write_text("text,label\nhello,positive\n", encoding="utf-8")
+        agents = [devices[0].start("agent0", f"{agent} --activation-timeout {WINDOW_S}")]
+        agents += [devices[i].start(f"agent{i}", agent) for i in (1, 2)]
+        agents.append(devices[3].start("unregistered", f"{agent} --activation-timeout 5"))
+        plain = agent.replace("--root-certificates ca.crt", "--insecure") + " --max-retries 2"
+        agents.append(devices[0].start("no-tls", plain.replace("~/.fedpers/device", "~/.fedpers/plain")))
+        procs += agents
         started = time.monotonic()
-        subprocess.run(
-            [flwr, "run", str(ROOT), "fedpers", "--run-config", overrides],
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        _wait("round 1", lambda: _rounds_done(run_dir) >= 1, DEADLINE_S, procs)
-        before = StateStore(root / "device0").load()
-        out["after_round1"] = before
-        procs.kill("node0")  # a crash at the start of round 2: SuperNode and its ClientApp, no clean-up
-        time.sleep(3)
-        procs.start("node0", agents[0], agent_env)
-        _wait("the run's summary", lambda: (run_dir / "summary.json").is_file(), DEADLINE_S, procs)
+        # 4. operator: the run, as README has it (plus the test-sized keys)
+        run = _find(commands, "flwr run").replace("/srv/fedpers/run-1", str(run_dir))
+        run = re.sub(r"secagg\.enabled=true'", f"secagg.enabled=true {TEST_SIZED}'", run)
+        submitted = server.run(run, cwd=ROOT)
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        _wait("round 1", lambda: _rounds_done(run_dir) >= 1, DEADLINE_S, logs)
+        out["rounds_before_kill"] = _rounds_done(run_dir)
+        node0 = _supernode(agents[0])
+        assert node0 is not None, "agent 0 runs no SuperNode"
+        uptime = time.time() - node0.create_time()
+        if uptime < WINDOW_S + 5:
+            time.sleep(WINDOW_S + 5 - uptime)
+        out["killed_uptime"] = time.time() - node0.create_time()
+        for proc in [*node0.children(recursive=True), node0]:  # SuperNode and its ClientApp: a crash
+            proc.send_signal(signal.SIGKILL)
+        out["killed_pid"] = node0.pid
+        _wait("the run's summary", lambda: (run_dir / "summary.json").is_file(), DEADLINE_S, logs)
         out["seconds"] = time.monotonic() - started
-        for name in ("unregistered", "no-tls"):
-            proc = procs.procs[name]
+        out["agent0_alive"] = agents[0].poll() is None
+        restarted = _supernode(agents[0])
+        out["restarted_pid"] = restarted.pid if restarted else None
+        for name, proc in (("unregistered", agents[3]), ("no-tls", agents[4])):
             try:
-                out[f"{name}-code"] = proc.wait(timeout=120)
+                out[f"{name}-code"] = proc.wait(timeout=180)
             except subprocess.TimeoutExpired:
                 out[f"{name}-code"] = None
-            out[f"{name}-log"] = procs.log(name)
+            out[f"{name}-log"] = (logs / f"{name}.log").read_text(errors="replace")
+        out["commands"] = commands
+        out["hosts"] = hosts
         yield out
     finally:
-        procs.stop_all()
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_the_run_completes_every_round(deployment: dict) -> None:
+def _ledger_clients(run_dir: Path) -> dict[int, list[dict]]:
+    entries = json.loads((run_dir / "ledger.json").read_text())["entries"]
+    by: dict[int, list[dict]] = {}
+    for e in entries:
+        if "client" in e:
+            by.setdefault(int(e["client"]), []).append(e)
+    return by
+
+
+def test_the_run_completes_with_three_distinct_devices_everywhere(deployment: dict) -> None:
     run_dir: Path = deployment["run_dir"]
     assert _rounds_done(run_dir) == 3
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["dp"] is True
+    by_client = _ledger_clients(run_dir)
+    assert len(by_client) == 3 and all(c > 100 for c in by_client), by_client.keys()  # node ids, not 0
+    with (run_dir / "clients.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(int(r["client"]) for r in rows) == sorted(by_client)
+    assert "- clients: 3, rounds: 3" in (run_dir / "report.md").read_text()
 
 
-def test_restarted_client_kept_its_head_and_its_privacy_history(deployment: dict) -> None:
-    before = deployment["after_round1"]
-    after = StateStore(deployment["root"] / "device0").load()
-    assert before is not None and after is not None
-    assert after.rounds_trained > before.rounds_trained >= 1
-    # nothing lost, only added to: every (σ, q) of before is still there with at least its steps
-    spent = {(sigma, q): steps for sigma, q, steps in after.history}
-    for sigma, q, steps in before.history:
-        assert spent.get((sigma, q), 0) >= steps
-    assert sum(s for *_, s in after.history) > sum(s for *_, s in before.history)
-    delta = float(after.run_plan["delta"])
-    assert epsilon(after.history, delta, "prv") > epsilon(before.history, delta, "prv")
-    assert set(after.tensors) == set(before.tensors) and after.tensors
-    ledger = json.loads((deployment["run_dir"] / "ledger.json").read_text())
-    entries = [e for e in ledger["entries"] if e.get("client") == 0 and e.get("epsilon") is not None]
-    assert entries and max(e["epsilon"] for e in entries) == pytest.approx(
-        epsilon(after.history, delta, "prv"), rel=1e-6
+def test_the_audit_passes_for_three_devices(deployment: dict) -> None:
+    audit = _find(deployment["commands"], "fedpers audit").replace(
+        "/srv/fedpers/run-1", str(deployment["run_dir"])
     )
+    done = deployment["server"].run(audit)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "PASS: 3 clients" in done.stderr
+
+
+def test_a_supernode_killed_after_a_long_healthy_stretch_is_restarted_and_takes_part_again(
+    deployment: dict,
+) -> None:
+    assert deployment["killed_uptime"] > WINDOW_S
+    assert deployment["agent0_alive"], (deployment["logs"] / "agent0.log").read_text()[-3000:]
+    assert deployment["restarted_pid"] not in (None, deployment["killed_pid"])
+    device0 = StateStore(deployment["devices"][0].home / ".fedpers" / "device").load()
+    assert device0 is not None and device0.rounds_trained >= 2
+    by_client = _ledger_clients(deployment["run_dir"])
+    steps = {c: max(int(e.get("total-steps", 0)) for e in es) for c, es in by_client.items()}
+    assert sum(s for *_, s in device0.history) in steps.values()  # its latest report is in the ledger
+    last = max(e["round"] for es in by_client.values() for e in es if e["status"] == "accepted")
+    assert last == 3
+
+
+def test_a_holder_of_only_the_ca_certificate_cannot_use_the_control_api(deployment: dict) -> None:
+    """The public ca.crt and the devices' port: list nodes, register a key, submit a run — all refused."""
+    root: Path = deployment["root"]
+    outsider = Party(root / "outsider", deployment["logs"])
+    shutil.copy(deployment["server"].home / "certs" / "ca.crt", outsider.home / "ca.crt")
+    (outsider.home / "flwr").mkdir(exist_ok=True)
+    (outsider.home / "flwr" / "config.toml").write_text(
+        f'[superlink]\ndefault = "x"\n\n[superlink.x]\naddress = "127.0.0.1:{deployment["fleet"]}"\n'
+        f'root-certificates = "{outsider.home / "ca.crt"}"\n'
+    )
+    outsider.env["FLWR_HOME"] = str(outsider.home / "flwr")
+    made = outsider.run("fedpers node-key --out keys --name intruder")
+    assert made.returncode == 0, made.stderr
+    for command in (
+        "flwr supernode list x",
+        f"flwr supernode register {outsider.home / 'keys' / 'intruder.pub'} x",
+        f"flwr run {ROOT} x --run-config 'fed.num-rounds=1'",
+    ):
+        tried = outsider.run(command, cwd=ROOT)
+        assert tried.returncode != 0, (command, tried.stdout)
+    operator = deployment["server"].run(
+        "FLWR_HOME=~/.fedpers/server/flwr flwr supernode list fedpers --format json"
+    )
+    listed = json.loads(operator.stdout[operator.stdout.index("{") :])
+    assert len(listed.get("nodes", [])) == 3, operator.stdout  # no fourth node appeared
 
 
 def test_a_node_with_an_unregistered_key_is_refused(deployment: dict) -> None:
     assert deployment["unregistered-code"] not in (None, 0), deployment["unregistered-log"][-2000:]
-    assert "Failed to activate SuperNode" in deployment["unregistered-log"]
+    assert "its key is not registered" in deployment["unregistered-log"]
 
 
-def test_a_node_without_tls_cannot_connect(deployment: dict) -> None:
+def test_an_agent_dialing_without_tls_exits_with_the_cause(deployment: dict) -> None:
     assert deployment["no-tls-code"] not in (None, 0), deployment["no-tls-log"][-2000:]
+    assert "speaks TLS: drop --insecure" in deployment["no-tls-log"]
 
 
-def test_no_node_saw_another_devices_state(deployment: dict) -> None:
-    root: Path = deployment["root"]
-    for i in range(3):
-        files = {p.name for p in (root / f"device{i}").iterdir()}
-        assert "state.key" in files and "flwr" in files
-        assert oct((root / f"device{i}" / "state.key").stat().st_mode & 0o777) == "0o600"
-    assert shutil.which("flwr") or (BIN / "flwr").exists()
+def test_server_files_are_private_and_devices_keep_their_own_state(deployment: dict) -> None:
+    server: Party = deployment["server"]
+    db = server.home / ".fedpers" / "server" / "superlink.db"
+    assert db.is_file() and oct(db.stat().st_mode & 0o777) == "0o600"
+    assert oct(db.parent.stat().st_mode & 0o777) == "0o700"
+    for device in deployment["devices"][:3]:
+        state = device.home / ".fedpers" / "device"
+        assert oct((state / "state.key").stat().st_mode & 0o777) == "0o600"
+    entries = json.loads((deployment["run_dir"] / "ledger.json").read_text())["entries"]
+    assert not any("/" in str(e.get("reason", "")).replace("<path>", "") for e in entries)
 
 
-def test_each_device_can_use_its_personalized_model_offline(deployment: dict) -> None:
-    from client.predict import predict
-
-    for i in range(3):
-        out = predict(deployment["root"] / f"device{i}", ["what a lovely day", "this is awful"])
-        assert [p.text for p in out] == ["what a lovely day", "this is awful"]
-        assert all(abs(sum(p.probabilities.values()) - 1) < 1e-5 for p in out)
+def test_each_device_uses_its_personalized_model_offline_as_readme_shows(deployment: dict) -> None:
+    commands = deployment["commands"]
+    predict, recommend = _find(commands, "fedpers predict"), _find(commands, "fedpers recommend")
+    for device in deployment["devices"][:3]:
+        (device.home / "posts.txt").write_text("what a lovely day\nthis is awful\nthe bus is late again\n")
+        for command in (predict, recommend):
+            done = device.run(command)
+            assert done.returncode == 0, done.stdout + done.stderr
+        assert "what a lovely day" in device.run(recommend).stdout
