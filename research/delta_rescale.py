@@ -35,7 +35,8 @@ def rescale(cells: Path) -> dict[str, dict[str, float]]:
     found: dict[str, dict[str, list[float]]] = {}
     for path in sorted(cells.glob("*/eps*/*/seed*.ledger.json.gz")):
         level = path.parent.parent.name
-        ledger = json.loads(gzip.open(path).read())
+        with gzip.open(path) as fh:
+            ledger = json.loads(fh.read())
         for history, delta_run in client_histories(ledger).values():
             n = round(1.0 / delta_run)
             row = found.setdefault(level, {"as-run": [], "default": []})
