@@ -57,8 +57,12 @@ def _check_contrast(contrast: float, examples: int, chat: bool) -> None:
 
 def banner(state_dir: Path, context: int) -> str:
     """What chat says when it starts: whose assistant, what it remembers, how to end."""
+    from client.state_dir import user_of
+
+    user = user_of(Path(state_dir))
+    whose = f"{state_dir} (user {user})" if user else str(state_dir)
     return (
-        f"chat with the assistant of {state_dir}: one line per message. Each answer sees this session's "
+        f"chat with the assistant of {whose}: one line per message. Each answer sees this session's "
         f"earlier messages and answers (the oldest dropped past the model's {context}-token context); "
         "nothing is kept after the session. End with exit, quit or Ctrl-D."
     )

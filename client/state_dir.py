@@ -63,11 +63,18 @@ def _listing(clients: list[Path]) -> str:
     return ", ".join(shown) + more
 
 
-def _user(client: Path) -> str:
-    """`` (user)`` from the simulation's ``users.json`` beside the client folders, else ``""``."""
+def user_of(client: Path) -> str | None:
+    """The user a simulated client's state folder belongs to (``users.json`` beside it, written by the
+    runner on this machine), or None (a deployed device, or no mapping)."""
     try:
         users = json.loads((client.parent / USER_MAP).read_text())
     except (OSError, ValueError):
-        return ""
+        return None
     user = users.get(client.name) if isinstance(users, dict) else None
+    return str(user) if user else None
+
+
+def _user(client: Path) -> str:
+    """`` (user)`` from the simulation's ``users.json`` beside the client folders, else ``""``."""
+    user = user_of(client)
     return f" ({user})" if user else ""

@@ -70,3 +70,13 @@ def test_a_client_without_a_round_yet_says_so(tmp_path: Path) -> None:
     client.mkdir(parents=True)
     (client / "state.key").write_text("k")
     assert "has not taken part in a round yet" in _message(client)
+
+
+def test_chat_banner_names_the_simulated_user_from_the_runners_map(tmp_path: Path) -> None:
+    from cli.assistant import banner
+
+    client = tmp_path / "clients" / "client-0000"
+    client.mkdir(parents=True)
+    assert "(user" not in banner(client, 512)  # no map: a deployed device names no user
+    (tmp_path / "clients" / "users.json").write_text('{"client-0000": "OTHELLO"}')
+    assert f"assistant of {client} (user OTHELLO)" in banner(client, 512)
