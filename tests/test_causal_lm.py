@@ -29,8 +29,8 @@ from common.features import Features, encode
 from common.model import get_backbone
 from common.shakespeare import load_roles, parse_play, split_speeches
 from common.split import split_names
+from research.lm_style import cross_perplexity, summarize
 from server.app import run_federation
-from simulations.lm_style import cross_perplexity, summarize
 
 LM: dict[str, Any] = {
     "model.name": "tiny-lm",
@@ -329,7 +329,7 @@ def test_a_chat_user_keeps_own_turns_in_the_state_and_chat_uses_them(tmp_path: P
     res = CliRunner().invoke(app, [*args, "--examples", "0"], input="hail\n")
     assert res.exit_code != 0 and "needs turns before the message" in res.output
     # The context diagnostic: without turns it scores exactly what the client reported for its test split.
-    from simulations.lm_context import context_perplexity, context_sweep
+    from research.lm_context import context_perplexity, context_sweep
 
     result = context_perplexity(tmp_path / "clients", 3)
     rows = result["rows"]
@@ -343,7 +343,7 @@ def test_a_chat_user_keeps_own_turns_in_the_state_and_chat_uses_them(tmp_path: P
     assert result["summary"]["users"] == 2
     # Context-aware decoding scored: a = 0 is the plain own / other perplexity, a > 0 another distribution.
     from client.training import contrast_losses
-    from simulations.lm_context import table
+    from research.lm_context import table
 
     contrasted = context_sweep(tmp_path / "clients", [("spread", 3)], contrasts=(0.0, 2.0))[0]
     for row, plain in zip(contrasted["rows"], rows, strict=True):  # a = 0: the own turns' perplexity
@@ -377,7 +377,7 @@ def test_retrieving_turns_keeps_a_pool_and_picks_per_message(
 
     from cli.main import app
     from common.chat_format import pick_examples, retrieve_examples
-    from simulations.lm_context import context_sweep, main, scored_turns
+    from research.lm_context import context_sweep, main, scored_turns
     from simulations.sequential import run_sequential
 
     over = {**LM, "task.lm-format": "chat", "client.chat-pick": "retrieve", "client.chat-pool": 6}

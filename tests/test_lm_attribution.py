@@ -10,7 +10,7 @@ import pytest
 from common.config import Config
 from common.data import load_client_data
 from common.errors import DataError, StateError
-from simulations.lm_attribution import (
+from research.lm_attribution import (
     Reader,
     add_uncopied,
     attribute,

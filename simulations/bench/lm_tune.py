@@ -40,12 +40,12 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "e4-head0.2": {"train.local-epochs": 4, "train.lr-head": 0.2},
     "e4-lora0.5-head0.2": {"train.local-epochs": 4, "train.lr-lora": 0.5, "train.lr-head": 0.2},
     # A 576-number personal offset instead of the rank-8 adapter, and a clipping norm near the per-example
-    # gradient norms (adapter ~2-4, LoRA ~0.2, offset ~0.05 at C = 1: `python -m simulations.lm_probe`).
+    # gradient norms (adapter ~2-4, LoRA ~0.2, offset ~0.05 at C = 1: `python -m research.lm_probe`).
     "bias-c0.05": {**_BIAS, "train.lr-lora": 0.5},
     "bias-c0.05-l2": {**_BIAS, "train.lr-lora": 2.0},
     # The last decoder block's LoRA as the personal part (block 28's LoRA shared in fedper) at the clip
     # and LoRA learning rate that made LoRA move: local's LoRA holds ~10x more per-user signal than the
-    # offset (`python -m simulations.lm_style`), so a personal LoRA may carry what the offset cannot.
+    # offset (`python -m research.lm_style`), so a personal LoRA may carry what the offset cannot.
     "lastblock-c0.05-l2": {
         "train.local-epochs": 1,
         "model.personal-part": "last-block",
@@ -55,7 +55,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     },
 }
 # The same with a server learning rate (server.server_opt; post-processing, so free in ε; a no-op for
-# local, which shares nothing). On validation it reached about what a larger client lr reaches (ASSISTANT.md).
+# local, which shares nothing). On validation it reached about what a larger client lr reaches
+# (research/ASSISTANT.md).
 for _slr in (2.0, 4.0):
     CANDIDATES[f"lastblock-c0.05-l2-slr{_slr:g}"] = {
         **CANDIDATES["lastblock-c0.05-l2"],
@@ -71,7 +72,7 @@ for _lr in (4.0, 8.0, 16.0):
 CANDIDATES["lastblock-c0.05-l8-slr2"] = {**CANDIDATES["lastblock-c0.05-l8"], "fed.server-lr": 2.0}
 # The personal last block at the lr it takes best alone (local: lr 4), while the server doubles the step of
 # the shared block, whose average carries ~1/sqrt(20) of one user's noise: a personal part that can hold
-# the user's style (local's LoRA does: `python -m simulations.lm_style`) beside a shared part at a large step.
+# the user's style (local's LoRA does: `python -m research.lm_style`) beside a shared part at a large step.
 CANDIDATES["lastblock-c0.05-l4-slr2"] = {**CANDIDATES["lastblock-c0.05-l4"], "fed.server-lr": 2.0}
 # The same split of rates without the server step: the shared block at the client lr the federated modes
 # take best (8, 16), the personal block (`head.*`, so `train.lr-head`) at local's best, 4.

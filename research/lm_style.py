@@ -1,6 +1,6 @@
 """Diagnostic: does each user's assistant speak more like *that* user than like the others?
 
-    python -m simulations.lm_style --run-dir runs/shakespeare-bias [--modes fedper,local] [--json OUT]
+    python -m research.lm_style --run-dir runs/shakespeare-bias [--modes fedper,local] [--json OUT]
 
 For every client state of a finished causal-LM run (``<run>/<mode>/clients/client-NNNN``), the user's
 personal model (the latest shared tensors plus their own part, exactly what ``fedpers chat`` loads)

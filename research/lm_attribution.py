@@ -1,11 +1,11 @@
 """Diagnostic: can a reader tell the users apart from one answer of their assistant?
 
-    python -m simulations.lm_attribution --run-dir RUN --mode fedper [--cues 5] [--tokens 48]
+    python -m research.lm_attribution --run-dir RUN --mode fedper [--cues 5] [--tokens 48]
         [--users N] [--seed 0] [--contrast A] [--hub] [--uncopied] [--threads T] [--json OUT]
-    python -m simulations.lm_attribution --report OUT [--hub] [--uncopied [--run-dir RUN]]
+    python -m research.lm_attribution --report OUT [--hub] [--uncopied [--run-dir RUN]]
         # read an earlier --json's answers again
 
-``simulations.lm_context`` measures how well a user's assistant *predicts* the user's real replies. This
+``research.lm_context`` measures how well a user's assistant *predicts* the user's real replies. This
 one reads what the assistant *says*. For each client state of a finished chat-turn run, the assistant
 (what ``fedpers chat`` loads) answers the first ``--cues`` of the user's test cues (the speech before each
 test reply, cut as training cuts it) three ways, with the same sampling seed for each cue: with no earlier
@@ -42,7 +42,7 @@ from common.chat_format import Example, cue_tail
 from common.config import Config
 from common.data import ClientData, load_client_data
 from common.errors import DataError, FedpersError, StateError
-from simulations.lm_style import client_dirs
+from research.lm_style import client_dirs
 
 CONDITIONS = ("none", "own", "other")
 

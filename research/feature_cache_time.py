@@ -1,6 +1,6 @@
 """Time the frozen prefix per user: computed, written to the encrypted feature cache, read back.
 
-``python -m simulations.feature_cache_time [--users N]``: the first N users of the Shakespeare workload
+``python -m research.feature_cache_time [--users N]``: the first N users of the Shakespeare workload
 (SmolLM2, 28 frozen blocks, chat turns), train + test speeches, one thread. "compute" runs the prefix,
 "compute + write" is what the first mode of a ``--compare`` pays with the cache on, "read" what every later
 mode (or run) pays instead. Each measurement starts from an empty per-process cache.

@@ -1,8 +1,8 @@
 """Diagnostic: do a user's own turns as chat context make the assistant speak more like that user?
 
-    python -m simulations.lm_context --run-dir RUN --mode fedper [--examples 2,4,8]
+    python -m research.lm_context --run-dir RUN --mode fedper [--examples 2,4,8]
         [--pick spread,longest,retrieve,scored] [--contrast 0.5,1] [--users N] [--threads T] [--json OUT]
-    python -m simulations.lm_context --report OUT        # the table of an earlier --json, again
+    python -m research.lm_context --report OUT        # the table of an earlier --json, again
 
 For each client state of a finished chat-turn run (``RUN/MODE/clients/client-NNNN``), the user's personal
 model (what ``fedpers chat`` loads) scores the user's *test* replies given their cues three ways: with no
@@ -35,7 +35,7 @@ from common.chat_format import PICKS, Example, chat_prompt, keep_turns, pick_exa
 from common.data import ClientData, load_client_data
 from common.errors import FedpersError, StateError
 from common.features import Features, encode
-from simulations.lm_style import client_dirs
+from research.lm_style import client_dirs
 
 SCORED = "scored"
 SCORED_CANDIDATES, SCORED_PROBES = 16, 8

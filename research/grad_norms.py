@@ -1,6 +1,6 @@
 """Diagnostic: per-example gradient norms of the head vs the LoRA tensors on one client's data.
 
-    python -m simulations.grad_norms [--set key=value ...]
+    python -m research.grad_norms [--set key=value ...]
 
 Explains how a single DP clipping norm is shared between head and LoRA (see README, "Why fedper ≈ local").
 """

@@ -1,6 +1,6 @@
 """Time one SmolLM2 training step (forward + backward): full vocabulary projection vs scored positions.
 
-``python -m simulations.lm_step_time``: 20 chat turns of the first Shakespeare role, one thread, the median
+``python -m research.lm_step_time``: 20 chat turns of the first Shakespeare role, one thread, the median
 of three repeats of each variant. Both variants give the same losses (tests/test_chat_format.py).
 """
 

@@ -1,6 +1,6 @@
 """Diagnostic: what one user's DP training can do to their validation perplexity, per training variant.
 
-    python -m simulations.lm_probe [--users 4] [--variant NAME=key=value,key=value ...] [--set key=value ...]
+    python -m research.lm_probe [--users 4] [--variant NAME=key=value,key=value ...] [--set key=value ...]
 
 Each user of ``simulations/configs/shakespeare.toml`` (validation split: the tail of their training
 speeches, never the test ones) trains alone under DP-SGD at the configured ε for every variant: the
@@ -30,7 +30,7 @@ from common.features import Features, encode
 from common.model import get_backbone
 from common.privacy import calibrate_sigma
 from common.split import split_names
-from simulations.grad_norms import median_norms
+from research.grad_norms import median_norms
 
 WORKLOAD = Path(__file__).resolve().parent / "configs" / "shakespeare.toml"
 
