@@ -10,7 +10,6 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,7 +78,7 @@ def example_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return tok.sum(1) / valid.sum(1).clamp(min=1)
 
 
-def _scored(
+def scored_predictions(
     model: nn.Module, h: torch.Tensor, m: torch.Tensor, y: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits, targets, example row) of every scored prediction.
@@ -98,7 +97,7 @@ def _scored(
 
 def model_losses(model: nn.Module, h: torch.Tensor, m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Each example's loss under ``model`` (what DP-SGD clips); equals ``example_losses(model(h, m), y)``."""
-    logits, target, rows = _scored(model, h, m, y)
+    logits, target, rows = scored_predictions(model, h, m, y)
     tok = F.cross_entropy(logits, target, reduction="none")
     if y.dim() == 1:
         return tok
@@ -109,7 +108,7 @@ def model_losses(model: nn.Module, h: torch.Tensor, m: torch.Tensor, y: torch.Te
 
 def _scores(model: nn.Module, h: torch.Tensor, m: torch.Tensor, y: torch.Tensor) -> tuple[int, int, float]:
     """(correct, counted, summed loss): per example for a classifier, per next token for a causal LM."""
-    logits, target, _ = _scored(model, h, m, y)
+    logits, target, _ = scored_predictions(model, h, m, y)
     loss = float(F.cross_entropy(logits, target, reduction="sum"))
     return int((logits.argmax(-1) == target).sum()), len(target), loss
 
@@ -131,73 +130,6 @@ def evaluate(model: nn.Module, feats: Features, batch: int = 0) -> tuple[float, 
         correct, counted, loss = correct + c, counted + k, loss + lsum
     model.train(was_training)
     return correct / max(counted, 1), loss / max(counted, 1)
-
-
-@torch.no_grad()
-def contrast_losses(
-    model: nn.Module,
-    without: Features,
-    withs: Sequence[Features],
-    contrasts: Sequence[float],
-    batch: int = 8,
-) -> list[list[float]]:
-    """Mean next-token loss under context-aware decoding, for each of ``withs`` and each contrast ``a``.
-
-    The distribution is ``softmax((1 + a) * logits(with) - a * logits(without))``, what
-    ``client.generate.stream`` samples from with ``contrast=a``; ``a = 0`` is plain ``evaluate`` on the
-    tokens both score. Every features set holds the same examples with different earlier turns (from
-    ``encode``, which sorts rows by length: rows are matched through ``Features.source``), so they score
-    the same tokens (checked; see ``_last_of_each_row``). Returns ``losses[i][j]`` for ``withs[i]`` and
-    ``contrasts[j]``.
-    """
-    if without.labels.dim() != 2:
-        raise DataError("contrast losses are for a causal LM's features (per-token targets)")
-    if any(len(w) != len(without) for w in withs):
-        raise DataError("the features with and without turns must hold the same examples")
-    if without.source is None or any(w.source is None for w in withs):
-        raise DataError("contrast losses match rows by Features.source: use features from encode")
-    row_of = []  # for each features set with turns: its row of each original example
-    for w in withs:
-        inverse = torch.empty_like(w.source)  # type: ignore[arg-type]
-        inverse[w.source] = torch.arange(len(w))
-        row_of.append(inverse)
-    if any(not math.isfinite(a) or a < 0 for a in contrasts):
-        raise ConfigError(f"contrasts must be finite numbers >= 0, got {list(contrasts)}")
-    dev = device_of(model)
-    without, withs = without.to(dev), [w.to(dev) for w in withs]
-    was_training = model.training
-    model.eval()
-    sums = [[0.0 for _ in contrasts] for _ in withs]
-    counted = 0
-    for i in range(0, len(without), batch):
-        base, target, rows = _scored(model, *without.batch(slice(i, i + batch)))
-        originals = without.source[i : i + batch]  # type: ignore[index]
-        for w, row_of_w, row in zip(withs, row_of, sums, strict=True):
-            logits, w_target, w_rows = _scored(model, *w.batch(row_of_w[originals]))
-            same = _last_of_each_row(w_rows, rows, len(originals))
-            if not torch.equal(w_target[same], target):
-                raise DataError("the features with and without turns score different tokens")
-            for j, a in enumerate(contrasts):
-                mixed = (1 + a) * logits[same] - a * base
-                row[j] += float(F.cross_entropy(mixed, target, reduction="sum"))
-        counted += len(target)
-    model.train(was_training)
-    return [[total / max(counted, 1) for total in row] for row in sums]
-
-
-def _last_of_each_row(longer: torch.Tensor, shorter: torch.Tensor, n: int) -> torch.Tensor:
-    """Indices into ``longer``'s predictions: per example row, its last as many as ``shorter`` has.
-
-    Both list the example row of each scored prediction in row-major order. A reply whose prompt is
-    empty (an empty cue, no turns) has no position to predict its first token from; with turns before it
-    has, so that example scores one more token there: the shared ones are the last.
-    """
-    k_long = torch.bincount(longer, minlength=n)
-    k_short = torch.bincount(shorter, minlength=n)
-    if bool((k_long < k_short).any()):
-        raise DataError("the features with turns score fewer tokens than those without")
-    ends = torch.cumsum(k_long, 0)
-    return torch.cat([torch.arange(int(e) - int(k), int(e)) for e, k in zip(ends, k_short, strict=True)])
 
 
 def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:

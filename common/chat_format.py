@@ -171,30 +171,22 @@ def tokenize_turns(
     replies: Sequence[str],
     max_length: int,
     examples: Sequence[Example] = (),
-    turn_examples: Sequence[Sequence[Example]] | None = None,
 ) -> tuple[list[list[int]], list[int]]:
     """Token ids of each (prompt, reply) turn and how many leading ids are the prompt (never scored).
 
     The reply keeps its first ``max_length`` tokens (then the end of turn); the cue inside the prompt
     keeps its last ``max_length // 2`` tokens, so the words right before the reply survive. ``examples``
-    (earlier turns, see :func:`chat_prompt`) are part of every prompt, never scored; ``turn_examples``
-    gives each turn its own (e.g. retrieved per cue, :func:`retrieve_examples`) instead.
+    (earlier turns, see :func:`chat_prompt`) are part of every prompt, never scored.
     """
     if len(prompts) != len(replies):
         raise DataError(f"{len(prompts)} prompts for {len(replies)} replies")
-    if turn_examples is not None and (examples or len(turn_examples) != len(prompts)):
-        raise DataError(
-            f"turn_examples needs one context per turn ({len(turn_examples)} for {len(prompts)} turns) "
-            "and no shared examples"
-        )
-    contexts = [examples] * len(prompts) if turn_examples is None else turn_examples
     if max_length < 2:
         raise DataError(f"max_length must be at least 2, got {max_length}")
     end = end_of_turn(tokenizer)
     ids, prompt_lengths = [], []
-    for cue, reply, context in zip(prompts, replies, contexts, strict=True):
+    for cue, reply in zip(prompts, replies, strict=True):
         cue = cue_tail(tokenizer, cue, max_length)
-        head = tokenizer(chat_prompt(tokenizer, cue, context), add_special_tokens=False)["input_ids"]
+        head = tokenizer(chat_prompt(tokenizer, cue, examples), add_special_tokens=False)["input_ids"]
         body = tokenizer(reply, add_special_tokens=False)["input_ids"][:max_length] + end
         ids.append(list(head) + list(body))
         prompt_lengths.append(len(head))

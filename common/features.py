@@ -81,7 +81,6 @@ def encode(
     prompts: Sequence[str] = (),
     store: PrefixStore | None = None,
     examples: Sequence[Example] = (),
-    turn_examples: Sequence[Sequence[Example]] | None = None,
 ) -> Features:
     """Features of ``texts`` under ``backbone``, rows sorted by token length (cached per process and device).
 
@@ -91,8 +90,7 @@ def encode(
     With ``prompts`` (a causal LM trained on chat turns) each text is the reply to its prompt: the
     prompt's tokens are attended to but not scored (see common.chat_format). With ``store`` the prefix's
     output is looked up there first and saved there after it is computed. ``examples`` (chat turns only)
-    are earlier turns put before every prompt, attended to and never scored (common.chat_format);
-    ``turn_examples`` gives each prompt its own (one sequence per text).
+    are earlier turns put before every prompt, attended to and never scored (common.chat_format).
     """
     if len(texts) != len(labels):
         raise DataError(f"{len(texts)} texts but {len(labels)} labels")
@@ -100,17 +98,13 @@ def encode(
         raise DataError("no examples to encode")
     if prompts and not backbone.causal:
         raise DataError("prompts (chat turns) need a causal LM; a classifier reads texts only")
-    if (examples or turn_examples is not None) and not prompts:
+    if examples and not prompts:
         raise DataError("example turns go before chat prompts: give prompts too")
     digest = hashlib.sha256()
     where = (device or torch.device("cpu")).type  # bf16 on CUDA: not the CPU's float32 features
     digest.update(f"{backbone.fingerprint}|{max_length}|{len(prompts)}|{len(examples)}|{where}|".encode())
     for t in (*texts, *prompts, *(part for turn in examples for part in turn)):
         digest.update(t.encode("utf-8", "replace") + b"\x00")
-    for context in turn_examples or ():  # each prompt's own turns, delimited so no two layouts collide
-        digest.update(f"|{len(context)}|".encode())
-        for t in (part for turn in context for part in turn):
-            digest.update(t.encode("utf-8", "replace") + b"\x00")
     digest.update(np.asarray(labels, dtype=np.int64).tobytes())
     key = digest.hexdigest()
     with _LOCK:
@@ -118,14 +112,12 @@ def encode(
             _CACHE.move_to_end(key)
             return _CACHE[key]
     if prompts:
-        ids, unscored = tokenize_turns(
-            backbone.tokenizer, prompts, texts, max_length, examples, turn_examples
-        )
+        ids, unscored = tokenize_turns(backbone.tokenizer, prompts, texts, max_length, examples)
     else:
         ids, unscored = _token_ids(backbone, texts, max_length), [0] * len(texts)
     hidden, mask, order = run_prefix(backbone, ids, chunk, device, store)
     if backbone.causal:  # the targets are the text itself, next token by next token
-        targets = _token_targets(ids, unscored, order, mask.shape[1])
+        targets = token_targets(ids, unscored, order, mask.shape[1])
         return _store(key, Features(hidden=hidden, mask=mask, labels=targets, source=torch.as_tensor(order)))
     feats = Features(
         hidden=hidden,
@@ -144,7 +136,7 @@ def _store(key: str, feats: Features) -> Features:
     return feats
 
 
-def _token_targets(
+def token_targets(
     ids: Sequence[Sequence[int]], unscored: Sequence[int], order: np.ndarray, width: int
 ) -> torch.Tensor:
     """(N, width) target ids in row order: -100 where there is no token and on unscored prompt tokens."""

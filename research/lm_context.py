@@ -30,11 +30,12 @@ import torch
 
 from client.generate import stream
 from client.predict import load_personal_model
-from client.training import contrast_losses, evaluate
+from client.training import evaluate
 from common.chat_format import PICKS, Example, chat_prompt, keep_turns, pick_examples, turns_before
 from common.data import ClientData, load_client_data
 from common.errors import FedpersError, StateError
 from common.features import Features, encode
+from research.context_scoring import contrast_losses, encode_turns
 from research.lm_style import client_dirs
 
 SCORED = "scored"
@@ -70,7 +71,7 @@ def scored_turns(
     labels = d.train_labels[probe]
     losses = []
     for turn in turns:
-        feats = encode(backbone, texts, labels, max_length, prompts=prompts, turn_examples=[[turn]] * probes)
+        feats = encode_turns(backbone, texts, labels, max_length, prompts, [[turn]] * probes)
         losses.append(evaluate(model, feats)[1])
     return [turns[i] for i in sorted(sorted(range(len(turns)), key=lambda i: (losses[i], i))[:k])]
 
@@ -88,9 +89,9 @@ def _contexts(how: str, k: int, kept: list[Example], d: ClientData) -> list[list
 
 
 def _features(backbone: Any, max_length: int, d: ClientData, shots: list[list[Example]] | None) -> Features:
-    return encode(
-        backbone, d.test_texts, d.test_labels, max_length, prompts=d.test_prompts, turn_examples=shots
-    )
+    if shots is None:  # no earlier turns: what the client itself scores (encode's cache)
+        return encode(backbone, d.test_texts, d.test_labels, max_length, prompts=d.test_prompts)
+    return encode_turns(backbone, d.test_texts, d.test_labels, max_length, d.test_prompts, shots)
 
 
 def _context_tokens(tokenizer: Any, contexts: list[list[Example]]) -> float:

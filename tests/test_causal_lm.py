@@ -342,7 +342,7 @@ def test_a_chat_user_keeps_own_turns_in_the_state_and_chat_uses_them(tmp_path: P
     assert all(r["own"] != r["none"] and math.isfinite(r["other-turns"]) for r in rows)
     assert result["summary"]["users"] == 2
     # Context-aware decoding scored: a = 0 is the plain own / other perplexity, a > 0 another distribution.
-    from client.training import contrast_losses
+    from research.context_scoring import contrast_losses, encode_turns
     from research.lm_context import table
 
     contrasted = context_sweep(tmp_path / "clients", [("spread", 3)], contrasts=(0.0, 2.0))[0]
@@ -352,9 +352,7 @@ def test_a_chat_user_keeps_own_turns_in_the_state_and_chat_uses_them(tmp_path: P
     assert [c["contrast"] for c in contrasted["summary"]["contrast"]] == [0.0, 2.0]
     assert "| spread | 3 | 2 |" in table([contrasted])
     shots = [kept] * len(data.test_texts)
-    turned = encode(
-        backbone, data.test_texts, data.test_labels, 16, prompts=data.test_prompts, turn_examples=shots
-    )
+    turned = encode_turns(backbone, data.test_texts, data.test_labels, 16, data.test_prompts, shots)
     plain_loss = evaluate(model, turned)[1]  # with itself as "without", every a gives the plain loss
     assert contrast_losses(model, turned, [turned], [0.0, 3.0])[0] == pytest.approx(
         [plain_loss] * 2, rel=1e-5

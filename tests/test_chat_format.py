@@ -19,6 +19,7 @@ from common.errors import ConfigError, DataError
 from common.features import encode
 from common.model import get_backbone
 from common.shakespeare import parse_turns
+from research.context_scoring import encode_turns, turn_ids
 
 CHAT: dict[str, Any] = {
     "model.name": "tiny-lm",
@@ -280,16 +281,16 @@ def test_each_turn_can_have_its_own_earlier_turns(chat: tuple[Config, Any, Any])
     prompts, replies = data.train_prompts[:3], data.train_texts[:3]
     pool = pick_examples(tok, data.train_prompts[3:], data.train_texts[3:], 6, n, "retrieve")
     contexts = [retrieve_examples(pool, cue, 2) for cue in prompts]
-    ids, heads = tokenize_turns(tok, prompts, replies, n, turn_examples=contexts)
+    ids, heads = turn_ids(tok, prompts, replies, n, contexts)
     for i, context in enumerate(contexts):  # the same tokens as one turn with its context shared
         one, one_head = tokenize_turns(tok, prompts[i : i + 1], replies[i : i + 1], n, context)
         assert (ids[i], heads[i]) == (one[0], one_head[0])
     with pytest.raises(DataError, match="one context per turn"):
-        tokenize_turns(tok, prompts, replies, n, turn_examples=contexts[:2])
-    with pytest.raises(DataError, match="no shared examples"):
-        tokenize_turns(tok, prompts, replies, n, pool[:1], turn_examples=contexts)
+        turn_ids(tok, prompts, replies, n, contexts[:2])
     labels = data.train_labels[:3]
-    feats = encode(backbone, replies, labels, n, prompts=prompts, turn_examples=contexts)
+    feats = encode_turns(backbone, replies, labels, n, prompts, contexts)
     assert int(feats.mask.sum()) == sum(map(len, ids))  # each turn ran with its own context
-    bare = encode(backbone, replies, labels, n, prompts=prompts, turn_examples=[[]] * 3)
+    bare = encode_turns(backbone, replies, labels, n, prompts, [[]] * 3)
     assert int(bare.mask.sum()) == sum(map(len, tokenize_turns(tok, prompts, replies, n)[0]))
+    plain = encode(backbone, replies, labels, n, prompts=prompts)  # no turns: what encode gives
+    assert torch.equal(bare.labels, plain.labels) and torch.equal(bare.source, plain.source)
