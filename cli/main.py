@@ -15,6 +15,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cli.audit import audit_app
+from cli.output import console
+from cli.output import fail as _fail
 from common.errors import ConfigError, FedpersError
 from simulations.bench.lm_tune import CANDIDATES as LM_CANDIDATES
 
@@ -22,12 +25,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated DP-LoRA personalization.")
 assets_app = typer.Typer(help="Offline model and data archives (from PyPI); alone, lists the cache.")
 app.add_typer(assets_app, name="assets")
-console = Console(stderr=True)
-
-
-def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)  # one line, whatever the terminal width
-    raise typer.Exit(2)
 
 
 @assets_app.callback(invoke_without_command=True)
@@ -574,93 +571,7 @@ def server(
     _start(lambda: plan_link(opts), run_link, check)
 
 
-@app.command()
-def audit(
-    path: Path = typer.Argument(None, help="a run folder (with ledger.json) or a ledger.json"),
-    budget: float = typer.Option(None, help="ε budget to check against (default: the ledger's)"),
-    out: Path = typer.Option(None, help="output folder (default: <run>/audit, or runs/canary-audit-<time>)"),
-    canaries: int = typer.Option(0, help="run the one-run empirical audit with this many canaries instead"),
-    epsilon: float = typer.Option(4.0, help="canary audit: the ε claimed (σ is calibrated for it)"),
-    delta: float = typer.Option(1e-5, help="canary audit: δ"),
-    guesses: int = typer.Option(250, help="canary audit: k 'in' and k 'out' guesses (fixed in advance)"),
-    sample_rate: float = typer.Option(0.1, help="canary audit: Poisson sampling rate q"),
-    steps: int = typer.Option(200, help="canary audit: DP-SGD steps"),
-    no_dp: bool = typer.Option(
-        False, help="canary audit: train without DP (shows the audit detects leakage)"
-    ),
-    set_: list[str] = typer.Option(
-        None, "--set", help="canary audit: model/data overrides, e.g. model.name=tiny"
-    ),
-) -> None:
-    """Recompute every client's ε with independent accountants (dp-accounting RDP and PLD), or with
-    --canaries run the one-run empirical audit (Steinke, Nasr, Jagielski 2023).
-
-    Exit code 1 when any client is over budget, its reported ε is inconsistent, or the empirical lower
-    bound exceeds the claimed ε.
-    """
-    if canaries:
-        _canary_audit(out, canaries, epsilon, delta, guesses, sample_rate, steps, not no_dp, set_ or [])
-        return
-    from server.audit import audit_ledger, find_ledger
-    from server.audit_report import rows, write_audit
-
-    if path is None:
-        _fail(
-            ValueError("give a run folder or ledger.json to audit, or --canaries N for the empirical audit")
-        )
-    try:
-        report = audit_ledger(path, budget)
-    except FedpersError as exc:
-        _fail(exc)
-    folder = out or find_ledger(path).parent / "audit"
-    paths = write_audit(report, folder)
-    table = Table("client", "ε (ours)", "ε (dp-acc. RDP)", "ε (PLD)", "budget", "steps", "status")
-    table.columns[0].no_wrap = True  # a deployed device's node id has up to 20 digits: never cut it
-    for row in rows(report):
-        table.add_row(*row)
-    Console().print(table)
-    verdict = "[green]PASS[/]" if report["ok"] else "[bold red]FAIL[/]"
-    console.print(f"{verdict}: {len(report['clients'])} clients; report {paths['md']} and {paths['html']}")
-    if not report["ok"]:
-        raise typer.Exit(1)
-
-
-def _canary_audit(
-    out: Path | None,
-    m: int,
-    eps: float,
-    delta: float,
-    k: int,
-    q: float,
-    steps: int,
-    dp: bool,
-    sets: list[str],
-) -> None:
-    import time
-
-    from common.config import parse_set_options
-    from common.fileio import write_json_atomic
-    from simulations.canary_audit import AuditSetup, run_canary_audit
-
-    try:
-        setup = AuditSetup(canaries=m, guesses=k, epsilon=eps, delta=delta, sample_rate=q, steps=steps, dp=dp)
-        overrides = {"task.train-size": 500, "task.test-size": 10, **parse_set_options(sets)}
-        with console.status(f"training once with {m} canaries ({'DP' if dp else 'no DP'}, {steps} steps)…"):
-            result = run_canary_audit(setup, overrides)
-    except (FedpersError, ValueError) as exc:
-        _fail(exc)
-    folder = out or Path("runs") / f"canary-audit-{time.strftime('%Y%m%d-%H%M%S')}"
-    write_json_atomic(folder / "canary-audit.json", result)
-    claimed = f"{eps:g}" if dp else "∞ (no DP)"
-    console.print(
-        f"ε lower bound (95 %): [bold]{result['epsilon-lower-bound']:.3f}[/] vs claimed ε {claimed} at "
-        f"δ={delta:g}; {result['correct']}/{result['guesses']} guesses correct; σ={result['sigma']:.3f}. "
-        f"→ {folder / 'canary-audit.json'}"
-    )
-    if dp and result["epsilon-lower-bound"] > eps:
-        console.print("[bold red]FAIL[/]: the empirical lower bound exceeds the claimed ε")
-        raise typer.Exit(1)
-
+app.add_typer(audit_app, name="audit")
 
 bench_app = typer.Typer(help="Benchmarks: each writes runs/bench-<name>-<time>/ and updates BENCHMARKS.md.")
 app.add_typer(bench_app, name="bench")

@@ -10,8 +10,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from common.privacy import compose, epsilon
-from server.audit import AuditError, audit_ledger
-from server.audit_report import write_audit
+from server.audit import AuditError, audit_ledger, write_audit
 
 SIGMA, Q, STEPS, DELTA = 0.9, 0.2, 5, 1 / 250
 
@@ -73,6 +72,14 @@ def test_cli_exit_codes_and_clear_errors(tmp_path: Path) -> None:
     assert over.exit_code == 1
     missing = runner.invoke(app, ["audit", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "no ledger" in missing.output
+    # `fedpers audit PATH` is the short form of `fedpers audit ledger PATH`
+    assert runner.invoke(app, ["audit", "ledger", str(tmp_path), "--budget", "1"]).exit_code == 1
+    sub = runner.invoke(
+        app, ["audit", "ledger", str(tmp_path / "ledger.json"), "--out", str(tmp_path / "a2")]
+    )
+    assert sub.exit_code == 0 and (tmp_path / "a2" / "audit.html").is_file()
+    group = runner.invoke(app, ["audit", "--help"])
+    assert group.exit_code == 0 and "ledger" in group.output and "canary" in group.output
     with pytest.raises(AuditError, match="no privacy entries"):
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "ledger.json").write_text('{"meta": {"budget": 8}, "entries": []}')

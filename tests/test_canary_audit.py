@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from simulations.canary_audit import AuditSetup, epsilon_lower_bound, p_value, run_canary_audit
+from server.audit.canary import AuditSetup, epsilon_lower_bound, p_value, run_canary_audit
 
 TINY = {"model.name": "tiny", "model.frozen-layers": 1, "task.train-size": 300, "task.test-size": 10}
 
@@ -46,3 +46,10 @@ def test_cli_canary_audit_and_clear_errors(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "cannot exceed the canaries" in bad.output
     none = runner.invoke(app, ["audit"])
     assert none.exit_code == 2 and "--canaries" in none.output
+    # `fedpers audit --canaries N` is the short form of `fedpers audit canary --canaries N`
+    sub = runner.invoke(
+        app, ["audit", "canary", "--canaries", "10", "--guesses", "30", "--set", "model.name=tiny"]
+    )
+    assert sub.exit_code == 2 and "cannot exceed the canaries" in sub.output
+    missing = runner.invoke(app, ["audit", "canary"])
+    assert missing.exit_code == 2 and "--canaries" in missing.output
