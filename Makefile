@@ -1,10 +1,10 @@
-# Two commands for a new user:  `make demo` (set up + run the demo)  and  `make test` (set up + run the tests).
+# Two commands for a new user:  `make demo` (set up + run the demo)  and  `make test` (set up + run the fast tests).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint assets clean
+.PHONY: setup demo test test-all lint assets clean
 
 setup: $(VENV)/.installed
 
@@ -23,7 +23,13 @@ assets: setup
 demo: assets
 	FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 $(BIN)/fedpers simulate --config simulations/configs/demo.toml
 
+# The fast tier (a few minutes): every test not marked slow. test-all adds the slow tier (real
+# processes, federations, deployment, faults); CI runs test-all.
 test: setup
+	$(BIN)/fedpers assets fetch tweets news shakespeare
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: setup
 	$(BIN)/fedpers assets fetch tweets news shakespeare
 	$(PY) -m pytest -q
 

@@ -2,6 +2,7 @@
 
 The simulations are session-scoped and shared by test_simulation.py (a fresh 2-round run) and
 test_checkpoint.py (the same run folder resumed for a 3rd round), so the whole suite starts Ray twice.
+A test that uses them is in the slow tier (``make test-all``), as is anything marked ``slow``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,16 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.state import KEY_ENV
+
+RAY_FIXTURES = {"sim_fresh", "sim_resumed"}  # about a minute of Ray simulations together
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m "not slow"`` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs a Ray simulation fixture ``slow``."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from simulations.bench.dp_cost import dp_cost_table, measure_memory, merge, time_variants
 
 TINY = {"model.name": "tiny", "model.frozen-layers": 1, "task.train-size": 48}
 
 
+@pytest.mark.slow  # times real epochs of three variants
 def test_dp_cost_times_and_memory_on_a_tiny_model() -> None:
     variants = ("non-private", "hooks", "ghost")
     times = time_variants(variants, [16], repeats=1, threads=1, extra=TINY)

@@ -17,6 +17,7 @@ TINY = {
 }
 
 
+@pytest.mark.slow  # each runner in a fresh process
 @pytest.mark.parametrize("runner", ["sequential", "pfl"])
 def test_runner_reports_rounds_and_cold_start(tmp_path: Path, runner: str) -> None:
     if runner == "pfl":

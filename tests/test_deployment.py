@@ -36,6 +36,8 @@ from client.state import StateStore
 from common.assets import asset_path, cache_root, ensure
 from common.launch import free_port
 
+pytestmark = pytest.mark.slow  # real SuperLink, SuperNodes and agents over TLS: minutes
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 WINDOW_S = 90  # agent 0's --activation-timeout: its SuperNode is killed after longer uptime than this

@@ -89,6 +89,7 @@ def _rounds(run_dir: Path) -> list[int]:
     return [json.loads(x)["round"] for x in path.read_text().splitlines() if x.strip()]
 
 
+@pytest.mark.slow  # a real server process, killed and started again
 def test_server_process_killed_mid_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     """A real `fedpers simulate` (ServerApp on Flower's engine) is SIGKILLed after its first round and
     started again with the same command: it resumes from the last checkpoint and finishes."""

@@ -129,6 +129,7 @@ def test_a_run_with_the_cache_matches_a_run_without_it(tmp_path) -> None:
         assert len(FeatureCache(folder).files()) == 2 and (folder / "cache.key").is_file()
 
 
+@pytest.mark.slow  # two Ray simulations
 def test_compare_modes_share_one_cache_and_remove_it(tmp_path) -> None:
     """Real Flower simulations (Ray): the second mode reads the files the first wrote, byte for byte."""
     from simulations.compare import compare

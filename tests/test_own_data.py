@@ -11,6 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # README commands and a Flower simulation in fresh processes
+
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {

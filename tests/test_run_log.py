@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from simulations.run_log import WarningsOnce, is_ours
 
 BIN = Path(sys.executable).parent
@@ -26,6 +28,7 @@ def _simulate(run_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, cwd=run_dir.parent)
 
 
+@pytest.mark.slow  # fedpers simulate in a fresh process
 def test_a_quiet_run_shows_progress_and_results_and_logs_the_rest(tmp_path: Path) -> None:
     res = _simulate(tmp_path / "run")
     console = res.stdout + res.stderr
@@ -39,6 +42,7 @@ def test_a_quiet_run_shows_progress_and_results_and_logs_the_rest(tmp_path: Path
     assert f"log: {tmp_path / 'run' / 'log.txt'}" in console
 
 
+@pytest.mark.slow  # fedpers simulate in a fresh process
 def test_verbose_shows_flowers_log_on_the_console(tmp_path: Path) -> None:
     res = _simulate(tmp_path / "run", "--verbose")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -47,6 +51,7 @@ def test_verbose_shows_flowers_log_on_the_console(tmp_path: Path) -> None:
     assert "Starting FedpersStrategy" in (tmp_path / "run" / "log.txt").read_text()
 
 
+@pytest.mark.slow  # fedpers simulate in a fresh process
 def test_a_failed_quiet_run_is_one_line_that_points_to_the_log(tmp_path: Path) -> None:
     """No reply arrives within a 1 s round (the actors' cold start alone takes longer): one error line."""
     res = _simulate(tmp_path / "run", "--set", "fed.round-timeout=1")
