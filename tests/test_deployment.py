@@ -1,6 +1,6 @@
-"""README's deployment section, run as written, on loopback: a real SuperLink, gateway and three agents.
+"""docs/deployment.md, run as written, on loopback: a real SuperLink, gateway and three agents.
 
-Every command comes from the fenced ``bash`` blocks of README.md's "Deployment" section, run through
+Every command comes from the fenced ``bash`` blocks of docs/deployment.md's steps 1-5, run through
 bash as written; only these are substituted: the host names and ports (everything dials 127.0.0.1 on
 free ports), the device's ``node.pub`` and the run folder (paths), and ``~`` (each party runs with its own
 ``HOME``: the server's folder, or the device's). The one addition: the operator's run config gets keys that
@@ -48,10 +48,10 @@ TEST_SIZED = (
 )
 
 
-def readme_commands() -> list[str]:
-    """The commands of README's deployment section, in order (continuation lines joined)."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("## Deployment") : text.index("### Secure aggregation")]
+def doc_commands() -> list[str]:
+    """The commands of docs/deployment.md's steps, in order (continuation lines joined)."""
+    text = (ROOT / "docs" / "deployment.md").read_text(encoding="utf-8")
+    section = text[: text.index("## Secure aggregation")]
     commands: list[str] = []
     for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -62,7 +62,7 @@ def readme_commands() -> list[str]:
 
 def _find(commands: list[str], start: str) -> str:
     found = [c for c in commands if c.startswith(start) or f" {start}" in c]
-    assert len(found) == 1, f"README's deployment section should hold one `{start}` command: {found}"
+    assert len(found) == 1, f"docs/deployment.md should hold one `{start}` command: {found}"
     return found[0]
 
 
@@ -146,11 +146,11 @@ def _device_csvs(count: int) -> list[list[tuple[str, str]]]:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """Follow README's deployment section once; the tests read what it left behind."""
+    """Follow docs/deployment.md once; the tests read what it left behind."""
     root = tmp_path_factory.mktemp("deploy")
     logs = root / "logs"
     logs.mkdir()
-    commands = readme_commands()
+    commands = doc_commands()
     fleet, control = free_port(), free_port()
     server = Party(root / "server", logs)
     devices = [Party(root / f"device{i}", logs) for i in range(4)]  # device 3 is never registered
@@ -197,7 +197,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         agents.append(devices[0].start("no-tls", plain.replace("~/.fedpers/device", "~/.fedpers/plain")))
         procs += agents
         started = time.monotonic()
-        # 4. operator: the run, as README has it (plus the test-sized keys)
+        # 4. operator: the run, as the docs have it (plus the test-sized keys)
         run = _find(commands, "flwr run").replace("/srv/fedpers/run-1", str(run_dir))
         run = re.sub(r"secagg\.enabled=true'", f"secagg.enabled=true {TEST_SIZED}'", run)
         submitted = server.run(run, cwd=ROOT)
@@ -331,7 +331,7 @@ def test_server_files_are_private_and_devices_keep_their_own_state(deployment: d
     assert not any("/" in str(e.get("reason", "")).replace("<path>", "") for e in entries)
 
 
-def test_each_device_uses_its_personalized_model_offline_as_readme_shows(deployment: dict) -> None:
+def test_each_device_uses_its_personalized_model_offline_as_documented(deployment: dict) -> None:
     commands = deployment["commands"]
     predict, recommend = _find(commands, "fedpers predict"), _find(commands, "fedpers recommend")
     for device in deployment["devices"][:3]:
