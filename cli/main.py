@@ -74,7 +74,9 @@ def simulate(
     run_dir: Path = typer.Option(None, help="output folder (default runs/<config>-<time>)"),
     clients: int = typer.Option(0, help="number of simulated clients (default: from the config)"),
     sequential: bool = typer.Option(
-        False, help="run the same client code in a plain loop, no Flower/Ray (quick sweeps, speed floor)"
+        False,
+        help="run the same ServerApp and ClientApps in this process, one client after another, no Ray "
+        "(quick sweeps, speed floor)",
     ),
     verbose: bool = typer.Option(
         False, "--verbose", "-v", help="Flower/Ray/library output on the console (else <run>/log.txt)"
@@ -140,13 +142,11 @@ def simulate(
             progress.update(tasks[mode], completed=line["round"], info=info)
 
         try:
-            if sequential:
-                rows = _run_sequential(settings, modes, out, on_round, roster.users)
-            elif modes:
-                rows = run_compare(settings, modes, out, on_round, roster.users)
+            if modes:
+                rows = run_compare(settings, modes, out, on_round, roster.users, sequential)
             else:
                 mode = str(settings.overrides.get("personalization.mode", "default"))
-                summary = run_sim(settings, out, lambda line: on_round(mode, line), roster.users)
+                summary = run_sim(settings, out, lambda line: on_round(mode, line), roster.users, sequential)
                 rows = [{"mode": mode, **summary}]
         except Exception as exc:
             _simulation_failed(exc, out, created, verbose)
@@ -197,40 +197,6 @@ def _simulation_failed(exc: Exception, out: Path, created: bool, verbose: bool) 
     where = f"; the full log is in {log}" if log is not None and not verbose else ""
     console.print(f"[bold red]error:[/] {escape(str(exc))}{where}", soft_wrap=True)
     raise typer.Exit(2 if isinstance(exc, FedpersError) else 1)
-
-
-def _run_sequential(
-    settings: Any, modes: tuple[str, ...], out: Path, on_round: Any, users: dict[int, str]
-) -> list[dict[str, Any]]:
-    import shutil
-
-    from common.config import Config
-    from common.fileio import write_json_atomic
-    from simulations.compare import shared_feature_cache, write_comparison
-    from simulations.preflight import write_user_map
-    from simulations.sequential import run_sequential
-
-    rows = []
-    scratch = shared_feature_cache(settings.overrides, modes, out)  # as compare() does for the Flower path
-    for mode in modes or (str(settings.overrides.get("personalization.mode", "fedper")),):
-        over = {**settings.overrides, "personalization.mode": mode}
-        if scratch is not None:
-            over["client.feature-cache"] = str(scratch)
-        total = Config.from_run_config(over).fed.num_rounds
-
-        def show(line: dict[str, Any], m: str = mode, t: int = total) -> None:
-            on_round(m, {**line, "total_rounds": t})
-
-        limits = settings.limits
-        summary = run_sequential(over, settings.num_clients, out / mode, on_round=show, limits=limits)
-        for row in summary["clients"]:  # the runner's own mapping: clients never send their user
-            row["user"] = users.get(row["client"], "")
-        write_user_map(out / mode / "clients", users)
-        write_json_atomic(out / mode / "summary.json", summary)
-        rows.append({"mode": mode, **summary})
-    if scratch is not None:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return write_comparison(out, modes, rows) if modes else rows
 
 
 @app.command()

@@ -38,6 +38,7 @@ def run_federation(
     context: Context | None = None,
     users: Mapping[int, str] | None = None,
     by_partition: bool = False,
+    evaluate_every: int = 1,
 ) -> Path:
     """Run (or resume) the federation described by ``cfg``; returns the run folder.
 
@@ -45,7 +46,8 @@ def run_federation(
     the ServerApp's ``context``. ``users``: a simulation's partition id → user name, known to the runner
     (never sent by clients), written into the report. Each device is one client in the ledger and the
     report, keyed by its node id (stable for a registered node key); ``by_partition`` (simulations,
-    whose node ids change every run) keys simulated clients by their partition id instead.
+    whose node ids change every run) keys simulated clients by their partition id instead. Clients are
+    evaluated every ``evaluate_every`` rounds and after the last one (benchmarks skip the others).
     """
     out = run_dir(cfg, run_id)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,6 +93,7 @@ def run_federation(
             max_update_norm=cfg.fed.max_update_norm,
             user_dp=UserLevelDP.from_config(cfg) if cfg.dp.user_level else None,
             client_key="partition" if by_partition else "node",
+            evaluate_every=evaluate_every,
             server_opt=ServerOptimizer.from_config(cfg, ckpt.velocity if ckpt is not None else None),
             fraction_train=cfg.fed.fraction_train,
             fraction_evaluate=cfg.fed.fraction_evaluate,

@@ -58,6 +58,7 @@ class FedpersStrategy(FedAvg):
         user_dp: UserLevelDP | None = None,
         server_opt: ServerOptimizer | None = None,
         client_key: str = "node",
+        evaluate_every: int = 1,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(arrayrecord_key=P.ARRAYS, configrecord_key=P.CONFIG, **fedavg_kwargs)
@@ -77,6 +78,9 @@ class FedpersStrategy(FedAvg):
         if client_key not in ("node", "partition"):
             raise ValueError(f"client_key must be 'node' or 'partition', got {client_key!r}")
         self.client_key = client_key
+        if evaluate_every < 1:
+            raise ValueError(f"evaluate_every must be >= 1, got {evaluate_every}")
+        self.evaluate_every = evaluate_every
         self._cohort, self._population = 0, 0
         self._sent: list[Message] = []  # this round's instructions (an error reply names its node by them)
         if user_dp is not None:  # a resumed or continued federation keeps composing its user-level ε
@@ -205,8 +209,15 @@ class FedpersStrategy(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Flag the final round (fedavg-ft fine-tunes before its last evaluation)."""
-        config[P.FINAL_ROUND] = server_round + self.offset >= self.total_rounds
+        """Flag the final round (fedavg-ft fine-tunes before its last evaluation).
+
+        Clients are evaluated every ``evaluate_every`` rounds and always in the final one.
+        """
+        rnd = server_round + self.offset
+        config[P.FINAL_ROUND] = rnd >= self.total_rounds
+        if not config[P.FINAL_ROUND] and rnd % self.evaluate_every:
+            self._sent = []
+            return []
         self._sent = list(super().configure_evaluate(server_round + self.offset, arrays, config, grid))
         return self._sent
 

@@ -22,6 +22,7 @@ def compare(
     run_dir: Path,
     on_round: Callable[[str, dict[str, Any]], None] | None = None,
     users: Mapping[int, str] | None = None,
+    sequential: bool = False,
 ) -> list[dict[str, Any]]:
     """Simulate each mode into ``run_dir/<mode>`` and write ``compare.md`` / ``compare.json``.
 
@@ -29,6 +30,7 @@ def compare(
     set, each client keeps its prefix features in ``run_dir/feature-cache`` (encrypted, see
     client.feature_cache) for the later modes; the folder is removed when every mode has finished.
     ``users``: each partition's user (simulations.preflight), shown in every mode's outputs.
+    ``sequential``: run each mode in the plain loop (see simulations.run.simulate).
     """
     rows: list[dict[str, Any]] = []
     scratch = shared_feature_cache(settings.overrides, modes, run_dir)
@@ -37,7 +39,7 @@ def compare(
         if scratch is not None:
             over["client.feature-cache"] = str(scratch)
         callback = (lambda line, m=mode: on_round(m, line)) if on_round else None
-        summary = simulate(replace(settings, overrides=over), run_dir / mode, callback, users)
+        summary = simulate(replace(settings, overrides=over), run_dir / mode, callback, users, sequential)
         rows.append({"mode": mode, **summary})
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -122,11 +122,14 @@ def simulate(
     run_dir: Path,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     users: Mapping[int, str] | None = None,
+    sequential: bool = False,
 ) -> dict[str, Any]:
     """Run one federation in-process on Flower's simulation engine; returns the run summary.
 
     ``users`` (from simulations.preflight): each partition's user, written into clients.csv, report.md
-    and the client state folder's users.json by this process; clients never send it.
+    and the client state folder's users.json by this process; clients never send it. ``sequential``:
+    the same ServerApp federation and ClientApps over an in-process grid, one client after another
+    (simulations.local_grid), instead of Ray.
     """
     from flwr.simulation import run_simulation
 
@@ -135,6 +138,7 @@ def simulate(
     from common.runs import client_state_dir
     from server import recorder
     from server.app import make_server_app
+    from simulations.local_grid import run_local
     from simulations.preflight import write_user_map
 
     run_config = settings.for_mode()
@@ -151,15 +155,18 @@ def simulate(
     if on_round:
         recorder.ROUND_LISTENERS.append(on_round)
     try:
-        run_simulation(
-            server_app=make_server_app(overrides, users, by_partition=True),
-            client_app=make_client_app(overrides, settings.limits),
-            num_supernodes=settings.num_clients,
-            backend_config={
-                "client_resources": {"num_cpus": settings.client_cpus, "num_gpus": 0.0},
-                "init_args": {"num_cpus": max(os.cpu_count() or 1, int(settings.client_cpus))},
-            },
-        )
+        if sequential:
+            run_local(overrides, settings.num_clients, settings.limits, users)
+        else:
+            run_simulation(
+                server_app=make_server_app(overrides, users, by_partition=True),
+                client_app=make_client_app(overrides, settings.limits),
+                num_supernodes=settings.num_clients,
+                backend_config={
+                    "client_resources": {"num_cpus": settings.client_cpus, "num_gpus": 0.0},
+                    "init_args": {"num_cpus": max(os.cpu_count() or 1, int(settings.client_cpus))},
+                },
+            )
     finally:
         if on_round:
             recorder.ROUND_LISTENERS.remove(on_round)

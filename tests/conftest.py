@@ -7,7 +7,6 @@ A test that uses them is in the slow tier (``make test-all``), as is anything ma
 
 from __future__ import annotations
 
-import copy
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -17,13 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Message
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.state import KEY_ENV
+from simulations.local_grid import LocalGrid as ProductGrid
 
 RAY_FIXTURES = {"sim_fresh", "sim_resumed"}  # about a minute of Ray simulations together
 
@@ -106,8 +104,8 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_node_id", 1)
 
 
-class LocalGrid(Grid):
-    """In-process transport: each instruction goes to a real ClientApp; its real reply comes back."""
+class LocalGrid(ProductGrid):
+    """The product's in-process grid, which can also drop messages and keeps every reply."""
 
     def __init__(
         self,
@@ -116,60 +114,15 @@ class LocalGrid(Grid):
         run_id: int = 7,
         drop: Callable[[Message], bool] | None = None,
     ) -> None:
-        self.app, self.run_id = client_app, run_id
-        self.nodes = {1000 + i: i for i in range(num_nodes)}
+        super().__init__(client_app, num_nodes, run_id)
         self.replies: list[Message] = []
         self.drop = drop  # a message it returns True for gets no reply (the node went away)
-        self.contexts: dict[int, Context] = {}  # one per node, kept across messages as a SuperNode does
-
-    def set_run(self, run: Any) -> None:  # pragma: no cover - not used by the strategy
-        raise NotImplementedError
-
-    @property
-    def run(self) -> Any:
-        """The run (Flower's legacy client manager reads its id)."""
-        return Run.create_empty(self.run_id)
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:  # pragma: no cover - not used
-        return Message(
-            content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl
-        )
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
-        raise NotImplementedError
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        out = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            if self.drop is not None and self.drop(msg):
-                continue
-            ctx = self.contexts.setdefault(
-                node,
-                Context(
-                    run_id=self.run_id,
-                    node_id=node,
-                    state=RecordDict(),
-                    run_config={},
-                    node_config={"partition-id": self.nodes[node], "num-partitions": len(self.nodes)},
-                ),
-            )
-            out.append(self.app(copy.deepcopy(msg), ctx))  # a copy, as over the wire (mods mutate it)
+        kept = [m for m in messages if self.drop is None or not self.drop(m)]
+        out = list(super().send_and_receive(kept, timeout=timeout))
         self.replies += out
         return out
 
