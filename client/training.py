@@ -235,14 +235,10 @@ def _train_dp(
     expected_q = sample_rate(len(feats), cfg.train.batch_size)
     if abs(expected_q - plan.sample_rate) > 1e-12:
         raise DataError(f"sample rate {plan.sample_rate} planned but the data gives {expected_q}")
-    ghost = cfg.dp.grad_sample_mode == "ghost"
-    if ghost and feats.labels.dim() == 2:
-        raise ConfigError("dp.grad-sample-mode = 'ghost' supports the classifier only; use hooks")
+    ghost = cfg.dp.grad_sample_mode == "ghost"  # the config has refused ghost with a causal LM or per-tensor
     kwargs: dict[str, Any] = {"criterion": nn.CrossEntropyLoss(reduction="mean")} if ghost else {}
     max_grad_norm: float | list[float] = cfg.dp.max_grad_norm
     if cfg.dp.clipping == "per-tensor":
-        if ghost:
-            raise ConfigError("dp.clipping = 'per-tensor' needs dp.grad-sample-mode hooks or functorch")
         # Each trainable tensor is clipped on its own to C/√k: the total sensitivity stays C (σ unchanged),
         # but small-gradient tensors (LoRA) are no longer drowned by the head's larger gradient.
         k = sum(1 for p in model.parameters() if p.requires_grad)
@@ -276,6 +272,7 @@ def _train_dp(
                     steps += 1
                     continue
                 if ghost:
+                    # the cap is the device's (fedpers agent --max-physical-batch), not the run config's
                     if physical_batch and len(idx) > physical_batch:
                         raise ConfigError("a physical batch cap needs dp.grad-sample-mode hooks or functorch")
                     h, m, y = feats.batch(idx)

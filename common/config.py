@@ -20,6 +20,7 @@ from typing import Any, get_type_hints
 
 from common.chat_format import PICKS
 from common.errors import ConfigError
+from common.pii import check_patterns
 
 DEFAULTS = Path(__file__).resolve().with_name("defaults.toml")  # the defaults fedpers reads (in the wheel)
 
@@ -27,6 +28,39 @@ TEXT_DATASETS = ("shakespeare", "text-file")  # free text for the causal LMs (no
 USER_FILE_DATASETS = ("file", "text-file")  # bring-your-own files: one client per user
 MODES = ("fedper", "local", "fedavg", "fedavg-ft", "fedsa", "ffa", "fedbias")
 CAUSAL_MODELS = ("smollm2", "tiny-lm")  # model.name values that build the generative model
+USER_KEYS = tuple(
+    f"dp.user-{k}"
+    for k in (
+        "noise-multiplier", "clipping-norm", "clipping", "target-quantile", "clip-lr", "count-stddev",
+        "sampling", "delta", "epsilon",
+    )
+)  # fmt: skip
+ADAPTIVE_KEYS = ("dp.user-target-quantile", "dp.user-clip-lr", "dp.user-count-stddev")
+CHAT_KEYS = ("client.chat-examples", "client.chat-pick", "client.chat-pool")
+
+# The rules that join keys, one line each (docs/configuration.md lists them). Each is checked once, when
+# the config is built: a section's own rules in its ``__post_init__``, the others in ``_check_across``.
+# Rules that need facts only a run has (the population, a client's data, the model's tensor names, a
+# device's physical batch) are checked where those facts are, and named there.
+RULES = (
+    "A key that does not apply to the chosen task or setting is refused unless it keeps its default.",
+    "`model.name` and `task.dataset` go together: the causal LMs (smollm2, tiny-lm) learn from shakespeare "
+    "or text-file, the classifiers (minilm, tiny) from tweets, news or file.",
+    "`model.personal-part` applies to the causal LMs only.",
+    '`task.labels` applies to (and is needed by) `task.dataset = "file"`; `task.data-path`, '
+    "`task.min-examples` and `task.max-users` to file and text-file; `task.dirichlet-alpha` to tweets and "
+    "file; `task.topics-liked` to news; `task.min-speeches` to shakespeare.",
+    '`task.lm-format = "chat"` needs shakespeare or text-file; `client.chat-*` need '
+    '`task.lm-format = "chat"`; `client.chat-pool` needs `client.chat-pick = "retrieve"`.',
+    '`task.validation-fraction` needs `task.evaluate-on = "validation"`; `task.pii-patterns` needs '
+    "`task.pii-scrub = true` and must be valid regular expressions.",
+    "`dp.user-*` need `dp.user-level = true`; `dp.user-target-quantile`, `dp.user-clip-lr` and "
+    '`dp.user-count-stddev` need `dp.user-clipping = "adaptive"`.',
+    '`dp.grad-sample-mode = "ghost"` works with the classifiers and `dp.clipping = "flat"` only '
+    "(and no `fedpers agent --max-physical-batch` cap, checked on the device).",
+    "With `secagg.enabled`: `secagg.num-shares` odd, `secagg.threshold` below it, `fed.min-clients` at "
+    "least `secagg.num-shares`, `dp.user-level = false`, and a `personalization.mode` that shares tensors.",
+)
 
 
 def _choices(*values: str) -> dict[str, Any]:
@@ -60,13 +94,24 @@ class TaskConfig:
     max_users: int = dataclasses.field(metadata=_range(0, None))
 
     def __post_init__(self) -> None:
-        if self.dataset not in USER_FILE_DATASETS:
-            for key, value in (("task.min-examples", self.min_examples), ("task.max-users", self.max_users)):
-                if value:
-                    raise ConfigError(
-                        f"{key} = {value} selects users of a data file with a user column: it applies to "
-                        f"task.dataset = 'file' or 'text-file', not {self.dataset!r} (set it to 0)"
-                    )
+        _only_for(self.dataset, USER_FILE_DATASETS, "task.min-examples", self.min_examples, 0)
+        _only_for(self.dataset, USER_FILE_DATASETS, "task.max-users", self.max_users, 0)
+        _only_for(self.dataset, USER_FILE_DATASETS, "task.data-path", self.data_path.strip(), "")
+        _only_for(self.dataset, ("file",), "task.labels", self.labels.strip(), "")
+        _only_for(self.dataset, ("tweets", "file"), "task.dirichlet-alpha", self.dirichlet_alpha)
+        _only_for(self.dataset, ("news",), "task.topics-liked", self.topics_liked)
+        _only_for(self.dataset, ("shakespeare",), "task.min-speeches", self.min_speeches)
+        if self.lm_format == "chat" and self.dataset not in TEXT_DATASETS:
+            raise ConfigError(
+                f"task.lm-format = 'chat' needs a text dataset (shakespeare, text-file), not "
+                f"task.dataset = {self.dataset!r}: leave task.lm-format = 'text'"
+            )
+        if self.dataset == "file":
+            _check_labels(self.labels)
+        fraction, evaluate_on = self.validation_fraction, self.evaluate_on
+        _unless("task.validation-fraction", fraction, "task.evaluate-on", evaluate_on, "validation")
+        _unless("task.pii-patterns", self.pii_patterns.strip(), "task.pii-scrub", self.pii_scrub, True, "")
+        check_patterns(self.pii_patterns)  # a bad regular expression fails here, not on a client
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +183,17 @@ class DPConfig:
     user_delta: float = dataclasses.field(metadata=_range(0.0, 0.1))
     user_epsilon: float = dataclasses.field(metadata=_range(0.0, None))
 
+    def __post_init__(self) -> None:
+        if self.grad_sample_mode == "ghost" and self.clipping == "per-tensor":
+            raise ConfigError(
+                "dp.clipping = 'per-tensor' needs dp.grad-sample-mode = 'hooks' or 'functorch' "
+                "(ghost clipping clips one flat norm)"
+            )
+        for key in USER_KEYS:
+            _unless(key, getattr(self, _field(key)), "dp.user-level", self.user_level, True)
+        for key in ADAPTIVE_KEYS:
+            _unless(key, getattr(self, _field(key)), "dp.user-clipping", self.user_clipping, "adaptive")
+
 
 @dataclasses.dataclass(frozen=True)
 class FedConfig:
@@ -163,6 +219,19 @@ class SecAggConfig:
     clipping_range: float = dataclasses.field(metadata=_range(1e-6, None))
     max_weight: int = dataclasses.field(metadata=_range(0, None))
 
+    def __post_init__(self) -> None:
+        if not self.enabled:  # the settings stay (a config may switch SecAgg+ on with --set)
+            return
+        if self.num_shares % 2 == 0:
+            raise ConfigError(
+                f"secagg.num-shares = {self.num_shares} must be odd (each client keeps one share and gives "
+                "one to each of an even number of neighbours; Flower's SecAgg+ fails on even counts)"
+            )
+        if self.threshold >= self.num_shares:
+            raise ConfigError(
+                f"secagg.threshold = {self.threshold} must be below secagg.num-shares ({self.num_shares})"
+            )
+
 
 @dataclasses.dataclass(frozen=True)
 class ClientConfig:
@@ -174,6 +243,9 @@ class ClientConfig:
     chat_examples: int = dataclasses.field(metadata=_range(0, 64))
     chat_pick: str = dataclasses.field(metadata=_choices(*PICKS))
     chat_pool: int = dataclasses.field(metadata=_range(1, 4096))
+
+    def __post_init__(self) -> None:
+        _unless("client.chat-pool", self.chat_pool, "client.chat-pick", self.chat_pick, "retrieve")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,18 +292,7 @@ class Config:
         return cls(**sections)
 
     def __post_init__(self) -> None:
-        causal, text = self.model.name in CAUSAL_MODELS, self.task.dataset in TEXT_DATASETS
-        if causal != text:
-            raise ConfigError(
-                f"model.name = {self.model.name!r} does not fit task.dataset = {self.task.dataset!r}: "
-                f"the causal LMs ({', '.join(CAUSAL_MODELS)}) learn from text (task.dataset = "
-                "'shakespeare' or 'text-file'), the classifiers (minilm, tiny) from labelled examples "
-                "(tweets, news, file)"
-            )
-        if self.task.lm_format == "chat" and not causal:
-            raise ConfigError(
-                "task.lm-format = 'chat' trains a causal LM on chat turns: choose one in model.name"
-            )
+        _check_across(self)
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
         """Flatten back to dotted keys (the inverse of :meth:`from_run_config`)."""
@@ -250,6 +311,97 @@ class Config:
         flat = self.to_run_config()
         flat.update(validate_keys(dotted))
         return Config.from_run_config(flat)
+
+
+def _check_across(cfg: Config) -> None:
+    """Raise ConfigError for the first rule that joins keys of two sections (see :data:`RULES`)."""
+    causal, text = cfg.model.name in CAUSAL_MODELS, cfg.task.dataset in TEXT_DATASETS
+    if causal != text:
+        raise ConfigError(
+            f"model.name = {cfg.model.name!r} does not fit task.dataset = {cfg.task.dataset!r}: "
+            f"the causal LMs ({', '.join(CAUSAL_MODELS)}) learn from text (task.dataset = "
+            "'shakespeare' or 'text-file'), the classifiers (minilm, tiny) from labelled examples "
+            "(tweets, news, file)"
+        )
+    part = cfg.model.personal_part
+    _only_for(cfg.model.name, CAUSAL_MODELS, "model.personal-part", part, key_of="model.name")
+    for key in CHAT_KEYS:
+        _unless(key, getattr(cfg.client, _field(key)), "task.lm-format", cfg.task.lm_format, "chat")
+    if causal and cfg.dp.grad_sample_mode == "ghost":
+        raise ConfigError(
+            f"dp.grad-sample-mode = 'ghost' supports the classifiers only, not model.name = "
+            f"{cfg.model.name!r}: use 'hooks' or 'functorch'"
+        )
+    if cfg.secagg.enabled:
+        _check_secagg(cfg)
+
+
+def _check_secagg(cfg: Config) -> None:
+    """SecAgg+'s rules that join other sections (its own are in SecAggConfig)."""
+    from common.split import shares_nothing  # common.split imports this module
+
+    sa = cfg.secagg
+    if cfg.fed.min_clients < sa.num_shares:
+        raise ConfigError(
+            f"fed.min-clients = {cfg.fed.min_clients} is below secagg.num-shares = {sa.num_shares}: "
+            "every round must sample at least as many clients as each key is split into"
+        )
+    if cfg.dp.user_level:
+        raise ConfigError(
+            "dp.user-level = true needs each client's update on the server (to clip it), which SecAgg+ "
+            "hides: use sample-level DP (dp.enabled) with secagg.enabled, or turn SecAgg+ off"
+        )
+    if shares_nothing(cfg.personalization.mode):
+        raise ConfigError(
+            f"personalization.mode = {cfg.personalization.mode!r} shares no tensors: nothing to aggregate "
+            "securely (turn secagg.enabled off)"
+        )
+
+
+def _field(key: str) -> str:
+    return key.split(".", 1)[1].replace("-", "_")
+
+
+def _show(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else repr(value)
+
+
+def _only_for(
+    choice: str,
+    allowed: tuple[str, ...],
+    key: str,
+    value: Any,
+    default: Any = None,
+    key_of: str = "task.dataset",
+) -> None:
+    """Refuse ``key`` set away from its default while ``key_of`` = ``choice``, where it has no effect."""
+    default = default_run_config()[key] if default is None else default
+    if choice not in allowed and value != default:
+        raise ConfigError(
+            f"{key} = {_show(value)} applies only to {key_of} = {' or '.join(map(repr, allowed))}, not "
+            f"{choice!r}: leave it at {_show(default)}"
+        )
+
+
+def _unless(key: str, value: Any, cond_key: str, cond: Any, needed: Any, default: Any = None) -> None:
+    """Refuse ``key`` set away from its default unless ``cond_key`` = ``needed`` (else it has no effect)."""
+    default = default_run_config()[key] if default is None else default
+    if cond != needed and value != default:
+        raise ConfigError(
+            f"{key} = {_show(value)} has no effect unless {cond_key} = {_show(needed)} (it is "
+            f"{_show(cond)}): set {cond_key}, or leave {key} at {_show(default)}"
+        )
+
+
+def _check_labels(labels: str) -> None:
+    """Raise ConfigError unless ``task.labels`` lists distinct label names (task.dataset = "file")."""
+    names = [n.strip() for n in labels.split(",") if n.strip()]
+    if not names:
+        raise ConfigError(
+            "task.labels must list the label names for task.dataset = 'file', e.g. task.labels = \"neg,pos\""
+        )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"task.labels lists a label twice: {labels!r}")
 
 
 def is_causal(cfg: Config) -> bool:

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, get_type_hints
 
-from common.config import DEFAULTS, Config
+from common.config import DEFAULTS, RULES, Config
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "configuration.md"
@@ -112,7 +112,8 @@ A run's configuration is a flat set of dotted keys. Their defaults are `[tool.fl
 overrides them with `flwr run . --run-config "key=value ..."`, the `[run-config]` table of a simulation
 TOML, `[mode.<name>]` tables for one compared mode, or `fedpers simulate --set key=value` (which wins).
 An unknown key, a wrong type or a value outside the allowed set fails before anything starts, with a
-message naming the key and the allowed values; the descriptions note the rules that join keys.
+message naming the key and the allowed values; so does a key set where it has no effect, or any break of
+the [rules that join keys](#rules-that-join-keys).
 """
 
 
@@ -193,6 +194,8 @@ def render(defaults: Path = DEFAULTS) -> str:
     for name, entries in run_config_entries(defaults).items():
         summary = (hints[name].__doc__ or "").strip().splitlines()[0]
         lines += [f"## `{name}.*`", "", summary, "", *_table(entries), ""]
+    lines += ["## Rules that join keys", "", "Checked when the config is built, before anything starts:", ""]
+    lines += [*(f"- {rule}" for rule in RULES), ""]
     lines += [
         "## `[simulation]` (simulation TOMLs only)",
         "",

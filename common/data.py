@@ -73,14 +73,8 @@ def label_names(task: TaskConfig) -> tuple[str, ...]:
         return NEWS_LABELS
     if task.dataset != "file":
         raise ConfigError(f"unknown task.dataset {task.dataset!r}; allowed: tweets, news, file")
-    names = tuple(n.strip() for n in task.labels.split(",") if n.strip())
-    if not names:
-        raise ConfigError(
-            "task.labels must list the label names for task.dataset = 'file', e.g. task.labels = \"neg,pos\""
-        )
-    if len(set(names)) != len(names):
-        raise ConfigError(f"task.labels lists a label twice: {task.labels!r}")
-    return names
+    # TaskConfig has checked that task.labels lists distinct names for "file"
+    return tuple(n.strip() for n in task.labels.split(",") if n.strip())
 
 
 def load_client_data(
@@ -244,7 +238,7 @@ def _text_client(
 
 def _data_file(task: TaskConfig, data_path: str | None) -> Path:
     raw_path = (data_path or task.data_path).strip()
-    if not raw_path:
+    if not raw_path:  # not a config rule: a device may bring its own file (fedpers agent --data)
         raise ConfigError(f"task.data-path must name a CSV or JSONL file for task.dataset = {task.dataset!r}")
     path = Path(raw_path).expanduser()
     if not path.is_file():
@@ -399,7 +393,7 @@ def _news_client(task: TaskConfig, partition_id: int) -> ClientData:
     """User ``partition_id`` likes ``task.topics_liked`` random topics; label = article topic is liked."""
     root = ensure("news")
     topics, texts, topic_ids = _news_corpus(str(root))
-    if task.topics_liked >= len(topics):
+    if task.topics_liked >= len(topics):  # the corpus' topic count is a fact of the data, not the config
         raise ConfigError(f"task.topics-liked = {task.topics_liked} must be below the {len(topics)} topics")
     rng = np.random.default_rng([task.seed, partition_id, 7])
     liked = rng.choice(len(topics), size=task.topics_liked, replace=False)

@@ -34,6 +34,11 @@ def _compiled(extra: tuple[str, ...]) -> tuple[tuple[str, re.Pattern[str]], ...]
     return tuple(rules)
 
 
+def check_patterns(spec: str) -> None:
+    """Raise ConfigError naming the first pattern of ``task.pii-patterns`` that does not compile."""
+    _compiled(parse_patterns(spec))
+
+
 def parse_patterns(spec: str) -> tuple[str, ...]:
     """Extra patterns from the config string: one regular expression per line."""
     return tuple(line.strip() for line in spec.splitlines() if line.strip())

@@ -64,6 +64,11 @@ _RULES: dict[str, dict[str, Role]] = {
 }
 
 
+def shares_nothing(mode: str) -> bool:
+    """Whether ``mode`` keeps every kind of tensor personal or frozen (nothing to aggregate)."""
+    return "shared" not in _RULES[mode].values()
+
+
 def role_of(name: str, mode: str) -> Role:
     """The role of one parameter under a personalization mode."""
     if mode not in _RULES:

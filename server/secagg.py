@@ -57,34 +57,15 @@ from server.strategy import FedpersStrategy, sender
 
 
 def check_secagg(cfg: Config, shared: list[str]) -> None:
-    """Raise a ConfigError for a setting SecAgg+ cannot run with (called on server and client)."""
-    sa = cfg.secagg
-    if not sa.enabled:
-        return
-    if sa.num_shares % 2 == 0:
+    """Raise a ConfigError when SecAgg+ is on but the model shares no tensors (its tensor names decide).
+
+    SecAgg+'s other rules need only the config: :class:`common.config.SecAggConfig` and
+    ``common.config._check_secagg`` refuse them when the config is built.
+    """
+    if cfg.secagg.enabled and not shared:
         raise ConfigError(
-            f"secagg.num-shares = {sa.num_shares} must be odd (each client keeps one share and gives one "
-            "to each of an even number of neighbours; Flower's SecAgg+ fails on even counts)"
-        )
-    if not 2 <= sa.threshold < sa.num_shares:
-        raise ConfigError(
-            f"secagg.threshold = {sa.threshold} must be at least 2 and below secagg.num-shares "
-            f"({sa.num_shares})"
-        )
-    if cfg.fed.min_clients < sa.num_shares:
-        raise ConfigError(
-            f"fed.min-clients = {cfg.fed.min_clients} is below secagg.num-shares = {sa.num_shares}: "
-            "every round must sample at least as many clients as each key is split into"
-        )
-    if cfg.dp.user_level:
-        raise ConfigError(
-            "dp.user-level = true needs each client's update on the server (to clip it), which SecAgg+ "
-            "hides: use sample-level DP (dp.enabled) with secagg.enabled, or turn SecAgg+ off"
-        )
-    if not shared:
-        raise ConfigError(
-            f"personalization.mode = {cfg.personalization.mode!r} shares no tensors: nothing to aggregate "
-            "securely (turn secagg.enabled off)"
+            f"personalization.mode = {cfg.personalization.mode!r} shares no tensors of model.name = "
+            f"{cfg.model.name!r}: nothing to aggregate securely (turn secagg.enabled off)"
         )
 
 

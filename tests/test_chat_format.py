@@ -165,7 +165,7 @@ def test_a_chat_template_sets_the_prompt_and_the_end_of_turn() -> None:
 
 
 def test_chat_format_needs_a_causal_lm_and_text() -> None:
-    with pytest.raises(ConfigError, match="lm-format = 'chat' trains a causal LM"):
+    with pytest.raises(ConfigError, match="task.lm-format = 'chat' needs a text dataset"):
         Config.from_run_config({"task.lm-format": "chat"})
     with pytest.raises(ConfigError, match="does not fit task.dataset"):
         Config.from_run_config({"model.name": "tiny-lm"})

@@ -217,6 +217,7 @@ def test_parse_set_options_types_values() -> None:
             "dp.enabled=false",
             "lora.alpha=2.5",
             " task.labels =neg,pos",
+            "task.dataset=file",
             'output.run-dir="runs/x=1"',
         ]
     )

@@ -114,7 +114,7 @@ def test_a_too_small_user_is_named_unless_min_examples_leaves_it_out(tmp_path: P
 
 
 def test_selection_keys_are_refused_where_they_do_not_apply(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="task.max-users = 3 selects users"):
+    with pytest.raises(ConfigError, match="task.max-users = 3 applies only to task.dataset = 'file' or"):
         Config.from_run_config({"task.max-users": 3})  # tweets: no users to select
     no_users = tmp_path / "plain.csv"
     no_users.write_text("text,label\n" + "".join(f"t{i},{'pos' if i % 2 else 'neg'}\n" for i in range(9)))
