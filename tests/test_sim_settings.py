@@ -63,7 +63,8 @@ def test_lm_tuning_chooses_per_mode_and_its_file_feeds_the_simulation(tmp_path: 
     assert chosen["local"]["model.personal-part"] == "bias" and chosen["local"]["dp.max-grad-norm"] == 0.05
     tuned = tmp_path / "tuned.toml"
     write_tuned_lm(chosen, cells, done, "fedpers bench lm-tune", tuned)
-    sim = _write(tmp_path / "sim.toml", '[simulation]\nmode-settings = "tuned.toml"\n')
+    lm = '[run-config]\n"model.name" = "tiny-lm"\n"task.dataset" = "shakespeare"\n'  # the part is an LM's
+    sim = _write(tmp_path / "sim.toml", '[simulation]\nmode-settings = "tuned.toml"\n' + lm)
     assert load_settings(sim).for_mode("fedper")["train.lr-lora"] == 0.5
     assert load_settings(sim).for_mode("local")["model.personal-part"] == "bias"  # strings written as TOML
     with pytest.raises(ValueError, match="unknown candidate"):
