@@ -65,6 +65,28 @@ def test_sequential_honours_the_mode_table(tmp_path: Path) -> None:
     assert sorted(_accuracies(tmp_path / "run")) == [0, 1, 2]  # keyed by partition, as the Flower path
 
 
+@pytest.mark.slow  # fedpers simulate in a fresh process (its log.txt holds the SecAgg+ lines)
+def test_sequential_runs_secure_aggregation_too(tmp_path: Path) -> None:
+    """SecAgg+ (Flower's legacy workflow) runs over the in-process grid: every round aggregated masked."""
+    run = tmp_path / "run"
+    argv = [
+        str(BIN / "fedpers"),
+        "simulate",
+        "-c",
+        str(_config(tmp_path)),
+        "--sequential",
+        "--run-dir",
+        str(run),
+    ]
+    for key in ("secagg.enabled=true", "fed.min-clients=3", "fed.num-rounds=2"):
+        argv += ["--set", key]
+    done = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["round"], x["accepted"]) for x in lines] == [(1, 3.0), (2, 3.0)]
+    assert (run / "log.txt").read_text().count("SecAgg+ over 3 of 3 clients") == 2
+
+
 @pytest.mark.slow  # a Ray simulation in a fresh process
 def test_sequential_and_flower_give_the_same_clients_the_same_results(tmp_path: Path) -> None:
     config = _config(tmp_path)
