@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from common import config_doc
 from common.config import DEFAULTS, allowed_keys
+from research import config_doc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def test_committed_reference_is_up_to_date() -> None:
     committed = config_doc.DOC.read_text(encoding="utf-8") if config_doc.DOC.is_file() else ""
     assert committed == config_doc.render(), (
         "docs/configuration.md is out of date with common/config.py or common/defaults.toml: "
-        "run python -m common.config_doc --write"
+        "run python -m research.config_doc --write"
     )
 
 
