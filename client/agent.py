@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.config import validate_device_limits
 from common.errors import ConfigError, DataError, FedpersError
 from common.launch import check_address, find_tool, free_port, run_foreground
 
@@ -174,13 +175,8 @@ def plan_agent(opts: AgentOptions, flower_supernode: str | None = None) -> Agent
     }
     if opts.max_physical_batch < 0:
         raise ConfigError("--max-physical-batch must be >= 0 (0 = the whole logical batch)")
-    if not opts.max_epsilon > 0:
-        raise ConfigError(f"--max-epsilon must be > 0, got {opts.max_epsilon:g}")
-    if not 0 <= opts.delta < 0.1:
-        raise ConfigError(f"--delta must be in [0, 0.1) (0 = min(1e-5, 0.1/n)), got {opts.delta:g}")
-    node_config.update(
-        {"max-epsilon": opts.max_epsilon, "delta": opts.delta, "allow-no-dp": opts.allow_no_dp}
-    )
+    limits = {"max-epsilon": opts.max_epsilon, "delta": opts.delta, "allow-no-dp": opts.allow_no_dp}
+    node_config.update(validate_device_limits(limits, lambda key: f"--{key}"))
     delta = f"δ = {opts.delta:g}" if opts.delta else "δ = min(1e-5, 0.1/n) for n training examples"
     checks.append(
         f"privacy: this device spends at most ε = {opts.max_epsilon:g} over all runs, at {delta}; "

@@ -13,7 +13,7 @@ import dataclasses
 import difflib
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -526,6 +526,31 @@ def load_overrides_toml(path: str | Path) -> dict[str, Any]:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{p} is not valid TOML: {exc}") from exc
     return validate_keys(_flatten(data.get("run-config", {})))
+
+
+DEVICE_KEYS = ("max-epsilon", "delta", "allow-no-dp")  # a device's own privacy limits, not run config
+
+
+def validate_device_limits(limits: Mapping[str, Any], name: Callable[[str], str]) -> dict[str, Any]:
+    """A device's own privacy limits (``DEVICE_KEYS``) if valid, else ConfigError naming the key.
+
+    ``name`` turns a key into what the user wrote: ``--max-epsilon`` (``fedpers agent``) or
+    ``[simulation] max-epsilon`` (a simulation TOML).
+    """
+    unknown = sorted(set(limits) - set(DEVICE_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown device limits {unknown}; allowed: {', '.join(DEVICE_KEYS)}")
+    cap, delta, no_dp = (limits.get(k) for k in DEVICE_KEYS)
+    number = (int, float)
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, number) or not cap > 0):
+        raise ConfigError(f"{name('max-epsilon')} must be a number > 0, got {cap!r}")
+    if delta is not None and (
+        isinstance(delta, bool) or not isinstance(delta, number) or not 0 <= delta < 0.1
+    ):
+        raise ConfigError(f"{name('delta')} must be in [0, 0.1) (0 = min(1e-5, 0.1/n)), got {delta!r}")
+    if no_dp is not None and not isinstance(no_dp, bool):
+        raise ConfigError(f"{name('allow-no-dp')} must be true or false, got {no_dp!r}")
+    return dict(limits)
 
 
 def parse_set_options(items: list[str]) -> dict[str, Any]:

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from common.config import (
+    DEVICE_KEYS,
     MODES,
     USER_FILE_DATASETS,
     Config,
     ConfigError,
     load_overrides_toml,
+    validate_device_limits,
     validate_keys,
 )
 from common.errors import FedpersError
@@ -28,7 +30,6 @@ from common.errors import FedpersError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-DEVICE_KEYS = ("max-epsilon", "delta", "allow-no-dp")  # each simulated device's own privacy limits
 SIM_KEYS = {"num-clients", "client-cpus", "compare", "mode-settings", *DEVICE_KEYS}
 
 
@@ -85,15 +86,7 @@ def load_settings(path: str | Path | None, sets: dict[str, Any] | None = None) -
 def _device_limits(sim: dict[str, Any]) -> dict[str, Any]:
     """The simulated devices' own limits from ``[simulation]`` (as ``fedpers agent`` takes them as flags)."""
     limits = {k: sim[k] for k in DEVICE_KEYS if k in sim}
-    if "max-epsilon" in limits and not (
-        isinstance(limits["max-epsilon"], int | float) and limits["max-epsilon"] > 0
-    ):
-        raise ConfigError(f"[simulation] max-epsilon must be a number > 0, got {limits['max-epsilon']!r}")
-    if "delta" in limits and not (isinstance(limits["delta"], int | float) and 0 <= limits["delta"] < 0.1):
-        raise ConfigError(f"[simulation] delta must be in [0, 0.1), got {limits['delta']!r}")
-    if "allow-no-dp" in limits and not isinstance(limits["allow-no-dp"], bool):
-        raise ConfigError(f"[simulation] allow-no-dp must be true or false, got {limits['allow-no-dp']!r}")
-    return limits
+    return validate_device_limits(limits, lambda key: f"[simulation] {key}")
 
 
 def _mode_tables(path: Path, data: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:

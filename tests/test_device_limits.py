@@ -91,3 +91,19 @@ def test_a_refusal_sent_to_the_server_names_no_path_of_the_device() -> None:
         "/home" not in reason and "ann" not in reason and reason.startswith("StateError: personal state in")
     )
     assert "/srv" not in public_reason(ValueError("data file /srv/x/y.csv is not UTF-8 text (line 3)"))
+
+
+def test_bad_device_limits_are_named_as_the_user_wrote_them(tmp_path: Path) -> None:
+    from common.config import validate_device_limits
+    from common.errors import ConfigError
+    from simulations.run import load_settings
+
+    with pytest.raises(ConfigError, match=r"^--max-epsilon must be a number > 0, got 0$"):
+        validate_device_limits({"max-epsilon": 0}, lambda key: f"--{key}")
+    config = tmp_path / "sim.toml"
+    config.write_text("[simulation]\nnum-clients = 2\ndelta = 0.5\n\n[run-config]\n")
+    with pytest.raises(ConfigError, match=r"\[simulation\] delta must be in \[0, 0.1\)"):
+        load_settings(config)
+    config.write_text('[simulation]\nnum-clients = 2\nallow-no-dp = "yes"\n\n[run-config]\n')
+    with pytest.raises(ConfigError, match=r"\[simulation\] allow-no-dp must be true or false"):
+        load_settings(config)
