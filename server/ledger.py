@@ -51,6 +51,14 @@ class Ledger:
             data = json.loads(self.path.read_text())
             self.entries = list(data.get("entries", []))
             self.meta = {**data.get("meta", {}), **self.meta}
+        self._steps: dict[int, int] = {}  # each client's highest step count accepted so far (rollback check)
+        for e in self.entries:
+            self._count(e)
+
+    def _count(self, entry: Mapping[str, Any]) -> None:
+        if "client" in entry and P.TOTAL_STEPS in entry and entry.get("status") != "rejected":
+            client = int(entry["client"])
+            self._steps[client] = max(self._steps.get(client, 0), int(entry[P.TOTAL_STEPS]))
 
     def record(
         self,
@@ -77,6 +85,7 @@ class Ledger:
         if reason:
             entry["reason"] = reason
         self.entries.append(entry)
+        self._count(entry)
 
     def check_no_rollback(self, client: int, metrics: Mapping[str, Any]) -> None:
         """Raise StateRollback if ``client`` reports fewer DP steps in all than it reported before.
@@ -86,15 +95,7 @@ class Ledger:
         """
         if P.TOTAL_STEPS not in metrics:
             return
-        now = int(metrics[P.TOTAL_STEPS])
-        before = max(
-            (
-                int(e[P.TOTAL_STEPS])
-                for e in self.entries
-                if e.get("client") == client and P.TOTAL_STEPS in e and e.get("status") != "rejected"
-            ),
-            default=0,
-        )
+        now, before = int(metrics[P.TOTAL_STEPS]), self._steps.get(client, 0)
         if now < before:
             raise StateRollback(
                 f"state rolled back: the client reports {now} DP steps in all, fewer than the {before} it "
