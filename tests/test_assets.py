@@ -85,7 +85,7 @@ def test_missing_asset_names_the_fetch_command(tmp_cache: Path, monkeypatch: pyt
 
 
 def test_unknown_asset_lists_known_names(tmp_cache: Path) -> None:
-    with pytest.raises(AssetError, match="known assets: minilm, news, shakespeare, smollm2, tweets"):
+    with pytest.raises(AssetError, match="known assets: minilm, news, shakespeare, smollm2, tweets, wnut16"):
         assets.asset_path("bert")
     with pytest.raises(AssetError, match="unknown asset"):
         assets.fetch("bert")
