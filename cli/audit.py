@@ -134,3 +134,8 @@ def canary(
     if dp and result["epsilon-lower-bound"] > epsilon:
         console.print("[bold red]FAIL[/]: the empirical lower bound exceeds the claimed ε")
         raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``audit`` group to ``app``."""
+    app.add_typer(audit_app, name="audit")

@@ -63,7 +63,7 @@ def test_simulation_keys_are_the_documented_ones() -> None:
 
 
 def test_agent_limits_match_the_command() -> None:
-    from cli.main import agent
+    from cli.deploy import agent
 
     params = inspect.signature(agent).parameters
     documented = {e.key: e for e in config_doc.AGENT}
