@@ -1,4 +1,4 @@
-"""``fedpers predict``: classify texts offline with a client's personal model."""
+"""``fedpers predict``: classify texts, or tag their entities, offline with a client's personal model."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from common.errors import FedpersError
 
 
 def predict(
-    texts: list[str] = typer.Argument(..., help="texts to classify"),
+    texts: list[str] = typer.Argument(..., help="texts to classify (or tag, for an entity tagger)"),
     state_dir: Path = typer.Option(
         ..., help="the client's state folder (e.g. runs/<run>/clients/client-0000)"
     ),
@@ -21,17 +21,16 @@ def predict(
         None, help="state key file (default: <state-dir>/state.key or $FEDPERS_STATE_KEY)"
     ),
 ) -> None:
-    """Classify texts offline with the latest shared adapters plus this user's personal part."""
+    """Classify texts (or tag their entities) offline with the shared adapters and this user's own part."""
     from client.predict import predict as run_predict
 
     try:
         results = run_predict(state_dir, texts, key_file)
     except (FedpersError, ValueError) as exc:
         fail(exc)
-    table = Table("text", "label", "probabilities")
+    table = Table(*results[0].columns)
     for r in results:
-        probs = "  ".join(f"{k} {v:.2f}" for k, v in r.probabilities.items())
-        table.add_row(r.text[:60], f"[bold]{r.label}[/]", probs)
+        table.add_row(*r.row())
     Console().print(table)
 
 

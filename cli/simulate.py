@@ -15,6 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cli.output import console, fail
 from common.errors import FedpersError
 
+# the headline score of each task, as the progress bar shows it (the first one a round line has)
+_SHOWN = (("perplexity", "perplexity"), ("entity F1", "entity-f1"), ("acc", "eval-acc"))
+
 
 def simulate(
     config: Path = typer.Option(None, "--config", "-c", help="simulation TOML (simulations/configs/*.toml)"),
@@ -86,8 +89,8 @@ def simulate(
         def on_round(mode: str, line: dict[str, Any]) -> None:
             if mode not in tasks:
                 tasks[mode] = progress.add_task(f"{mode:>10}", total=line["total_rounds"], info="")
-            acc = line.get("eval-acc-mean")
-            info = f"acc {acc:.3f}" if acc is not None else ""
+            shown = [(k, line[f"{key}-mean"]) for k, key in _SHOWN if f"{key}-mean" in line]
+            info = f"{shown[0][0]} {shown[0][1]:.3f}" if shown else ""
             if "epsilon-max" in line:
                 info += f"  ε≤{line['epsilon-max']:.2f}"
             progress.update(tasks[mode], completed=line["round"], info=info)

@@ -94,7 +94,7 @@ def load_chat(
     """
     from client.predict import load_personal
 
-    cfg, backbone, model, state = load_personal(state_dir, key_file, causal=True, device=device)
+    cfg, backbone, model, state = load_personal(state_dir, key_file, command="chat", device=device)
     return backbone, model, kept_turns(cfg, state.examples)
 
 

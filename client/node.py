@@ -10,28 +10,27 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from client.feature_cache import FeatureCache
 from client.state import PersonalState, StateStore
-from client.training import DPPlan, TrainOutcome, evaluate, sample_rate, steps_per_epoch, train
+from client.training import DPPlan, TrainOutcome, sample_rate, steps_per_epoch, train
 from common import protocol as P
-from common.chat_format import keep_turns
-from common.config import Config, is_causal
-from common.data import ClientData, label_names, load_client_data, majority_baseline_accuracy
+from common.config import Config
 from common.device import place, resolve_device
 from common.errors import DeviceRefusal, PrivacyBudgetExhausted, StateError
-from common.features import Features, encode
-from common.model import Backbone, PersonalModel, get_backbone
+from common.features import Features
 from common.params import get_arrays, nbytes, set_arrays
 from common.privacy import SAMPLE_DELTA, calibrate_sigma, check_delta, compose, default_delta, epsilon
 from common.split import Role, split_names
+from common.tasks import Backbone, Task, get_task
 
 log = logging.getLogger("flwr")
 Arrays = dict[str, np.ndarray]
@@ -91,13 +90,13 @@ def device_delta(cfg: Config, node: NodeInfo, n: int) -> float:
 
 @dataclass
 class _Session:
-    data: ClientData
+    task: Task
+    data: Any  # the task's rows of this user
     backbone: Backbone
-    model: PersonalModel
+    model: nn.Module
     roles: dict[Role, list[str]]
     store: StateStore
     state: PersonalState
-    max_length: int
     device: torch.device
     cache: FeatureCache | None = None
 
@@ -112,10 +111,7 @@ class _Session:
         return self._features("test")
 
     def _features(self, split: str) -> Features:
-        d = self.data
-        texts, labels, prompts = (getattr(d, f"{split}_{part}") for part in ("texts", "labels", "prompts"))
-        b, n, dev = self.backbone, self.max_length, self.device
-        feats = encode(b, texts, labels, n, device=dev, prompts=prompts, store=self.cache)
+        feats = self.task.features(self.backbone, self.data, split, device=self.device, store=self.cache)
         return feats.to(self.device)
 
 
@@ -125,8 +121,9 @@ def _seed(*parts: int) -> int:
 
 
 def _open(cfg: Config, node: NodeInfo, shared: Arrays) -> _Session:
-    data = load_client_data(cfg.task, node.partition_id, node.num_partitions, node.data_path)
-    backbone = get_backbone(cfg, len(label_names(cfg.task)))
+    task = get_task(cfg)
+    data = task.load(node.partition_id, node.num_partitions, node.data_path)
+    backbone = task.backbone()
     device = resolve_device(node.device)
     place(backbone, device)  # the model is born on the device, with the frozen weights it shares
     model = backbone.new_model()
@@ -146,7 +143,7 @@ def _open(cfg: Config, node: NodeInfo, shared: Arrays) -> _Session:
     for name, param in model.named_parameters():
         param.requires_grad_(name in roles["shared"] or name in roles["personal"])
     cache = FeatureCache(node.feature_cache, node.key_file) if node.feature_cache else None
-    return _Session(data, backbone, model, roles, store, state, cfg.task.max_length, device, cache)
+    return _Session(task, data, backbone, model, roles, store, state, device, cache)
 
 
 def _plan(cfg: Config, s: _Session, node: NodeInfo, rounds_left: int) -> DPPlan:
@@ -227,13 +224,6 @@ def _privacy_metrics(cfg: Config, s: _Session, plan: DPPlan | None, steps: int) 
     }
 
 
-def _baseline(cfg: Config, s: _Session) -> Metrics:
-    """The own-majority-label accuracy (a classifier's trivial baseline; none for a causal LM)."""
-    if is_causal(cfg):
-        return {}
-    return {P.MAJORITY_ACC: majority_baseline_accuracy(s.data)}
-
-
 def _save(s: _Session) -> None:
     s.state.tensors = get_arrays(s.model, s.roles["personal"])
     s.store.save(s.state)
@@ -244,12 +234,11 @@ def run_train(cfg: Config, node: NodeInfo, shared: Arrays, server_round: int) ->
     check_device_limits(cfg, node)
     s = _open(cfg, node, shared)
     report = cfg.client.report_before_after  # two extra test passes per round: optional for speed
-    before = evaluate(s.model, s.test) if report else None
-    acc_before = before[0] if before else None
+    before = s.task.evaluate(s.model, s.test) if report else None
     seed = _seed(cfg.task.seed, node.partition_id, server_round, s.state.rounds_trained)
     rounds_left = max(1, cfg.fed.num_rounds - server_round + 1) if server_round > 0 else cfg.fed.num_rounds
     outcome, plan = _local_train(cfg, s, node, cfg.train.local_epochs, seed, rounds_left)
-    acc_after = evaluate(s.model, s.test)[0] if report else None
+    after = s.task.evaluate(s.model, s.test) if report else None
     s.state.rounds_trained += 1
     s.state.examples_seen += len(s.train)
     _save(s)
@@ -260,14 +249,13 @@ def run_train(cfg: Config, node: NodeInfo, shared: Arrays, server_round: int) ->
         P.PARTITION_ID: node.partition_id,
         P.LOSS: outcome.loss,
         P.TRAIN_SECONDS: outcome.seconds,
-        **_baseline(cfg, s),
+        **s.task.baseline(s.data),
         P.BYTES_UP: nbytes(out),
         P.UPDATE_NORM: delta_norm,
     }
-    if acc_before is not None and acc_after is not None:
-        metrics.update({P.ACC_BEFORE: acc_before, P.ACC_AFTER: acc_after})
-    if before is not None and is_causal(cfg):
-        metrics[P.PPL_BEFORE] = math.exp(min(before[1], 50.0))
+    if before is not None and after is not None:
+        metrics.update({P.ACC_BEFORE: before.accuracy, P.ACC_AFTER: after.accuracy})
+        metrics.update({f"{k}-before": v for k, v in before.metrics.items()})  # e.g. perplexity-before
     metrics.update(_privacy_metrics(cfg, s, plan, outcome.steps))
     return out, metrics
 
@@ -286,16 +274,15 @@ def run_evaluate(cfg: Config, node: NodeInfo, shared: Arrays, final_round: bool)
         outcome, plan = _local_train(cfg, s, node, cfg.personalization.finetune_epochs, seed, 0)
         steps = outcome.steps
         s.store.save(s.state)  # the fine-tuned copy is not kept, the privacy spend is
-    acc, loss = evaluate(s.model, s.test)
+    ev = s.task.evaluate(s.model, s.test)
     metrics: Metrics = {
         P.NUM_EXAMPLES: len(s.test),
         P.PARTITION_ID: node.partition_id,
-        P.EVAL_ACC: acc,
-        P.EVAL_LOSS: loss,
-        **_baseline(cfg, s),
+        P.EVAL_ACC: ev.accuracy,
+        P.EVAL_LOSS: ev.loss,
+        **ev.metrics,
+        **s.task.baseline(s.data),
     }
-    if is_causal(cfg):
-        metrics[P.PERPLEXITY] = math.exp(min(loss, 50.0))
     if cfg.dp.enabled and s.state.run_plan:
         delta = float(s.state.run_plan["delta"])
         metrics[P.EPSILON] = epsilon(s.state.history, delta, cfg.dp.accountant)
@@ -304,16 +291,6 @@ def run_evaluate(cfg: Config, node: NodeInfo, shared: Arrays, final_round: bool)
     # Keep the latest global tensors and the configuration on the device: `fedpers predict` works offline.
     s.state.shared = {k: np.asarray(v, dtype=np.float32) for k, v in shared.items()}
     s.state.meta["config"] = cfg.to_run_config()
-    s.state.examples = _chat_examples(cfg, s)
+    s.state.examples = s.task.chat_examples(s.backbone, s.data)
     s.store.save(s.state)
     return metrics
-
-
-def _chat_examples(cfg: Config, s: _Session) -> list[tuple[str, str]]:
-    """``client.chat-examples`` of this user's own training turns, for `fedpers chat` (kept on the device)."""
-    d = s.data
-    if not is_causal(cfg) or not d.train_prompts:
-        return []
-    c = cfg.client  # "retrieve" keeps a pool and picks from it per message (client.generate)
-    tok, n = s.backbone.tokenizer, cfg.task.max_length
-    return keep_turns(tok, d.train_prompts, d.train_texts, n, c.chat_pick, c.chat_examples, c.chat_pool)

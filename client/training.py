@@ -10,11 +10,11 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -24,8 +24,12 @@ from common.errors import ConfigError, DataError
 from common.features import Features
 from common.params import unwrap
 from common.privacy import History
+from common.tasks import get_task
 
 logging.getLogger("flwr").propagate = False
+
+
+Losses = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # per example
 
 
 @dataclass(frozen=True)
@@ -55,81 +59,6 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 def sample_rate(num_examples: int, batch_size: int) -> float:
     """Poisson sampling rate q used by Opacus for this data size and expected batch size."""
     return 1.0 / steps_per_epoch(num_examples, batch_size)
-
-
-def _token_losses(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A causal LM's per-token losses, predictions and validity, shifted: position t predicts token t+1."""
-    logits, y = logits[:, :-1], y[:, 1:]
-    valid = y != -100
-    tok = F.cross_entropy(logits.transpose(1, 2), y.clamp(min=0), reduction="none") * valid
-    return tok, (logits.argmax(-1) == y) & valid, valid
-
-
-def example_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Each example's loss: cross-entropy for a classifier, mean next-token loss for a causal LM.
-
-    One value per example is what DP-SGD clips, so a long speech weighs no more than a short one. This is
-    the reference formula over full logits; training and evaluation use :func:`model_losses`, which
-    projects only the scored positions and is tested equal to it.
-    """
-    if logits.dim() == 2:
-        return F.cross_entropy(logits, y, reduction="none")
-    tok, _, valid = _token_losses(logits, y)
-    return tok.sum(1) / valid.sum(1).clamp(min=1)
-
-
-def scored_predictions(
-    model: nn.Module, h: torch.Tensor, m: torch.Tensor, y: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits, targets, example row) of every scored prediction.
-
-    A classifier scores one label per example. A causal LM scores position t by token t+1 where that
-    token is a target (not padding, not an unscored prompt), and only those positions are projected
-    onto the vocabulary (``select``); the result equals slicing the full logits.
-    """
-    if y.dim() == 1:
-        return model(h, m), y, torch.arange(len(y), device=y.device)
-    keep = y[:, 1:] != -100
-    select = F.pad(keep, (0, 1))  # the last position predicts nothing
-    rows = torch.arange(len(y), device=y.device).unsqueeze(1).expand_as(keep)[keep]
-    return model(h, m, select=select), y[:, 1:][keep], rows
-
-
-def model_losses(model: nn.Module, h: torch.Tensor, m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Each example's loss under ``model`` (what DP-SGD clips); equals ``example_losses(model(h, m), y)``."""
-    logits, target, rows = scored_predictions(model, h, m, y)
-    tok = F.cross_entropy(logits, target, reduction="none")
-    if y.dim() == 1:
-        return tok
-    total = torch.zeros(len(y), dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
-    count = torch.zeros_like(total).index_add(0, rows, torch.ones_like(tok))
-    return total / count.clamp(min=1)
-
-
-def _scores(model: nn.Module, h: torch.Tensor, m: torch.Tensor, y: torch.Tensor) -> tuple[int, int, float]:
-    """(correct, counted, summed loss): per example for a classifier, per next token for a causal LM."""
-    logits, target, _ = scored_predictions(model, h, m, y)
-    loss = float(F.cross_entropy(logits, target, reduction="sum"))
-    return int((logits.argmax(-1) == target).sum()), len(target), loss
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, feats: Features, batch: int = 0) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``model`` on ``feats``.
-
-    For a causal LM: next-token accuracy and the mean loss per predicted token (perplexity = exp).
-    """
-    batch = batch or (128 if feats.labels.dim() == 1 else 8)  # LM logits are (batch, tokens, vocab)
-    feats = feats.to(device_of(model))  # the data follows the model (a no-op where it already is)
-    was_training = model.training
-    model.eval()
-    correct, counted, loss = 0, 0, 0.0
-    for i in range(0, len(feats), batch):
-        h, m, y = feats.batch(slice(i, i + batch))
-        c, k, lsum = _scores(model, h, m, y)
-        correct, counted, loss = correct + c, counted + k, loss + lsum
-    model.train(was_training)
-    return correct / max(counted, 1), loss / max(counted, 1)
 
 
 def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -179,11 +108,14 @@ def train(
     model.train()
     feats = feats.to(device_of(model))
     opt = _optimizer(model, cfg)
+    losses = get_task(cfg).losses
     start = time.perf_counter()
     if plan is None:
-        loss, steps = _train_plain(model, feats, opt, cfg.train.batch_size, epochs, physical_batch)
+        loss, steps = _train_plain(model, feats, opt, losses, cfg.train.batch_size, epochs, physical_batch)
         return TrainOutcome(loss, steps, list(history), time.perf_counter() - start)
-    loss, steps, new_history = _train_dp(model, feats, opt, cfg, epochs, plan, history, physical_batch)
+    loss, steps, new_history = _train_dp(
+        model, feats, opt, losses, cfg, epochs, plan, history, physical_batch
+    )
     return TrainOutcome(loss, steps, new_history, time.perf_counter() - start)
 
 
@@ -198,6 +130,7 @@ def _train_plain(
     model: nn.Module,
     feats: Features,
     opt: torch.optim.Optimizer,
+    losses: Losses,
     batch: int,
     epochs: int,
     physical_batch: int = 0,
@@ -209,7 +142,7 @@ def _train_plain(
             value = 0.0
             for part in _slices(idx, physical_batch):
                 h, m, y = feats.batch(part)
-                loss = model_losses(model, h, m, y).sum() / len(idx)
+                loss = losses(model, h, m, y).sum() / len(idx)
                 loss.backward()
                 value += loss.item()
             opt.step()
@@ -221,6 +154,7 @@ def _train_dp(
     model: nn.Module,
     feats: Features,
     opt: torch.optim.Optimizer,
+    losses: Losses,
     cfg: Config,
     epochs: int,
     plan: DPPlan,
@@ -235,7 +169,7 @@ def _train_dp(
     expected_q = sample_rate(len(feats), cfg.train.batch_size)
     if abs(expected_q - plan.sample_rate) > 1e-12:
         raise DataError(f"sample rate {plan.sample_rate} planned but the data gives {expected_q}")
-    ghost = cfg.dp.grad_sample_mode == "ghost"  # the config has refused ghost with a causal LM or per-tensor
+    ghost = cfg.dp.grad_sample_mode == "ghost"  # the config allows it for the classifier, flat clipping only
     kwargs: dict[str, Any] = {"criterion": nn.CrossEntropyLoss(reduction="mean")} if ghost else {}
     max_grad_norm: float | list[float] = cfg.dp.max_grad_norm
     if cfg.dp.clipping == "per-tensor":
@@ -287,7 +221,7 @@ def _train_dp(
                     parts = _slices(idx, physical_batch)
                     for j, part in enumerate(parts):
                         h, m, y = feats.batch(part)
-                        loss = model_losses(dp_model, h, m, y).sum()
+                        loss = losses(dp_model, h, m, y).sum()
                         loss.backward()
                         value += loss.item()
                         if j < len(parts) - 1:

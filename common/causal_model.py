@@ -18,9 +18,11 @@ import copy
 import hashlib
 import inspect
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
@@ -29,7 +31,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from common.config import Config
 from common.errors import ModelError
-from common.model import add_lora
+from common.lora import add_lora
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -234,7 +236,6 @@ class CausalBackbone:
     template: CausalPersonalModel
     total_params: int
     fingerprint: str
-    causal: ClassVar[bool] = True  # the targets are the text itself, token by token
 
     def new_model(self) -> CausalPersonalModel:
         """A fresh copy of the seeded initial model; the frozen weights are shared, not copied."""
@@ -242,6 +243,26 @@ class CausalBackbone:
         model = copy.deepcopy(self.template, memo)
         model.train()
         return model
+
+    def targets(
+        self,
+        ids: Sequence[Sequence[int]],
+        unscored: Sequence[int],
+        labels: np.ndarray | None,
+        order: np.ndarray,
+    ) -> torch.Tensor:
+        """The text itself, token by token: (N, tokens) ids in row order, -100 on padding and prompts."""
+        return token_targets(ids, unscored, order, max(len(x) for x in ids))
+
+
+def token_targets(
+    ids: Sequence[Sequence[int]], unscored: Sequence[int], order: np.ndarray, width: int
+) -> torch.Tensor:
+    """(N, width) target ids in row order: -100 where there is no token and on unscored prompt tokens."""
+    out = torch.full((len(ids), width), -100, dtype=torch.long)
+    for row, i in enumerate(order):
+        out[row, unscored[i] : len(ids[i])] = torch.tensor(ids[i][unscored[i] :], dtype=torch.long)
+    return out
 
 
 def _load_lm(cfg: Config) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:

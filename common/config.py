@@ -25,6 +25,7 @@ from common.pii import check_patterns
 DEFAULTS = Path(__file__).resolve().with_name("defaults.toml")  # the defaults fedpers reads (in the wheel)
 
 TEXT_DATASETS = ("shakespeare", "text-file")  # free text for the causal LMs (no labels)
+TAGGED_DATASETS = ("wnut16",)  # a tag per word: named-entity recognition (common.tasks.tag)
 USER_FILE_DATASETS = ("file", "text-file")  # bring-your-own files: one client per user
 MODES = ("fedper", "local", "fedavg", "fedavg-ft", "fedsa", "ffa", "fedbias")
 CAUSAL_MODELS = ("smollm2", "tiny-lm")  # model.name values that build the generative model
@@ -45,7 +46,7 @@ CHAT_KEYS = ("client.chat-examples", "client.chat-pick", "client.chat-pool")
 RULES = (
     "A key that does not apply to the chosen task or setting is refused unless it keeps its default.",
     "`model.name` and `task.dataset` go together: the causal LMs (smollm2, tiny-lm) learn from shakespeare "
-    "or text-file, the classifiers (minilm, tiny) from tweets, news or file.",
+    "or text-file, the encoders (minilm, tiny) from tweets, news, file (classify) or wnut16 (tag entities).",
     "`model.personal-part` applies to the causal LMs only.",
     '`task.labels` applies to (and is needed by) `task.dataset = "file"`; `task.data-path`, '
     "`task.min-examples` and `task.max-users` to file and text-file; `task.dirichlet-alpha` to tweets and "
@@ -56,7 +57,7 @@ RULES = (
     "`task.pii-scrub = true` and must be valid regular expressions.",
     "`dp.user-*` need `dp.user-level = true`; `dp.user-target-quantile`, `dp.user-clip-lr` and "
     '`dp.user-count-stddev` need `dp.user-clipping = "adaptive"`.',
-    '`dp.grad-sample-mode = "ghost"` works with the classifiers and `dp.clipping = "flat"` only '
+    '`dp.grad-sample-mode = "ghost"` works with the text classifiers and `dp.clipping = "flat"` only '
     "(and no `fedpers agent --max-physical-batch` cap, checked on the device).",
     "With `secagg.enabled`: `secagg.num-shares` odd, `secagg.threshold` below it, `fed.min-clients` at "
     "least `secagg.num-shares`, `dp.user-level = false`, and a `personalization.mode` that shares tensors.",
@@ -75,7 +76,9 @@ def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
 class TaskConfig:
     """What data each client learns from."""
 
-    dataset: str = dataclasses.field(metadata=_choices("tweets", "news", "file", "shakespeare", "text-file"))
+    dataset: str = dataclasses.field(
+        metadata=_choices("tweets", "news", "file", "shakespeare", "text-file", "wnut16")
+    )
     data_path: str
     labels: str
     dirichlet_alpha: float = dataclasses.field(metadata=_range(1e-6, None))
@@ -320,17 +323,18 @@ def _check_across(cfg: Config) -> None:
         raise ConfigError(
             f"model.name = {cfg.model.name!r} does not fit task.dataset = {cfg.task.dataset!r}: "
             f"the causal LMs ({', '.join(CAUSAL_MODELS)}) learn from text (task.dataset = "
-            "'shakespeare' or 'text-file'), the classifiers (minilm, tiny) from labelled examples "
-            "(tweets, news, file)"
+            "'shakespeare' or 'text-file'), the encoders (minilm, tiny) from labelled examples "
+            "(tweets, news, file, wnut16)"
         )
     part = cfg.model.personal_part
     _only_for(cfg.model.name, CAUSAL_MODELS, "model.personal-part", part, key_of="model.name")
     for key in CHAT_KEYS:
         _unless(key, getattr(cfg.client, _field(key)), "task.lm-format", cfg.task.lm_format, "chat")
-    if causal and cfg.dp.grad_sample_mode == "ghost":
+    if cfg.dp.grad_sample_mode == "ghost" and (causal or cfg.task.dataset in TAGGED_DATASETS):
+        what = f"model.name = {cfg.model.name!r}" if causal else f"task.dataset = {cfg.task.dataset!r}"
         raise ConfigError(
-            f"dp.grad-sample-mode = 'ghost' supports the classifiers only, not model.name = "
-            f"{cfg.model.name!r}: use 'hooks' or 'functorch'"
+            f"dp.grad-sample-mode = 'ghost' supports the text classifiers only, not {what}: "
+            "use 'hooks' or 'functorch'"
         )
     if cfg.secagg.enabled:
         _check_secagg(cfg)
@@ -402,11 +406,6 @@ def _check_labels(labels: str) -> None:
         )
     if len(set(names)) != len(names):
         raise ConfigError(f"task.labels lists a label twice: {labels!r}")
-
-
-def is_causal(cfg: Config) -> bool:
-    """Whether ``cfg`` builds the generative model (common.causal_model) rather than the classifier."""
-    return cfg.model.name in CAUSAL_MODELS
 
 
 def _key(section: str, field: str) -> str:

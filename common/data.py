@@ -34,7 +34,7 @@ NEWS_BODY_CHARS = 600
 
 @dataclasses.dataclass(frozen=True)
 class ClientData:
-    """One client's train and test split (labels are read-only int64 arrays)."""
+    """One client's train and test split (labels are read-only int64 arrays; none for free text)."""
 
     train_texts: tuple[str, ...]
     train_labels: np.ndarray
@@ -54,19 +54,21 @@ class ClientData:
             labels = np.array(getattr(self, f"{split}_labels"), dtype=np.int64).reshape(-1)
             labels.flags.writeable = False
             object.__setattr__(self, f"{split}_labels", labels)
+            if not self.label_names and not labels.size:  # free text: the targets are the text itself
+                continue
             if len(labels) != len(getattr(self, f"{split}_texts")):
                 raise DataError(f"{self.user}: {split} texts and labels differ in length")
             if labels.size and (labels.min() < 0 or labels.max() >= len(self.label_names)):
                 raise DataError(f"{self.user}: {split} labels outside 0..{len(self.label_names) - 1}")
 
 
-LM_LABELS = ("next-token",)  # a causal LM's targets are the text itself: one placeholder "class"
-
-
 def label_names(task: TaskConfig) -> tuple[str, ...]:
-    """The class names of ``task.dataset`` (read from ``task.labels`` for "file"), without loading data."""
+    """The class names of ``task.dataset`` (read from ``task.labels`` for "file"), without loading data.
+
+    Free text (shakespeare, text-file) has none: its targets are the text itself.
+    """
     if task.dataset in TEXT_DATASETS:
-        return LM_LABELS
+        return ()
     if task.dataset == "tweets":
         return TWEET_LABELS
     if task.dataset == "news":
@@ -226,10 +228,10 @@ def _text_client(
         prompts = {name: tuple(clean(cues[i]) for i in idx) for name, idx in split.items()}
     return ClientData(
         out["train"],
-        np.zeros(len(train)),
+        np.zeros(0),
         out["test"],
-        np.zeros(len(test)),
-        LM_LABELS,
+        np.zeros(0),
+        (),
         user,
         train_prompts=prompts["train"],
         test_prompts=prompts["test"],

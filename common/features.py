@@ -12,19 +12,19 @@ import hashlib
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import transformers
 from torch import nn
 
+from common.backbone import Backbone
 from common.chat_format import Example, tokenize_turns
 from common.device import frozen_autocast, place
 from common.errors import DataError
-from common.model import Backbone
 
 _CACHE: OrderedDict[str, Features] = OrderedDict()
 _CACHE_SIZE = 64
@@ -39,7 +39,7 @@ class Features:
 
     hidden: torch.Tensor  # (N, T, H) float32
     mask: torch.Tensor  # (N, T) int64
-    labels: torch.Tensor  # (N,) int64 class ids, or (N, T) token ids for a causal LM (-100 = padding)
+    labels: torch.Tensor  # (N,) int64 class ids, or (N, T) per-token targets (-100 = not scored)
     source: torch.Tensor | None = None  # (N,) each row's index among the texts encoded (rows are sorted)
 
     def __len__(self) -> int:
@@ -50,7 +50,7 @@ class Features:
         mask = self.mask[index]
         width = max(int(mask.sum(1).max().item()) if len(mask) else 1, 1)
         labels = self.labels[index]
-        if labels.dim() == 2:  # a causal LM's per-token targets are trimmed with the tokens
+        if labels.dim() == 2:  # per-token targets are trimmed with the tokens
             labels = labels[:, :width]
         return self.hidden[index][:, :width], mask[:, :width], labels
 
@@ -74,7 +74,7 @@ class PrefixStore(Protocol):
 def encode(
     backbone: Backbone,
     texts: Sequence[str],
-    labels: np.ndarray,
+    labels: np.ndarray | None,
     max_length: int,
     chunk: int = 64,
     device: torch.device | None = None,
@@ -85,65 +85,66 @@ def encode(
     """Features of ``texts`` under ``backbone``, rows sorted by token length (cached per process and device).
 
     The prefix is frozen, so caching is exact; the row order does not matter to training (Poisson or
-    shuffled batches) or evaluation, and ``labels`` are reordered with the rows. The prefix runs on
-    ``device`` (bf16 autocast on CUDA, see common.device); the cached features live on the CPU.
+    shuffled batches) or evaluation, and the targets (``backbone.targets``: ``labels`` for a
+    classifier, the text itself for a causal LM, which takes ``labels = None``) are put in row order.
+    The prefix runs on ``device`` (bf16 autocast on CUDA, see common.device); the cached features live
+    on the CPU.
     With ``prompts`` (a causal LM trained on chat turns) each text is the reply to its prompt: the
     prompt's tokens are attended to but not scored (see common.chat_format). With ``store`` the prefix's
     output is looked up there first and saved there after it is computed. ``examples`` (chat turns only)
     are earlier turns put before every prompt, attended to and never scored (common.chat_format).
     """
-    if len(texts) != len(labels):
+    if labels is not None and len(texts) != len(labels):
         raise DataError(f"{len(texts)} texts but {len(labels)} labels")
     if len(texts) == 0:
         raise DataError("no examples to encode")
-    if prompts and not backbone.causal:
-        raise DataError("prompts (chat turns) need a causal LM; a classifier reads texts only")
     if examples and not prompts:
         raise DataError("example turns go before chat prompts: give prompts too")
+    material = [f"{max_length}|{len(prompts)}|{len(examples)}|".encode()]
+    for t in (*texts, *prompts, *(part for turn in examples for part in turn)):
+        material.append(t.encode("utf-8", "replace") + b"\x00")
+    if labels is not None:
+        material.append(b"labels|" + np.asarray(labels, dtype=np.int64).tobytes())
+
+    def tokenize() -> tuple[list[list[int]], Callable[[np.ndarray], torch.Tensor]]:
+        if prompts:
+            ids, unscored = tokenize_turns(backbone.tokenizer, prompts, texts, max_length, examples)
+        else:
+            ids, unscored = _token_ids(backbone, texts, max_length), [0] * len(texts)
+        return ids, lambda order: backbone.targets(ids, unscored, labels, order)
+
+    return encode_rows(backbone, b"".join(material), tokenize, chunk, device, store)
+
+
+def encode_rows(
+    backbone: Backbone,
+    material: bytes,
+    tokenize: Callable[[], tuple[list[list[int]], Callable[[np.ndarray], torch.Tensor]]],
+    chunk: int = 64,
+    device: torch.device | None = None,
+    store: PrefixStore | None = None,
+) -> Features:
+    """Features of the rows ``tokenize()`` gives: (token ids, targets in a row order) — every task's encoder.
+
+    ``material`` is everything the ids and targets depend on besides the backbone and the device; it keys
+    the per-process cache, so ``tokenize`` runs only on a miss.
+    """
     digest = hashlib.sha256()
     where = (device or torch.device("cpu")).type  # bf16 on CUDA: not the CPU's float32 features
-    digest.update(f"{backbone.fingerprint}|{max_length}|{len(prompts)}|{len(examples)}|{where}|".encode())
-    for t in (*texts, *prompts, *(part for turn in examples for part in turn)):
-        digest.update(t.encode("utf-8", "replace") + b"\x00")
-    digest.update(np.asarray(labels, dtype=np.int64).tobytes())
+    digest.update(f"{backbone.fingerprint}|{where}|".encode() + material)
     key = digest.hexdigest()
     with _LOCK:
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
-    if prompts:
-        ids, unscored = tokenize_turns(backbone.tokenizer, prompts, texts, max_length, examples)
-    else:
-        ids, unscored = _token_ids(backbone, texts, max_length), [0] * len(texts)
+    ids, targets = tokenize()
     hidden, mask, order = run_prefix(backbone, ids, chunk, device, store)
-    if backbone.causal:  # the targets are the text itself, next token by next token
-        targets = token_targets(ids, unscored, order, mask.shape[1])
-        return _store(key, Features(hidden=hidden, mask=mask, labels=targets, source=torch.as_tensor(order)))
-    feats = Features(
-        hidden=hidden,
-        mask=mask,
-        labels=torch.tensor(np.asarray(labels, dtype=np.int64)[order]),
-        source=torch.as_tensor(order),
-    )
-    return _store(key, feats)
-
-
-def _store(key: str, feats: Features) -> Features:
+    feats = Features(hidden=hidden, mask=mask, labels=targets(order), source=torch.as_tensor(order))
     with _LOCK:
         _CACHE[key] = feats
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return feats
-
-
-def token_targets(
-    ids: Sequence[Sequence[int]], unscored: Sequence[int], order: np.ndarray, width: int
-) -> torch.Tensor:
-    """(N, width) target ids in row order: -100 where there is no token and on unscored prompt tokens."""
-    out = torch.full((len(ids), width), -100, dtype=torch.long)
-    for row, i in enumerate(order):
-        out[row, unscored[i] : len(ids[i])] = torch.tensor(ids[i][unscored[i] :], dtype=torch.long)
-    return out
 
 
 def _token_ids(backbone: Backbone, texts: Sequence[str], max_length: int) -> list[list[int]]:
@@ -224,7 +225,8 @@ def _forward(
     lengths = np.array([len(x) for x in ids])
     order = np.argsort(lengths, kind="stable")
     width = int(lengths.max())
-    hidden = torch.zeros(len(ids), width, backbone.prefix.config.hidden_size)
+    config: Any = backbone.prefix.config
+    hidden = torch.zeros(len(ids), width, config.hidden_size)
     mask = torch.zeros(len(ids), width, dtype=torch.long)
     pad = backbone.tokenizer.pad_token_id or 0
     place(backbone, device)  # a no-op where it already is; models made next are born there too

@@ -1,4 +1,4 @@
-"""The classifier: a frozen pretrained encoder, PEFT LoRA on its top layers, and a personal head.
+"""The encoder backbones: a frozen pretrained encoder, PEFT LoRA on its top layers, and a personal head.
 
 The encoder is cut in two at ``model.frozen-layers``:
 
@@ -8,6 +8,8 @@ The encoder is cut in two at ``model.frozen-layers``:
 * :class:`PersonalModel` — the top layers wrapped by ``peft.get_peft_model`` (the shared LoRA adapters),
   mean pooling, and the classification ``head``, kept OUTSIDE the PeftModel so PEFT never puts it into
   an adapter state dict. This is the only module Opacus ever sees.
+* :class:`TaggerModel` — the same top layers and a token-level ``head`` (one tag per token, no pooling):
+  the named-entity tagger (common.tasks.tag).
 
 Every node builds the same frozen base (pretrained weights, or a seeded random init for ``tiny``) and
 the same initial adapters and head (seeded with ``model.seed``).
@@ -18,20 +20,19 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
+import numpy as np
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
 from torch import nn
 from transformers import BertConfig, BertModel, PreTrainedTokenizerBase
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import logging as hf_logging
 
-from common.config import Config, is_causal
-from common.errors import ModelError
+from common.config import Config
+from common.errors import DataError, ModelError
+from common.lora import add_lora
 from common.tokenizer import load_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -96,22 +97,48 @@ class PersonalModel(nn.Module):
         return self.head(pooled)
 
 
+class TaggerModel(nn.Module):
+    """Top layers with LoRA (``body``) + the personal token-level ``head``: tag logits for every token."""
+
+    def __init__(self, body: nn.Module, hidden_size: int, num_tags: int) -> None:
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(hidden_size, num_tags)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Tag logits (batch, tokens, tags) from cached prefix features."""
+        return self.head(self.body(hidden, attention_mask))
+
+
 @dataclass
-class Backbone:
-    """Everything a node needs to build personal models for one configuration."""
+class EncoderBackbone:
+    """Everything a node needs to build personal encoder models (classifier or tagger) for one config."""
 
     tokenizer: PreTrainedTokenizerBase
     prefix: FrozenPrefix
-    template: PersonalModel
+    template: PersonalModel | TaggerModel
     total_params: int
     fingerprint: str
-    causal: ClassVar[bool] = False  # a classifier: one label per example
 
-    def new_model(self) -> PersonalModel:
+    def new_model(self) -> nn.Module:
         """A fresh copy of the seeded initial model (frozen weights shared in memory are copied too)."""
         model = copy.deepcopy(self.template)
         model.train()
         return model
+
+    def targets(
+        self,
+        ids: Sequence[Sequence[int]],
+        unscored: Sequence[int],
+        labels: np.ndarray | None,
+        order: np.ndarray,
+    ) -> torch.Tensor:
+        """A classifier's targets: one label per example, in row order (an encoder reads texts only)."""
+        if any(unscored):
+            raise DataError("prompts (chat turns) need a causal LM; an encoder reads texts only")
+        if labels is None:
+            raise DataError("a classifier's texts need their labels")
+        return torch.tensor(np.asarray(labels, dtype=np.int64)[order])
 
 
 def _load_bert(cfg: Config) -> BertModel:
@@ -132,29 +159,12 @@ def _load_bert(cfg: Config) -> BertModel:
     return bert
 
 
-def add_lora(module: nn.Module, cfg: Config) -> nn.Module:
-    """``module`` wrapped by PEFT LoRA on ``lora.target-modules`` (a clear error if a target is missing)."""
-    names = {n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, nn.Linear)}
-    missing = [t for t in cfg.lora.targets if t not in names]
-    if missing or not cfg.lora.targets:
-        raise ModelError(
-            f"lora.target-modules {cfg.lora.target_modules!r}: {missing or 'empty'} not found; "
-            f"linear layers of this model: {', '.join(sorted(names))}"
-        )
-    peft_cfg = PeftLoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # PEFT accepts floats
-        lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.targets),
-        bias="none",
-    )
-    return get_peft_model(module, peft_cfg)  # type: ignore[arg-type]
-
-
-def build_backbone(cfg: Config, num_classes: int) -> Backbone:
-    """Build the frozen prefix and the seeded initial PersonalModel for ``cfg``."""
+def build_backbone(cfg: Config, num_classes: int, *, per_token: bool = False) -> EncoderBackbone:
+    """The frozen prefix and the seeded initial model for ``cfg``: a classifier, or a tagger if per_token."""
     if num_classes < 2:
-        raise ModelError(f"a classifier needs at least 2 classes, got {num_classes}")
+        raise ModelError(
+            f"a {'tagger' if per_token else 'classifier'} needs at least 2 classes, got {num_classes}"
+        )
     bert = _load_bert(cfg)
     n_layers = bert.config.num_hidden_layers
     k = cfg.model.frozen_layers
@@ -168,30 +178,14 @@ def build_backbone(cfg: Config, num_classes: int) -> Backbone:
     prefix = FrozenPrefix(bert, k)
     torch.manual_seed(cfg.model.seed)
     body = add_lora(_TopLayers(bert, k), cfg)
-    template = PersonalModel(body, bert.config.hidden_size, num_classes)
+    model_cls = TaggerModel if per_token else PersonalModel
+    template = model_cls(body, bert.config.hidden_size, num_classes)
     total += sum(p.numel() for n, p in template.named_parameters() if "lora_" in n or n.startswith("head."))
-    fp = hashlib.sha256(repr((cfg.model, cfg.lora, num_classes)).encode()).hexdigest()[:16]
+    kind = (
+        (num_classes, "tagger") if per_token else num_classes
+    )  # a classifier's fingerprint predates taggers
+    fp = hashlib.sha256(repr((cfg.model, cfg.lora, kind)).encode()).hexdigest()[:16]
     tokenizer = load_tokenizer(cfg.model.name)
-    return Backbone(tokenizer=tokenizer, prefix=prefix, template=template, total_params=total, fingerprint=fp)
-
-
-_CACHE: dict[tuple[object, ...], Backbone] = {}
-_LOCK = threading.Lock()
-
-
-def get_backbone(cfg: Config, num_classes: int) -> Backbone:
-    """A per-process cached backbone (the frozen base is read-only, so it is shared).
-
-    ``smollm2`` and ``tiny-lm`` build the generative model (common.causal_model) with the same
-    interface: ``prefix``, ``template``, ``new_model()``, ``tokenizer``, ``total_params``.
-    """
-    key = (cfg.model, cfg.lora, num_classes)
-    with _LOCK:
-        if key not in _CACHE:
-            if is_causal(cfg):
-                from common.causal_model import build_causal_backbone
-
-                _CACHE[key] = build_causal_backbone(cfg)  # type: ignore[assignment]
-            else:
-                _CACHE[key] = build_backbone(cfg, num_classes)
-        return _CACHE[key]
+    return EncoderBackbone(
+        tokenizer=tokenizer, prefix=prefix, template=template, total_params=total, fingerprint=fp
+    )

@@ -33,3 +33,5 @@ TRAIN_SECONDS = "train-seconds"
 UPDATE_NORM = "update-norm"
 
 PRIVACY_KEYS = (EPSILON, DELTA, SIGMA, SAMPLE_RATE, STEPS, TOTAL_STEPS)
+ENTITY_F1 = "entity-f1"  # tagger: exact-span entity F1 on the user's test split (in the user's label view)
+MAJORITY_F1 = "majority-f1"  # tagger: the same for each word's most frequent tag in the user's train split

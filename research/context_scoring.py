@@ -13,17 +13,17 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from client.training import scored_predictions
+from common.causal_model import CausalBackbone, token_targets
 from common.chat_format import Example, tokenize_turns
 from common.device import device_of
 from common.errors import ConfigError, DataError
-from common.features import Features, run_prefix, token_targets
-from common.model import Backbone
+from common.features import Features, run_prefix
+from common.tasks import Backbone
+from common.tasks.generate import scored_predictions
 
 
 def turn_ids(
@@ -50,7 +50,6 @@ def turn_ids(
 def encode_turns(
     backbone: Backbone,
     texts: Sequence[str],
-    labels: np.ndarray,
     max_length: int,
     prompts: Sequence[str],
     turn_examples: Sequence[Sequence[Example]],
@@ -62,11 +61,9 @@ def encode_turns(
     Rows are sorted by token length and matched to ``texts`` through ``Features.source``, as ``encode``
     does; nothing is cached (each study encodes a context once).
     """
-    if len(texts) != len(labels):
-        raise DataError(f"{len(texts)} texts but {len(labels)} labels")
     if len(texts) == 0:
         raise DataError("no examples to encode")
-    if not backbone.causal:
+    if not isinstance(backbone, CausalBackbone):
         raise DataError("prompts (chat turns) need a causal LM; a classifier reads texts only")
     ids, unscored = turn_ids(backbone.tokenizer, prompts, texts, max_length, turn_examples)
     hidden, mask, order = run_prefix(backbone, ids, chunk, device)

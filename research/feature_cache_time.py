@@ -21,20 +21,19 @@ from common import features
 from common.config import Config
 from common.data import load_client_data
 from common.features import encode
-from common.model import get_backbone
+from common.tasks import get_backbone
 from simulations.bench.lm_tune import WORKLOAD
 
 
 def _time_user(cfg: Config, backbone: features.Backbone, user: int, folder: Path) -> tuple[float, ...]:
     data = load_client_data(cfg.task, user, 20)
-    splits = [(getattr(data, f"{s}_texts"), getattr(data, f"{s}_labels"), getattr(data, f"{s}_prompts"))
-              for s in ("train", "test")]  # fmt: skip
+    splits = [(getattr(data, f"{s}_texts"), getattr(data, f"{s}_prompts")) for s in ("train", "test")]
     times = []
     for store in (None, FeatureCache(folder / f"user-{user}"), FeatureCache(folder / f"user-{user}")):
         features._CACHE.clear()
         start = time.perf_counter()
-        for texts, labels, prompts in splits:
-            encode(backbone, texts, labels, cfg.task.max_length, prompts=prompts, store=store)
+        for texts, prompts in splits:
+            encode(backbone, texts, None, cfg.task.max_length, prompts=prompts, store=store)
         times.append(time.perf_counter() - start)
     size = sum(p.stat().st_size for p in (folder / f"user-{user}").glob("*.features"))
     return (*times, size / 2**20)
@@ -50,7 +49,7 @@ def main() -> None:
     torch.set_num_threads(1)
     with WORKLOAD.open("rb") as fh:
         cfg = Config.from_run_config(tomllib.load(fh)["run-config"])
-    backbone = get_backbone(cfg, 1)
+    backbone = get_backbone(cfg)
     features.prefix_digest(backbone.prefix)  # once per process, not per user
     print("| user | compute s | compute + write s | read s | MiB on disk |\n|---|---|---|---|---|")
     rows = []

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from opacus import GradSampleModule
 
 from common.config import Config, parse_set_options
-from common.data import label_names, load_client_data
+from common.data import load_client_data
 from common.features import encode
-from common.model import get_backbone
+from common.tasks import get_backbone
 
 
 def grad_norms(
@@ -24,7 +24,7 @@ def grad_norms(
 ) -> dict[str, float]:
     """Median per-example gradient norm of the head and of all LoRA tensors together."""
     torch.manual_seed(0)
-    backbone = get_backbone(cfg, len(label_names(cfg.task)))
+    backbone = get_backbone(cfg)
     data = load_client_data(cfg.task, partition_id, num_partitions)
     feats = encode(backbone, data.train_texts, data.train_labels, cfg.task.max_length)
     model = backbone.new_model()

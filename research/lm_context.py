@@ -30,11 +30,11 @@ import torch
 
 from client.generate import stream
 from client.predict import load_personal_model
-from client.training import evaluate
 from common.chat_format import PICKS, Example, chat_prompt, keep_turns, pick_examples, turns_before
 from common.data import ClientData, load_client_data
 from common.errors import FedpersError, StateError
 from common.features import Features, encode
+from common.tasks.generate import next_token_loss
 from research.context_scoring import contrast_losses, encode_turns
 from research.lm_style import client_dirs
 
@@ -68,11 +68,10 @@ def scored_turns(
         tok, [d.train_prompts[i] for i in cands], [d.train_texts[i] for i in cands], len(cands), max_length
     )
     texts, prompts = [d.train_texts[i] for i in probe], [d.train_prompts[i] for i in probe]
-    labels = d.train_labels[probe]
     losses = []
     for turn in turns:
-        feats = encode_turns(backbone, texts, labels, max_length, prompts, [[turn]] * probes)
-        losses.append(evaluate(model, feats)[1])
+        feats = encode_turns(backbone, texts, max_length, prompts, [[turn]] * probes)
+        losses.append(next_token_loss(model, feats))
     return [turns[i] for i in sorted(sorted(range(len(turns)), key=lambda i: (losses[i], i))[:k])]
 
 
@@ -90,8 +89,8 @@ def _contexts(how: str, k: int, kept: list[Example], d: ClientData) -> list[list
 
 def _features(backbone: Any, max_length: int, d: ClientData, shots: list[list[Example]] | None) -> Features:
     if shots is None:  # no earlier turns: what the client itself scores (encode's cache)
-        return encode(backbone, d.test_texts, d.test_labels, max_length, prompts=d.test_prompts)
-    return encode_turns(backbone, d.test_texts, d.test_labels, max_length, d.test_prompts, shots)
+        return encode(backbone, d.test_texts, None, max_length, prompts=d.test_prompts)
+    return encode_turns(backbone, d.test_texts, max_length, d.test_prompts, shots)
 
 
 def _context_tokens(tokenizer: Any, contexts: list[list[Example]]) -> float:
@@ -123,7 +122,7 @@ def context_sweep(
     data: list[ClientData] = []
     kept: list[list[list[Example]]] = []  # [setting][user]: the turns each user keeps
     for i, state_dir in enumerate(dirs):
-        cfg, backbone, model = load_personal_model(state_dir, None, causal=True)
+        cfg, backbone, model = load_personal_model(state_dir, None, command="chat")
         tok, n = backbone.tokenizer, cfg.task.max_length
         if not data:
             if cfg.task.lm_format != "chat":
@@ -142,11 +141,11 @@ def context_sweep(
             for j, (how, k) in enumerate(settings):  # each user's own model picks ("other" borrows them)
                 if how == SCORED:
                     for u, state_u in enumerate(dirs):
-                        own_model = model if u == i else load_personal_model(state_u, None, causal=True)[2]
+                        own_model = model if u == i else load_personal_model(state_u, None, command="chat")[2]
                         kept[j][u] = scored_turns(own_model, backbone, n, data[u], k)
         d, other = data[i], (i + 1) % len(dirs)
         plain = _features(backbone, n, d, None)
-        none = math.exp(evaluate(model, plain)[1])
+        none = math.exp(next_token_loss(model, plain))
         line = [f"  {i + 1}/{len(dirs)} {d.user}: none {none:.2f}"]
         for j, (how, k) in enumerate(settings):
             own = _contexts(how, k, kept[j][i], d)
@@ -158,8 +157,8 @@ def context_sweep(
                 "user": d.user,
                 "other": data[other].user,
                 "none": none,
-                "own": math.exp(evaluate(model, feats[0])[1]),
-                "other-turns": math.exp(evaluate(model, feats[1])[1]),
+                "own": math.exp(next_token_loss(model, feats[0])),
+                "other-turns": math.exp(next_token_loss(model, feats[1])),
                 "context-tokens": _context_tokens(tok, own),
             }
             if contrasts:
@@ -232,7 +231,7 @@ def transcript(
         state_dir = clients_dir / f"client-{user:04d}"
         if not (state_dir / "personal.state").is_file():
             raise StateError(f"no client state {state_dir}")
-        cfg, backbone, model = load_personal_model(state_dir, None, causal=True)
+        cfg, backbone, model = load_personal_model(state_dir, None, command="chat")
         part = int(state_dir.name.removeprefix("client-"))
         d = load_client_data(cfg.task, part, part + 1)
         tok, n = backbone.tokenizer, cfg.task.max_length

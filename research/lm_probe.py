@@ -23,13 +23,14 @@ from typing import Any
 import torch
 from opacus import GradSampleModule
 
-from client.training import DPPlan, evaluate, model_losses, sample_rate, steps_per_epoch, train
+from client.training import DPPlan, sample_rate, steps_per_epoch, train
 from common.config import Config, parse_set_options
 from common.data import load_client_data
 from common.features import Features, encode
-from common.model import get_backbone
 from common.privacy import calibrate_sigma
 from common.split import split_names
+from common.tasks import get_backbone, get_task
+from common.tasks.generate import next_token_loss
 from research.grad_norms import median_norms
 
 WORKLOAD = Path(__file__).resolve().parent / "configs" / "shakespeare.toml"
@@ -45,11 +46,11 @@ def _parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     return name, over
 
 
-def _grad_norms(model: torch.nn.Module, feats: Features, n: int = 20) -> tuple[float, float]:
+def _grad_norms(cfg: Config, model: torch.nn.Module, feats: Features, n: int = 20) -> tuple[float, float]:
     """Median per-example gradient norm of the personal part and of the LoRA tensors (trainable only)."""
     gsm = GradSampleModule(model, loss_reduction="sum")
     h, m, y = feats.batch(torch.arange(min(n, len(feats))))
-    model_losses(gsm, h, m, y).sum().backward()
+    get_task(cfg).losses(gsm, h, m, y).sum().backward()
     norms = median_norms(model)
     gsm._close()
     model.zero_grad(set_to_none=True)
@@ -60,13 +61,13 @@ def _grad_norms(model: torch.nn.Module, feats: Features, n: int = 20) -> tuple[f
 
 def probe(cfg: Config, train_feats: Features, val_feats: Features, what: str) -> dict[str, float]:
     """Train one user's model under DP (``what`` = ``personal`` or ``both``); validation ppl and norms."""
-    backbone = get_backbone(cfg, 1)
+    backbone = get_backbone(cfg)
     model = backbone.new_model()
     roles = split_names([n for n, _ in model.named_parameters()], "fedper")
     trainable = set(roles["personal"]) | (set(roles["shared"]) if what == "both" else set())
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
-    head_norm, lora_norm = _grad_norms(model, train_feats)
+    head_norm, lora_norm = _grad_norms(cfg, model, train_feats)
     n = len(train_feats)
     q = sample_rate(n, cfg.train.batch_size)
     steps = cfg.fed.num_rounds * cfg.train.local_epochs * steps_per_epoch(n, cfg.train.batch_size)
@@ -88,7 +89,7 @@ def probe(cfg: Config, train_feats: Features, val_feats: Features, what: str) ->
         history=[],
         seed=0,
     )
-    _, loss = evaluate(model, val_feats)
+    loss = next_token_loss(model, val_feats)
     return {"ppl": math.exp(loss), "sigma": sigma, "head-norm": head_norm, "lora-norm": lora_norm}
 
 
@@ -110,15 +111,15 @@ def main() -> None:
     }
     variants = dict(_parse_variant(v) for v in args.variant) or {"as-configured": {}}
     cfg0 = Config.from_run_config(base)
-    backbone = get_backbone(cfg0, 1)  # the frozen prefix is the same for every variant
+    backbone = get_backbone(cfg0)  # the frozen prefix is the same for every variant
     results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     before: list[float] = []
     for user in range(args.users):
         t0 = time.perf_counter()
         d = load_client_data(cfg0.task, user, num_users)
-        tr = encode(backbone, d.train_texts, d.train_labels, cfg0.task.max_length)
-        va = encode(backbone, d.test_texts, d.test_labels, cfg0.task.max_length)
-        before.append(math.exp(evaluate(backbone.new_model(), va)[1]))
+        tr = encode(backbone, d.train_texts, None, cfg0.task.max_length)
+        va = encode(backbone, d.test_texts, None, cfg0.task.max_length)
+        before.append(math.exp(next_token_loss(backbone.new_model(), va)))
         print(
             f"user {user}: {len(tr)} train / {len(va)} validation speeches, pretrained ppl {before[-1]:.2f}"
         )

@@ -12,11 +12,11 @@ import tomllib
 
 import torch
 
-from client.training import example_losses, model_losses
 from common.config import Config
 from common.data import load_client_data
 from common.features import encode
-from common.model import get_backbone
+from common.tasks import get_backbone, get_task
+from common.tasks.generate import reference_losses
 from simulations.bench.lm_tune import WORKLOAD
 
 
@@ -25,12 +25,12 @@ def main() -> None:
     torch.set_num_threads(1)
     with WORKLOAD.open("rb") as fh:
         cfg = Config.from_run_config(tomllib.load(fh)["run-config"])
-    backbone = get_backbone(cfg, 1)
+    backbone = get_backbone(cfg)
     data = load_client_data(cfg.task, 0, 20)
     feats = encode(
         backbone,
         data.train_texts[:40],
-        data.train_labels[:40],
+        None,
         cfg.task.max_length,
         prompts=data.train_prompts[:40],
     )
@@ -38,8 +38,8 @@ def main() -> None:
     h, m, y = feats.batch(torch.arange(20))
     print(f"batch {tuple(m.shape)} tokens, {int((y != -100).sum())} scored")
     variants = {
-        "full projection": lambda: example_losses(model(h, m), y),
-        "scored positions only": lambda: model_losses(model, h, m, y),
+        "full projection": lambda: reference_losses(model(h, m), y),
+        "scored positions only": lambda: get_task(cfg).losses(model, h, m, y),
     }
     for name, losses in variants.items():
         times = []

@@ -26,11 +26,11 @@ from typing import Any
 import torch
 
 from client.predict import load_personal_model
-from client.training import evaluate
 from common.data import load_client_data
 from common.errors import FedpersError, StateError
 from common.features import Features, encode
 from common.split import split_names
+from common.tasks.generate import next_token_loss
 
 
 def client_dirs(clients_dir: Path) -> list[Path]:
@@ -43,7 +43,7 @@ def client_dirs(clients_dir: Path) -> list[Path]:
 
 def _test_features(cfg: Any, backbone: Any, partition: int, count: int) -> tuple[str, Features]:
     d = load_client_data(cfg.task, partition, count)
-    feats = encode(backbone, d.test_texts, d.test_labels, cfg.task.max_length, prompts=d.test_prompts)
+    feats = encode(backbone, d.test_texts, None, cfg.task.max_length, prompts=d.test_prompts)
     return d.user, feats
 
 
@@ -60,15 +60,15 @@ def cross_perplexity(clients_dir: Path) -> dict[str, Any]:
     ppl: list[list[float]] = []
     without: list[float] = []  # user i's replies under model i with its personal part zeroed
     for i, state_dir in enumerate(dirs):
-        cfg, backbone, model = load_personal_model(state_dir, None, causal=True)
+        cfg, backbone, model = load_personal_model(state_dir, None, command="chat")
         if i == 0:  # every client of a run has the same task, so the test splits are read once
             parts = [int(d.name.removeprefix("client-")) for d in dirs]
             for part in parts:
                 user, f = _test_features(cfg, backbone, part, max(parts) + 1)
                 users.append(user)
                 feats.append(f)
-        ppl.append([math.exp(evaluate(model, f)[1]) for f in feats])
-        without.append(math.exp(evaluate(_zero_personal(model, cfg.personalization.mode), feats[i])[1]))
+        ppl.append([math.exp(next_token_loss(model, f)) for f in feats])
+        without.append(math.exp(next_token_loss(_zero_personal(model, cfg.personalization.mode), feats[i])))
         print(f"  {clients_dir.parent.name} model {i + 1}/{n} ({users[i]}) scored", flush=True)
     return {"users": users, "ppl": ppl, "without-personal": without}
 

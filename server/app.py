@@ -13,12 +13,11 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import Config
-from common.data import label_names
 from common.fileio import write_json_atomic
-from common.model import get_backbone
 from common.params import get_arrays, shapes_of, to_record
 from common.runs import run_dir
 from common.split import split_names
+from common.tasks import get_backbone
 from server import checkpoint
 from server.ledger import Ledger, ledger_meta
 from server.recorder import Recorder
@@ -52,7 +51,7 @@ def run_federation(
     out = run_dir(cfg, run_id)
     out.mkdir(parents=True, exist_ok=True)
     flat = cfg.to_run_config()
-    backbone = get_backbone(cfg, len(label_names(cfg.task)))
+    backbone = get_backbone(cfg)
     template = backbone.template
     roles = split_names([n for n, _ in template.named_parameters()], cfg.personalization.mode)
     check_secagg(cfg, roles["shared"])

@@ -93,8 +93,9 @@ class Recorder:
         row[P.EVAL_ACC] = metrics.get(P.EVAL_ACC)
         row["test-examples"] = metrics.get(P.NUM_EXAMPLES)
         row[P.MAJORITY_ACC] = metrics.get(P.MAJORITY_ACC, row.get(P.MAJORITY_ACC))
-        if P.PERPLEXITY in metrics:
-            row[P.PERPLEXITY] = metrics[P.PERPLEXITY]
+        for key in (P.PERPLEXITY, P.ENTITY_F1, P.MAJORITY_F1):  # the task's own scores, where it has them
+            if key in metrics:
+                row[key] = metrics[key]
         if P.EPSILON in metrics:
             row[P.EPSILON] = metrics[P.EPSILON]
 
@@ -130,8 +131,8 @@ class Recorder:
         line: dict[str, Any] = {"round": rnd, "seconds": seconds, **self.train_summary(rnd)}
         accs = [float(m[P.EVAL_ACC]) for m in self._eval if P.EVAL_ACC in m]
         summary = distribution(accs, "eval-acc")
-        ppl = [float(m[P.PERPLEXITY]) for m in self._eval if P.PERPLEXITY in m]
-        summary.update(distribution(ppl, "perplexity"))
+        for key in (P.PERPLEXITY, P.ENTITY_F1):
+            summary.update(distribution([float(m[key]) for m in self._eval if key in m], key))
         line.update(summary)
         if self._rejected:
             line["rejections"] = self._rejected

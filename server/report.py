@@ -26,6 +26,8 @@ COLUMNS = (
     P.EVAL_ACC,
     P.PPL_BEFORE,
     P.PERPLEXITY,
+    P.MAJORITY_F1,
+    P.ENTITY_F1,
     P.EPSILON,
     P.DELTA,
     P.SIGMA,
@@ -33,6 +35,9 @@ COLUMNS = (
     P.BYTES_UP,
     "rounds",
 )
+
+
+SCORES = (("test perplexity", P.PERPLEXITY), ("test entity F1", P.ENTITY_F1), ("test accuracy", P.EVAL_ACC))
 
 
 def summarize(recorder: Recorder, shared_bytes: int, model_bytes: int) -> dict[str, Any]:
@@ -45,7 +50,7 @@ def summarize(recorder: Recorder, shared_bytes: int, model_bytes: int) -> dict[s
     out: dict[str, Any] = {"clients": len(rows), "rounds": len(recorder.rounds)}
     out.update(distribution(acc, "acc"))
     out.update(distribution(maj, "majority"))
-    for key in (P.PERPLEXITY, P.PPL_BEFORE):
+    for key in (P.PERPLEXITY, P.PPL_BEFORE, P.ENTITY_F1, P.MAJORITY_F1):
         vals = [float(r[key]) for r in rows if r.get(key) is not None]
         out.update(distribution(vals, key))
     if eps:
@@ -69,8 +74,9 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], users: Mapping[int, str])
 
 def _user_table(rows: list[dict[str, Any]], users: Mapping[int, str]) -> list[str]:
     """report.md lines: one row per client with its user, training examples, final score and ε."""
-    causal = any(r.get(P.PERPLEXITY) is not None for r in rows)
-    score, key = ("test perplexity", P.PERPLEXITY) if causal else ("test accuracy", P.EVAL_ACC)
+    score, key = next(
+        ((name, k) for name, k in SCORES if any(r.get(k) is not None for r in rows)), SCORES[-1]
+    )
     out = ["", f"| client | user | train examples | {score} | ε |", "|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["client"]):
         cells = [r.get(P.NUM_EXAMPLES, "–"), r.get(key), r.get(P.EPSILON)]

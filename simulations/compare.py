@@ -69,6 +69,15 @@ def write_comparison(
                 "bytes-up-per-client-round": 0.0,
             }
         )
+    if rows and "majority-f1-mean" in rows[0]:
+        base = rows[0]
+        rows.append(
+            {
+                "mode": "own-majority tag per word (trivial)",
+                **{k.replace("majority-f1", "entity-f1"): v for k, v in base.items() if "majority-f1" in k},
+                "bytes-up-per-client-round": 0.0,
+            }
+        )
     if rows and "perplexity-before-mean" in rows[0]:
         base = rows[0]
         rows.append(
@@ -117,9 +126,20 @@ _LM = [  # per-user test perplexity: lower is better, p90 is the worst users
 ]
 
 
+_TAGGER = [  # per-user exact-span entity F1 in the user's own label view
+    ("entity F1 mean", "entity-f1-mean", "{:.3f}", "nan"),
+    ("median", "entity-f1-median", "{:.3f}", "nan"),
+    ("p10", "entity-f1-p10", "{:.3f}", "nan"),
+    ("token acc mean", "acc-mean", "{:.3f}", "nan"),
+]
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of compare rows (perplexity columns for a causal LM, accuracy otherwise)."""
-    columns = (_LM if rows and "perplexity-mean" in rows[0] else _CLASSIFIER) + _TAIL
+    """A Markdown table of compare rows: the columns of the task's score (perplexity, entity F1, acc)."""
+    head = rows[0] if rows else {}
+    columns = (
+        _LM if "perplexity-mean" in head else _TAGGER if "entity-f1-mean" in head else _CLASSIFIER
+    ) + _TAIL
     out = [
         "| mode | " + " | ".join(h for h, *_ in columns) + " |",
         "|---" * (len(columns) + 1) + "|",

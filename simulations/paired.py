@@ -124,11 +124,12 @@ def read_clients(mode_dir: Path) -> tuple[dict[int, float], bool]:
         with csv_path.open(newline="") as fh:
             rows: list[dict[str, Any]] = list(csv.DictReader(fh))
         causal = bool(rows) and any(r.get("perplexity") for r in rows)
-        column = "perplexity" if causal else "eval-acc"
+        tagger = bool(rows) and any(r.get("entity-f1") for r in rows)
+        column = "perplexity" if causal else "entity-f1" if tagger else "eval-acc"
     elif summary_path.is_file():
         rows = list(json.loads(summary_path.read_text()).get("clients", []))
         causal = any("ppl" in r for r in rows)
-        column = "ppl" if causal else "acc"
+        column = "ppl" if causal else "f1" if any("f1" in r for r in rows) else "acc"
     else:
         raise FileNotFoundError(f"neither {csv_path} nor {summary_path}: is this a finished run folder?")
     scores = {}
@@ -137,6 +138,16 @@ def read_clients(mode_dir: Path) -> tuple[dict[int, float], bool]:
         if value not in ("", None) and math.isfinite(float(value)):
             scores[int(r["client"])] = float(value)
     return scores, causal
+
+
+def _is_f1(mode_dir: Path) -> bool:
+    """Whether a mode's per-client scores are entity F1 (a tagger) rather than accuracy."""
+    csv_path = mode_dir / "clients.csv"
+    if csv_path.is_file():
+        with csv_path.open(newline="") as fh:
+            return any(r.get("entity-f1") for r in csv.DictReader(fh))
+    rows = json.loads((mode_dir / "summary.json").read_text()).get("clients", [])
+    return any("f1" in r for r in rows)
 
 
 def paired_table(run_dir: Path, modes: Sequence[str], base: str) -> str:
@@ -153,7 +164,7 @@ def paired_table(run_dir: Path, modes: Sequence[str], base: str) -> str:
             [f"{base} vs {other}", str(p.n), f"{p.better} / {p.worse}"]
             + [describe(p, s, causal) for s in stats]
         )
-    what = "perplexity" if causal else "accuracy"
+    what = "perplexity" if causal else "entity F1" if _is_f1(run_dir / base) else "accuracy"
     head = ["pair", "clients", f"{base} better / worse"] + [
         f"{what} {s} difference [95 % CI]" for s in (STATS if causal else STATS[:2])
     ]

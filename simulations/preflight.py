@@ -16,9 +16,10 @@ from typing import Any
 
 from client.state_dir import USER_MAP
 from common.config import USER_FILE_DATASETS, Config, TaskConfig
-from common.data import file_users, load_client_data
+from common.data import file_users
 from common.errors import DataError
 from common.fileio import write_json_atomic
+from common.tasks import get_task
 from common.users import select_users
 from simulations.run import SimSettings
 
@@ -33,9 +34,9 @@ class Roster:
 
 def check_clients(run_config: Mapping[str, Any], num_clients: int) -> Roster:
     """Load the share of every one of ``num_clients`` clients under ``run_config``; raise on any problem."""
-    task = Config.from_run_config(run_config).task
-    note = _selection(task, num_clients)
-    users = {p: load_client_data(task, p, num_clients).user for p in range(num_clients)}
+    cfg = Config.from_run_config(run_config)
+    note = _selection(cfg.task, num_clients)
+    users = dict(enumerate(get_task(cfg).users(num_clients)))
     return Roster(users, note)
 
 

@@ -71,4 +71,6 @@ def _client_row(row: Mapping[str, Any]) -> dict[str, Any]:
         out["majority"] = float(row[P.MAJORITY_ACC])
     if row.get(P.PERPLEXITY) is not None:
         out["ppl"] = float(row[P.PERPLEXITY])
+    if row.get(P.ENTITY_F1) is not None:
+        out["f1"] = float(row[P.ENTITY_F1])
     return out

@@ -52,10 +52,10 @@ def _backbones_back_on_the_cpu() -> Iterator[None]:
     """
     yield
     if torch.cuda.is_available():
-        from common import model as common_model
+        from common import backbone as common_backbone
         from common.device import place
 
-        for backbone in list(common_model._CACHE.values()):
+        for backbone in list(common_backbone._CACHE.values()):
             place(backbone, torch.device("cpu"))
 
 

@@ -14,7 +14,7 @@ from test_causal_lm import LM
 from client.generate import Conversation
 from common.chat_format import chat_prompt
 from common.config import Config
-from common.model import get_backbone
+from common.tasks import get_backbone
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1"}
@@ -111,7 +111,7 @@ def test_chat_skips_an_empty_line_and_remembers_the_session(
 
 
 def test_the_conversation_drops_the_oldest_turns_to_fit_the_context() -> None:
-    tok = get_backbone(Config.from_run_config(LM), 1).tokenizer
+    tok = get_backbone(Config.from_run_config(LM)).tokenizer
     turns = [(f"message number {i}", f"answer number {i} " * 3) for i in range(6)]
 
     def size(history: list[tuple[str, str]]) -> int:

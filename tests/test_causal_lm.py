@@ -21,14 +21,15 @@ from client.app import make_client_app
 from client.generate import load_chat, stream
 from client.predict import predict
 from client.state import StateStore
-from client.training import DPPlan, evaluate, example_losses, sample_rate, train
+from client.training import DPPlan, sample_rate, train
 from common.config import Config
 from common.data import load_client_data
 from common.errors import ConfigError, DataError, StateError
 from common.features import Features, encode
-from common.model import get_backbone
 from common.shakespeare import load_roles, parse_play, split_speeches
 from common.split import split_names
+from common.tasks import get_backbone, get_task
+from common.tasks.generate import next_token_loss, reference_losses
 from research.lm_style import cross_perplexity, summarize
 from server.app import run_federation
 
@@ -56,9 +57,9 @@ REL = 1e-3 if torch.cuda.is_available() else 1e-5
 @pytest.fixture(scope="module")
 def setup() -> tuple[Config, Any, Features]:
     cfg = Config.from_run_config(LM)
-    backbone = get_backbone(cfg, 1)
+    backbone = get_backbone(cfg)
     data = load_client_data(cfg.task, 0, 2)
-    return cfg, backbone, encode(backbone, data.train_texts, data.train_labels, cfg.task.max_length)
+    return cfg, backbone, encode(backbone, data.train_texts, None, cfg.task.max_length)
 
 
 def _trainable(model: torch.nn.Module, mode: str = "fedper") -> dict[str, torch.nn.Parameter]:
@@ -108,7 +109,7 @@ def test_every_trainable_tensor_gets_a_per_example_gradient_and_frozen_ones_none
     assert any(n.startswith("head.") for n in trainable) and any("lora_" in n for n in trainable)
     gsm = GradSampleModule(model)
     h, m, y = feats.batch(torch.arange(6))
-    example_losses(gsm(h, m), y).sum().backward()
+    reference_losses(gsm(h, m), y).sum().backward()
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad_sample is not None and p.grad_sample.shape == (6, *p.shape), n
@@ -131,8 +132,9 @@ def test_dp_training_moves_every_trainable_tensor_and_no_frozen_one(
 
 
 def test_next_token_metrics_ignore_padding(setup: tuple[Config, Any, Features]) -> None:
-    _, backbone, feats = setup
-    acc, loss = evaluate(backbone.new_model(), feats)
+    cfg, backbone, feats = setup
+    ev = get_task(cfg).evaluate(backbone.new_model(), feats)
+    acc, loss = ev.accuracy, ev.loss
     vocab = backbone.tokenizer.vocab_size
     assert 0 <= acc <= 1 and abs(loss - math.log(vocab)) < 1.0  # an untrained model: near-uniform
 
@@ -143,7 +145,7 @@ def test_a_federation_sends_only_shared_adapters_reports_perplexity_and_the_user
     over = {**LM, "output.run-dir": str(tmp_path / "run1"), "client.state-root": str(tmp_path / "dev")}
     grid = LocalGrid(make_client_app(over), 2)
     run_federation(Config.from_run_config(over), grid, 7)
-    template = get_backbone(Config.from_run_config(LM), 1).template
+    template = get_backbone(Config.from_run_config(LM)).template
     roles = split_names([n for n, _ in template.named_parameters()], "fedper")
     replies = [describe(r) for r in grid.replies]
     trains = [r for r in replies if r["arrays"]]
@@ -230,7 +232,7 @@ def test_last_block_as_the_personal_part(setup: tuple[Config, Any, Features]) ->
     """model.personal-part = last-block: the last block's LoRA is personal, the others' LoRA shared."""
     _, _, feats = setup
     cfg = Config.from_run_config({**LM, "model.personal-part": "last-block"})
-    backbone = get_backbone(cfg, 1)
+    backbone = get_backbone(cfg)
     model = backbone.new_model()
     roles = split_names([n for n, _ in model.named_parameters()], "fedper")
     assert roles["personal"] and all(n.startswith("head.") and "lora_" in n for n in roles["personal"])
@@ -238,7 +240,7 @@ def test_last_block_as_the_personal_part(setup: tuple[Config, Any, Features]) ->
     _assert_dp_moves_exactly_the_trainable(model, feats, cfg)
     with pytest.raises(Exception, match="leaves no block for the shared LoRA"):
         get_backbone(
-            Config.from_run_config({**LM, "model.personal-part": "last-block", "model.frozen-layers": 2}), 1
+            Config.from_run_config({**LM, "model.personal-part": "last-block", "model.frozen-layers": 2})
         )
 
 
@@ -246,7 +248,7 @@ def test_bias_as_the_personal_part(setup: tuple[Config, Any, Features]) -> None:
     """model.personal-part = bias: one hidden-size offset is personal; DP moves it and every LoRA tensor."""
     _, _, feats = setup
     cfg = Config.from_run_config({**LM, "model.personal-part": "bias"})
-    backbone = get_backbone(cfg, 1)
+    backbone = get_backbone(cfg)
     model = backbone.new_model()
     roles = split_names([n for n, _ in model.named_parameters()], "fedper")
     assert roles["personal"] == ["head.shift.weight"]
@@ -263,12 +265,12 @@ def test_bias_as_the_personal_part(setup: tuple[Config, Any, Features]) -> None:
     # client.training uses)
     gsm = GradSampleModule(model, loss_reduction="sum")
     h, m, y = feats.batch(torch.arange(3))
-    example_losses(gsm(h, m), y).sum().backward()
+    reference_losses(gsm(h, m), y).sum().backward()
     per_example = model.head.shift.weight.grad_sample.clone()
     gsm._close()  # plain backward passes from here on
     for i in range(3):
         model.zero_grad()
-        example_losses(model(h[i : i + 1], m[i : i + 1]), y[i : i + 1]).sum().backward()
+        reference_losses(model(h[i : i + 1], m[i : i + 1]), y[i : i + 1]).sum().backward()
         assert torch.allclose(per_example[i], model.head.shift.weight.grad, atol=1e-6), i
 
 
@@ -305,7 +307,7 @@ def test_a_chat_user_keeps_own_turns_in_the_state_and_chat_uses_them(tmp_path: P
     state_dir = tmp_path / "clients" / "client-0001"
     state = StateStore(state_dir).load()
     data = load_client_data(cfg.task, 1, 2)
-    tok = get_backbone(cfg, 1).tokenizer
+    tok = get_backbone(cfg).tokenizer
     assert state is not None
     n = cfg.task.max_length
     assert state.examples == pick_examples(tok, data.train_prompts, data.train_texts, 3, n, "longest")
@@ -352,19 +354,19 @@ def test_a_chat_user_keeps_own_turns_in_the_state_and_chat_uses_them(tmp_path: P
     assert [c["contrast"] for c in contrasted["summary"]["contrast"]] == [0.0, 2.0]
     assert "| spread | 3 | 2 |" in table([contrasted])
     shots = [kept] * len(data.test_texts)
-    turned = encode_turns(backbone, data.test_texts, data.test_labels, 16, data.test_prompts, shots)
-    plain_loss = evaluate(model, turned)[1]  # with itself as "without", every a gives the plain loss
+    turned = encode_turns(backbone, data.test_texts, 16, data.test_prompts, shots)
+    plain_loss = next_token_loss(model, turned)  # with itself as "without", every a gives the plain loss
     assert contrast_losses(model, turned, [turned], [0.0, 3.0])[0] == pytest.approx(
         [plain_loss] * 2, rel=1e-5
     )
-    half = encode(backbone, data.test_texts[:2], data.test_labels[:2], 16, prompts=data.test_prompts[:2])
-    full = encode(backbone, data.test_texts, data.test_labels, 16, prompts=data.test_prompts)
+    half = encode(backbone, data.test_texts[:2], None, 16, prompts=data.test_prompts[:2])
+    full = encode(backbone, data.test_texts, None, 16, prompts=data.test_prompts)
     with pytest.raises(DataError, match="same examples"):
         contrast_losses(model, full, [half], [1.0])
     with pytest.raises(ConfigError, match="finite numbers >= 0"):
         contrast_losses(model, full, [full], [-1.0])
     with pytest.raises(DataError, match="give prompts too"):
-        encode(backbone, data.test_texts, data.test_labels, 16, examples=kept)
+        encode(backbone, data.test_texts, None, 16, examples=kept)
 
 
 def test_retrieving_turns_keeps_a_pool_and_picks_per_message(
@@ -384,7 +386,7 @@ def test_retrieving_turns_keeps_a_pool_and_picks_per_message(
     cfg = Config.from_run_config(over)
     state_dir = tmp_path / "clients" / "client-0001"
     data = load_client_data(cfg.task, 1, 2)
-    tok = get_backbone(cfg, 1).tokenizer
+    tok = get_backbone(cfg).tokenizer
     pool = pick_examples(tok, data.train_prompts, data.train_texts, 6, cfg.task.max_length, "retrieve")
     _, _, turns = load_chat(state_dir)
     assert (turns.kept, turns.how, turns.k) == (pool, "retrieve", 2) and len(pool) == 6

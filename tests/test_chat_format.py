@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from client.generate import ChatTurns, stream
-from client.training import example_losses
 from common.assets import ensure
 from common.chat_format import chat_prompt, end_of_turn, pick_examples, retrieve_examples, tokenize_turns
 from common.config import Config
 from common.data import load_client_data
 from common.errors import ConfigError, DataError
 from common.features import encode
-from common.model import get_backbone
 from common.shakespeare import parse_turns
+from common.tasks import get_backbone, get_task
+from common.tasks.generate import reference_losses
 from research.context_scoring import encode_turns, turn_ids
 
 CHAT: dict[str, Any] = {
@@ -37,7 +37,7 @@ CHAT: dict[str, Any] = {
 @pytest.fixture(scope="module")
 def chat() -> tuple[Config, Any, Any]:
     cfg = Config.from_run_config(CHAT)
-    return cfg, get_backbone(cfg, 1), load_client_data(cfg.task, 1, 4)
+    return cfg, get_backbone(cfg), load_client_data(cfg.task, 1, 4)
 
 
 def test_a_cue_is_the_speech_before_in_the_same_scene() -> None:
@@ -64,7 +64,7 @@ def test_chat_data_pairs_each_speech_with_its_cue_from_the_play(chat: tuple[Conf
 def test_only_the_reply_and_its_end_of_turn_are_scored(chat: tuple[Config, Any, Any]) -> None:
     cfg, backbone, data = chat
     tok, n = backbone.tokenizer, cfg.task.max_length
-    feats = encode(backbone, data.train_texts, data.train_labels, n, prompts=data.train_prompts)
+    feats = encode(backbone, data.train_texts, None, n, prompts=data.train_prompts)
     ids, heads = tokenize_turns(tok, data.train_prompts, data.train_texts, n)
     end = end_of_turn(tok)
     assert end == [tok.sep_token_id]  # no chat template: the end-of-sequence token closes the turn
@@ -87,10 +87,10 @@ def test_only_the_reply_and_its_end_of_turn_are_scored(chat: tuple[Config, Any, 
 def test_the_cue_is_attended_but_not_scored(chat: tuple[Config, Any, Any]) -> None:
     cfg, backbone, data = chat
     model = backbone.new_model().eval()
-    texts, labels = data.train_texts[:8], data.train_labels[:8]
-    cues = encode(backbone, texts, labels, cfg.task.max_length, prompts=data.train_prompts[:8])
-    other = encode(backbone, texts, labels, cfg.task.max_length, prompts=["Who is there?"] * 8)
-    a, b = (example_losses(model(*f.batch(slice(None))[:2]), f.labels) for f in (cues, other))
+    texts = data.train_texts[:8]
+    cues = encode(backbone, texts, None, cfg.task.max_length, prompts=data.train_prompts[:8])
+    other = encode(backbone, texts, None, cfg.task.max_length, prompts=["Who is there?"] * 8)
+    a, b = (reference_losses(model(*f.batch(slice(None))[:2]), f.labels) for f in (cues, other))
     counts = [sorted((f.labels != -100).sum(1).tolist()) for f in (cues, other)]
     assert counts[0] == counts[1]  # the same reply tokens are scored
     assert not torch.allclose(torch.sort(a).values, torch.sort(b).values)  # … given a different cue
@@ -148,7 +148,7 @@ def test_contrast_draws_from_the_amplified_difference_the_turns_make(chat: tuple
 
 def _templated() -> Any:
     """The tiny LM's tokenizer with a minimal, readable chat template."""
-    tok = copy.deepcopy(get_backbone(Config.from_run_config(CHAT), 1).tokenizer)
+    tok = copy.deepcopy(get_backbone(Config.from_run_config(CHAT)).tokenizer)
     tok.chat_template = (
         "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} [end] {% endfor %}"
         "{% if add_generation_prompt %}[assistant] {% endif %}"
@@ -176,14 +176,10 @@ def test_chat_format_needs_a_causal_lm_and_text() -> None:
 def test_projecting_only_scored_positions_equals_the_full_logits(chat: tuple[Config, Any, Any]) -> None:
     from opacus import GradSampleModule
 
-    from client.training import model_losses
-
     cfg, backbone, data = chat
     torch.manual_seed(1)
     for prompts in (data.train_prompts[:6], ()):
-        feats = encode(
-            backbone, data.train_texts[:6], data.train_labels[:6], cfg.task.max_length, prompts=prompts
-        )
+        feats = encode(backbone, data.train_texts[:6], None, cfg.task.max_length, prompts=prompts)
         h, m, y = feats.batch(slice(None))
         model = backbone.new_model()
         with torch.no_grad():
@@ -191,7 +187,7 @@ def test_projecting_only_scored_positions_equals_the_full_logits(chat: tuple[Con
         grads = []
         for selected in (True, False):
             gsm = GradSampleModule(model)
-            losses = model_losses(gsm, h, m, y) if selected else example_losses(gsm(h, m), y)
+            losses = get_task(cfg).losses(gsm, h, m, y) if selected else reference_losses(gsm(h, m), y)
             losses.sum().backward()
             grads.append(
                 (losses.detach(), [p.grad_sample.clone() for p in model.parameters() if p.requires_grad])
@@ -213,7 +209,7 @@ def test_example_turns_come_before_the_message_and_are_never_scored() -> None:
     plain, plain_heads = tokenize_turns(tok, ["hail"], ["well met"], 16)
     ids, heads = tokenize_turns(tok, ["hail"], ["well met"], 16, shots)
     assert heads[0] > plain_heads[0] and ids[0][heads[0] :] == plain[0][plain_heads[0] :]
-    no_template = get_backbone(cfg, 1).tokenizer  # the tiny LM has none: plain lines
+    no_template = get_backbone(cfg).tokenizer  # the tiny LM has none: plain lines
     assert chat_prompt(no_template, "hail", shots) == "who goes\na friend\nhail\n"
 
 
@@ -287,10 +283,9 @@ def test_each_turn_can_have_its_own_earlier_turns(chat: tuple[Config, Any, Any])
         assert (ids[i], heads[i]) == (one[0], one_head[0])
     with pytest.raises(DataError, match="one context per turn"):
         turn_ids(tok, prompts, replies, n, contexts[:2])
-    labels = data.train_labels[:3]
-    feats = encode_turns(backbone, replies, labels, n, prompts, contexts)
+    feats = encode_turns(backbone, replies, n, prompts, contexts)
     assert int(feats.mask.sum()) == sum(map(len, ids))  # each turn ran with its own context
-    bare = encode_turns(backbone, replies, labels, n, prompts, [[]] * 3)
+    bare = encode_turns(backbone, replies, n, prompts, [[]] * 3)
     assert int(bare.mask.sum()) == sum(map(len, tokenize_turns(tok, prompts, replies, n)[0]))
-    plain = encode(backbone, replies, labels, n, prompts=prompts)  # no turns: what encode gives
+    plain = encode(backbone, replies, None, n, prompts=prompts)  # no turns: what encode gives
     assert torch.equal(bare.labels, plain.labels) and torch.equal(bare.source, plain.source)

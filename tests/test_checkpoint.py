@@ -19,10 +19,10 @@ from client.state import StateStore
 from common import protocol as P
 from common.config import Config
 from common.errors import ConfigError
-from common.model import get_backbone
 from common.params import get_arrays
 from common.privacy import epsilon
 from common.split import split_names
+from common.tasks import get_backbone
 from server import checkpoint
 from server.app import run_federation
 from server.ledger import Ledger
@@ -158,7 +158,7 @@ def test_resume_refuses_a_checkpoint_of_another_mode(tmp_path: Path, task_identi
 
 def test_resume_of_a_finished_run_sends_nothing(tmp_path: Path, task_identity: None) -> None:
     cfg = Config.from_run_config({**TINY, "output.run-dir": str(tmp_path)})
-    template = get_backbone(cfg, 3).template
+    template = get_backbone(cfg).template
     shared = split_names([n for n, _ in template.named_parameters()], "fedper")["shared"]
     arrays = {k: v + 1.0 for k, v in get_arrays(template, shared).items()}
     checkpoint.save(tmp_path / "checkpoint", checkpoint.Checkpoint(2, arrays, cfg.to_run_config()))
@@ -213,7 +213,7 @@ def test_resumed_run_starts_from_the_checkpointed_tensors(sim_fresh: SimRun, sim
     saved = checkpoint.load(sim_fresh.snapshot / "checkpoint")
     assert saved is not None and saved.server_round == 2
     cfg = Config.from_run_config(SIM_OVERRIDES)
-    template = get_backbone(cfg, 3).template
+    template = get_backbone(cfg).template
     shared = split_names([n for n, _ in template.named_parameters()], "fedper")["shared"]
     initial = get_arrays(template, shared)
     assert sorted(sim_resumed.first_arrays) == sorted(saved.arrays) == sorted(initial)

@@ -18,14 +18,14 @@ from client.state import StateStore
 from common import protocol as P
 from common.config import Config
 from common.errors import DeviceRefusal, StateError
-from common.model import get_backbone
 from common.params import get_arrays
 from common.privacy import check_delta, default_delta
 from common.split import split_names
+from common.tasks import get_backbone
 
 
 def _shared(cfg: Config) -> dict:
-    template = get_backbone(cfg, 3).template
+    template = get_backbone(cfg).template
     return get_arrays(template, split_names([n for n, _ in template.named_parameters()], "fedper")["shared"])
 
 

@@ -18,10 +18,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client.training import DPPlan, sample_rate, steps_per_epoch, train
 from common.config import Config
-from common.data import label_names, load_client_data
+from common.data import load_client_data
 from common.errors import DataError
 from common.features import Features, encode
-from common.model import Backbone, PersonalModel, get_backbone
+from common.model import PersonalModel
+from common.tasks import Backbone, get_backbone
 
 BASE = dict(TINY_TRAIN)
 
@@ -33,7 +34,7 @@ def _cfg(**over: object) -> Config:
 @pytest.fixture(scope="module")
 def setup() -> tuple[Config, Backbone, Features]:
     cfg = _cfg()
-    backbone = get_backbone(cfg, len(label_names(cfg.task)))
+    backbone = get_backbone(cfg)
     data = load_client_data(cfg.task, 0, 4)
     feats = encode(backbone, data.train_texts, data.train_labels, cfg.task.max_length)
     assert len(feats) == 60

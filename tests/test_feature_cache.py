@@ -13,14 +13,14 @@ from common import features
 from common.config import Config
 from common.data import load_client_data
 from common.features import encode, run_prefix, store_key
-from common.model import get_backbone
+from common.tasks import get_backbone
 from simulations.sequential import run_sequential
 
 
 @pytest.fixture
 def tiny() -> tuple[Config, object, list[list[int]]]:
     cfg = Config.from_run_config(TINY)
-    backbone = get_backbone(cfg, 3)
+    backbone = get_backbone(cfg)
     data = load_client_data(cfg.task, 0, 4)
     ids = backbone.tokenizer(list(data.train_texts), truncation=True, max_length=cfg.task.max_length)
     return cfg, backbone, list(ids["input_ids"])
@@ -58,7 +58,7 @@ def test_encode_with_a_store_gives_the_same_features(tiny, tmp_path) -> None:
 
 def test_the_key_follows_the_weights_the_ids_and_the_device(tiny) -> None:
     cfg, backbone, ids = tiny
-    other = get_backbone(cfg.replace(**{"model.seed": 7}), 3)  # the tiny encoder's weights follow the seed
+    other = get_backbone(cfg.replace(**{"model.seed": 7}))  # the tiny encoder's weights follow the seed
     cpu = torch.device("cpu")
     key = store_key(backbone, ids, cpu)
     assert key == store_key(backbone, [list(x) for x in ids], cpu)

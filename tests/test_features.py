@@ -9,12 +9,12 @@ from conftest import TINY
 from common.config import Config
 from common.data import load_client_data
 from common.features import encode
-from common.model import get_backbone
+from common.tasks import get_backbone
 
 
 def test_length_sorted_chunked_features_equal_a_full_forward() -> None:
     cfg = Config.from_run_config({**TINY, "model.frozen-layers": 1, "task.train-size": 70})
-    backbone = get_backbone(cfg, 3)
+    backbone = get_backbone(cfg)
     data = load_client_data(cfg.task, 0, 4)
     feats = encode(backbone, data.train_texts, data.train_labels, cfg.task.max_length, chunk=16)
     lengths = feats.mask.sum(1)

@@ -18,11 +18,11 @@ from test_dp_training import _check_changed_and_frozen, _model, _reference_per_s
 from client.state import StateStore
 from client.training import DPPlan, sample_rate, train
 from common.config import Config
-from common.data import label_names, load_client_data
+from common.data import load_client_data
 from common.device import describe, resolve_device
 from common.features import Features, encode
-from common.model import Backbone, get_backbone
 from common.privacy import epsilon
+from common.tasks import Backbone, get_backbone
 from simulations.sequential import run_sequential
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -37,7 +37,7 @@ def _cfg(**over: object) -> Config:
 def setup() -> tuple[Backbone, Features, Features]:
     """The tiny backbone, its features computed on the CPU (float32) and on CUDA (bf16 prefix)."""
     cfg = _cfg()
-    backbone = get_backbone(cfg, len(label_names(cfg.task)))
+    backbone = get_backbone(cfg)
     data = load_client_data(cfg.task, 0, 4)
     on_cpu = encode(backbone, data.train_texts, data.train_labels, cfg.task.max_length)
     on_gpu = encode(backbone, data.train_texts, data.train_labels, cfg.task.max_length, device=CUDA)

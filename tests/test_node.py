@@ -10,13 +10,13 @@ from client.node import NodeInfo, run_evaluate, run_train
 from common import features
 from common import protocol as P
 from common.config import Config
-from common.model import get_backbone
 from common.params import get_arrays
 from common.split import split_names
+from common.tasks import get_backbone
 
 
 def _shared(cfg: Config) -> dict:
-    template = get_backbone(cfg, 3).template
+    template = get_backbone(cfg).template
     return get_arrays(template, split_names([n for n, _ in template.named_parameters()], "fedper")["shared"])
 
 
@@ -35,11 +35,11 @@ def test_train_reports_its_training_time(tmp_path: Path) -> None:
 
 
 def test_before_after_accuracy_can_be_switched_off(tmp_path: Path, monkeypatch) -> None:
-    import client.node as node_mod
+    from common.tasks.classify import ClassifyTask
 
     calls: list[int] = []
-    real = node_mod.evaluate
-    monkeypatch.setattr(node_mod, "evaluate", lambda m, f: calls.append(1) or real(m, f))
+    real = ClassifyTask.evaluate
+    monkeypatch.setattr(ClassifyTask, "evaluate", lambda self, m, f: calls.append(1) or real(self, m, f))
     cfg = Config.from_run_config(TINY_TRAIN)
     _, on = run_train(cfg, NodeInfo(0, 4, tmp_path / "on", run_id=1), _shared(cfg), 1)
     assert P.ACC_BEFORE in on and P.ACC_AFTER in on and len(calls) == 2

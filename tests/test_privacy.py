@@ -14,12 +14,11 @@ from client.node import NodeInfo, run_evaluate, run_train
 from client.state import KEY_ENV, STATE_FILE, PersonalState, StateStore
 from common import protocol as P
 from common.config import Config
-from common.data import label_names
 from common.errors import ConfigError, PrivacyBudgetExhausted
-from common.model import get_backbone
 from common.params import get_arrays
 from common.privacy import calibrate_sigma, compose, epsilon, normalize
 from common.split import split_names
+from common.tasks import get_backbone
 
 BASE = dict(TINY_TRAIN)
 N, Q, STEPS = 60, 1 / 3, 3  # train examples, sample rate, DP steps per round for BASE
@@ -31,7 +30,7 @@ def _cfg(**over: object) -> Config:
 
 
 def _initial_shared(cfg: Config) -> dict[str, np.ndarray]:
-    template = get_backbone(cfg, len(label_names(cfg.task))).template
+    template = get_backbone(cfg).template
     names = [n for n, _ in template.named_parameters()]
     return get_arrays(template, split_names(names, cfg.personalization.mode)["shared"])
 

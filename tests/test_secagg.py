@@ -21,11 +21,10 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client.app import make_client_app
 from common.config import Config
-from common.data import label_names
 from common.errors import ConfigError
-from common.model import get_backbone
 from common.params import get_arrays
 from common.split import split_names
+from common.tasks import get_backbone
 from server import checkpoint
 from server.app import run_federation
 
@@ -58,7 +57,7 @@ def _final(run_dir: Path) -> dict[str, np.ndarray]:
 
 
 def _initial(cfg: Config) -> dict[str, np.ndarray]:
-    template = get_backbone(cfg, len(label_names(cfg.task))).template
+    template = get_backbone(cfg).template
     roles = split_names([n for n, _ in template.named_parameters()], cfg.personalization.mode)
     return get_arrays(template, roles["shared"])
 

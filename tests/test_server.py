@@ -22,9 +22,9 @@ from client.app import make_client_app
 from common import protocol as P
 from common.config import Config
 from common.errors import ParameterError
-from common.model import get_backbone
 from common.params import from_record, get_arrays, shapes_of
 from common.split import split_names
+from common.tasks import get_backbone
 from server import checkpoint
 from server.app import run_federation
 from server.ledger import Ledger
@@ -42,7 +42,7 @@ class Model:
 
     def __init__(self) -> None:
         self.cfg = Config.from_run_config(TINY)
-        template = get_backbone(self.cfg, 3).template
+        template = get_backbone(self.cfg).template
         roles = split_names([n for n, _ in template.named_parameters()], "fedper")
         self.shared: list[str] = roles["shared"]
         self.personal: list[str] = roles["personal"]

@@ -20,9 +20,9 @@ from cli.main import app as cli_app
 from client.state import StateStore
 from common import protocol as P
 from common.config import Config
-from common.model import get_backbone
 from common.privacy import epsilon
 from common.split import split_names
+from common.tasks import get_backbone
 
 ROUNDS = SIM_OVERRIDES["fed.num-rounds"]
 BUDGET = SIM_OVERRIDES["dp.epsilon"]
@@ -32,7 +32,7 @@ SIGMA = SIM_OVERRIDES["dp.noise-multiplier"]
 @pytest.fixture(scope="module")
 def roles() -> dict[str, list[str]]:
     cfg = Config.from_run_config(SIM_OVERRIDES)
-    names = [n for n, _ in get_backbone(cfg, 3).template.named_parameters()]
+    names = [n for n, _ in get_backbone(cfg).template.named_parameters()]
     out = split_names(names, "fedper")
     assert out["shared"] and out["personal"]
     return out

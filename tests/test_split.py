@@ -6,8 +6,8 @@ import pytest
 
 from common.config import MODES, Config
 from common.errors import ConfigError
-from common.model import get_backbone
 from common.split import param_kind, role_of, split_names
+from common.tasks import get_backbone
 
 TINY = {"model.name": "tiny", "model.frozen-layers": 1}
 
@@ -15,7 +15,7 @@ TINY = {"model.name": "tiny", "model.frozen-layers": 1}
 @pytest.fixture(scope="module", params=[1, 0], ids=["frozen1", "frozen0"])
 def names(request: pytest.FixtureRequest) -> list[str]:
     cfg = Config.from_run_config({**TINY, "model.frozen-layers": request.param})
-    model = get_backbone(cfg, 3).template
+    model = get_backbone(cfg).template
     out = [n for n, _ in model.named_parameters()]
     # Sanity of the fixture itself: the model really has every kind of tensor.
     kinds = {param_kind(n) for n in out}
@@ -44,8 +44,8 @@ def test_param_kind_on_real_names(names: list[str]) -> None:
 def test_lora_sits_on_layers_above_frozen_prefix() -> None:
     cfg0 = Config.from_run_config({**TINY, "model.frozen-layers": 0})
     cfg1 = Config.from_run_config(TINY)
-    n0 = [n for n, _ in get_backbone(cfg0, 3).template.named_parameters() if "lora_A" in n]
-    n1 = [n for n, _ in get_backbone(cfg1, 3).template.named_parameters() if "lora_A" in n]
+    n0 = [n for n, _ in get_backbone(cfg0).template.named_parameters() if "lora_A" in n]
+    n1 = [n for n, _ in get_backbone(cfg1).template.named_parameters() if "lora_A" in n]
     # query and value adapters per LoRA layer: tiny has 2 layers.
     assert len(n0) == 4 and len(n1) == 2
 
@@ -150,6 +150,6 @@ def test_name_rules_are_anchored() -> None:
 
 def test_template_trainability_matches_split() -> None:
     cfg = Config.from_run_config(TINY)
-    model = get_backbone(cfg, 3).template
+    model = get_backbone(cfg).template
     for n, p in model.named_parameters():
         assert p.requires_grad == (param_kind(n) != "base"), n

@@ -13,19 +13,18 @@ import pytest
 import torch
 from conftest import TINY_TRAIN
 
+import common.backbone
 import common.features
-import common.model
 from client.node import NodeInfo, run_evaluate, run_train
 from client.state import KEY_ENV, MAGIC, STATE_FILE, PersonalState, StateStore
-from client.training import evaluate
 from common import protocol as P
 from common.config import MODES, Config
-from common.data import label_names, load_client_data
+from common.data import load_client_data
 from common.errors import StateError
 from common.features import encode
-from common.model import get_backbone
 from common.params import get_arrays, set_arrays
 from common.split import split_names
+from common.tasks import get_backbone, get_task
 
 
 def _state() -> PersonalState:
@@ -249,12 +248,12 @@ def _cfg(**over: object) -> Config:
 
 
 def _roles(cfg: Config) -> dict[str, list[str]]:
-    template = get_backbone(cfg, len(label_names(cfg.task))).template
+    template = get_backbone(cfg).template
     return split_names([n for n, _ in template.named_parameters()], cfg.personalization.mode)
 
 
 def _initial_shared(cfg: Config) -> dict[str, np.ndarray]:
-    template = get_backbone(cfg, len(label_names(cfg.task))).template
+    template = get_backbone(cfg).template
     return get_arrays(template, _roles(cfg)["shared"])
 
 
@@ -264,7 +263,7 @@ def test_client_restart_resumes_personal_state(
 ) -> None:
     cfg = _cfg(**{"personalization.mode": mode})
     roles = _roles(cfg)
-    template = dict(get_backbone(cfg, 3).template.named_parameters())
+    template = dict(get_backbone(cfg).template.named_parameters())
     shared0 = _initial_shared(cfg)
     node = NodeInfo(1, 4, tmp_path, run_id=1, device="cpu")  # compared with a CPU recomputation below
 
@@ -285,10 +284,10 @@ def test_client_restart_resumes_personal_state(
         assert not np.array_equal(state1.tensors["head.weight"], template["head.weight"].detach().numpy())
 
     # Restart: a new process would rebuild the backbone and re-encode the data.
-    monkeypatch.setattr(common.model, "_CACHE", {})
+    monkeypatch.setattr(common.backbone, "_CACHE", {})
     monkeypatch.setattr(common.features, "_CACHE", OrderedDict())
     ev = run_evaluate(cfg, node, out1, final_round=False)
-    backbone = get_backbone(cfg, 3)
+    backbone = get_backbone(cfg)
     assert all(torch.equal(p, template[n]) for n, p in backbone.template.named_parameters()), (
         "the rebuilt model differs from the first build"
     )
@@ -297,14 +296,15 @@ def test_client_restart_resumes_personal_state(
     model = backbone.new_model()
     set_arrays(model, out1, roles["shared"])
     set_arrays(model, state1.tensors, roles["personal"])
-    acc, loss = evaluate(model, test)
+    own = get_task(cfg).evaluate(model, test)
+    acc, loss = own.accuracy, own.loss
     assert ev[P.EVAL_ACC] == acc
     assert ev[P.EVAL_LOSS] == pytest.approx(loss, rel=1e-6)
     assert ev[P.EVAL_ACC] == m1[P.ACC_AFTER]
     if roles["personal"]:  # the saved personal part matters: without it the loss is different
         without = backbone.new_model()
         set_arrays(without, out1, roles["shared"])
-        assert evaluate(without, test)[1] != pytest.approx(ev[P.EVAL_LOSS], rel=1e-6)
+        assert get_task(cfg).evaluate(without, test).loss != pytest.approx(ev[P.EVAL_LOSS], rel=1e-6)
 
     # Round 2 starts from the saved personal part and the shared tensors the server sent back.
     out2, m2 = run_train(cfg, node, out1, 2)

@@ -25,7 +25,7 @@ def _run(root: Path, clients: int, users: dict[str, str] | None = None) -> Path:
 
 def _message(path: Path) -> str:
     with pytest.raises(StateError) as err:
-        load_personal(path, causal=False)  # the shared entry point of all four commands
+        load_personal(path, command="predict")  # the shared entry point of all four commands
     return str(err.value)
 
 

@@ -80,17 +80,15 @@ def run_canary_audit(setup: AuditSetup, overrides: dict[str, Any] | None = None)
     from torch.utils.data import DataLoader, TensorDataset
 
     from common.config import Config
-    from common.data import label_names, load_client_data
-    from common.features import encode
-    from common.model import get_backbone
     from common.privacy import calibrate_sigma
+    from common.tasks import get_task
 
     if setup.guesses * 2 > setup.canaries:
         raise ValueError(f"2 × guesses ({2 * setup.guesses}) cannot exceed the canaries ({setup.canaries})")
     cfg = Config.from_run_config(overrides or {})
-    backbone = get_backbone(cfg, len(label_names(cfg.task)))
-    data = load_client_data(cfg.task, 0, 1)
-    feats = encode(backbone, data.train_texts, data.train_labels, cfg.task.max_length)
+    task = get_task(cfg)
+    backbone = task.backbone()
+    feats = task.features(backbone, task.load(0, 1), "train")
     model = backbone.new_model()
     params = [p for p in model.parameters() if p.requires_grad]
     sizes = [p.numel() for p in params]

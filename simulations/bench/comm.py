@@ -16,10 +16,9 @@ from flwr.common.serde import recorddict_to_proto
 
 from common import protocol as P
 from common.config import MODES, Config
-from common.data import label_names
-from common.model import get_backbone
 from common.params import get_arrays, to_record
 from common.split import split_names
+from common.tasks import get_backbone
 from simulations.bench.output import markdown_table
 
 RANKS = (4, 8, 16)
@@ -48,7 +47,7 @@ def _eval_metrics() -> MetricRecord:
 def measure(base: dict[str, Any], mode: str, rank: int) -> dict[str, Any]:
     """Bytes per client per round for ``mode`` at LoRA rank ``rank`` (on top of ``base`` overrides)."""
     cfg = Config.from_run_config({**base, "personalization.mode": mode, "lora.r": rank})
-    backbone = get_backbone(cfg, len(label_names(cfg.task)))
+    backbone = get_backbone(cfg)
     names = split_names([n for n, _ in backbone.template.named_parameters()], mode)
     arrays: ArrayRecord = to_record(get_arrays(backbone.template, names["shared"]))
     config = ConfigRecord({P.SERVER_ROUND: 1, P.FINAL_ROUND: 0})

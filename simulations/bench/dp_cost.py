@@ -35,17 +35,15 @@ def _setup(threads: int, extra: dict[str, Any], device: str = "cpu") -> tuple[An
     import torch
 
     from common.config import Config
-    from common.data import label_names, load_client_data
     from common.device import resolve_device
-    from common.features import encode
-    from common.model import get_backbone
+    from common.tasks import get_task
 
     torch.set_num_threads(threads)
     dev = resolve_device(device)
     cfg = Config.from_run_config({**BASE, **extra})
-    backbone = get_backbone(cfg, len(label_names(cfg.task)))
-    data = load_client_data(cfg.task, 0, 1)
-    feats = encode(backbone, data.train_texts, data.train_labels, cfg.task.max_length, device=dev)
+    task = get_task(cfg)
+    backbone = task.backbone()
+    feats = task.features(backbone, task.load(0, 1), "train", device=dev)
     return backbone, feats.to(dev)
 
 

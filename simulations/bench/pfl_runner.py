@@ -52,7 +52,8 @@ from common.config import Config
 from common.data import label_names, load_client_data
 from common.errors import ConfigError
 from common.features import prefix_features
-from common.model import Backbone, PersonalModel, build_backbone
+from common.model import EncoderBackbone as Backbone
+from common.model import build_backbone
 
 EVAL_BATCH = 128  # client.training.evaluate's batch size
 TEST = "test"  # metadata key of a user's test split
@@ -62,7 +63,7 @@ Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 class _Classifier(nn.Module):
     """A PersonalModel with the per-batch ``loss`` and ``metrics`` that pfl's PyTorchModel calls."""
 
-    def __init__(self, net: PersonalModel) -> None:
+    def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
 
@@ -127,7 +128,7 @@ def _features(backbone: Backbone, texts: Sequence[str], labels: np.ndarray, max_
     return hidden, mask, torch.tensor(np.asarray(labels, dtype=np.int64)[order])
 
 
-def _local_optimizer(net: PersonalModel, cfg: Config) -> Callable[..., torch.optim.Optimizer]:
+def _local_optimizer(net: nn.Module, cfg: Config) -> Callable[..., torch.optim.Optimizer]:
     """pfl's ``local_optimizer_create``: fedpers' optimizer, LoRA at ``lr`` and the head at lr-head."""
 
     def create(params: Any, lr: float) -> torch.optim.Optimizer:

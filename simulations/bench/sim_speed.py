@@ -122,13 +122,12 @@ def serialization_seconds(repeats: int = 20) -> float:
 
     from common import protocol as P
     from common.config import Config
-    from common.data import label_names
-    from common.model import get_backbone
     from common.params import get_arrays, to_record
     from common.split import split_names
+    from common.tasks import get_backbone
 
     cfg = Config.from_run_config(WORKLOAD)
-    backbone = get_backbone(cfg, len(label_names(cfg.task)))
+    backbone = get_backbone(cfg)
     names = split_names([n for n, _ in backbone.template.named_parameters()], "fedavg")["shared"]
     content = RecordDict({P.ARRAYS: to_record(get_arrays(backbone.template, names))})
     start = time.perf_counter()
