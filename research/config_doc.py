@@ -3,7 +3,7 @@
 Types, allowed values and ranges come from the dataclasses of :mod:`common.config`, defaults and
 descriptions from ``common/defaults.toml`` (each key's end-of-line comment). The ``[simulation]`` table
 and the device flags of ``fedpers agent`` belong to other layers, so they are described here and
-tests/test_config_doc.py checks them against ``simulations.run`` and ``cli.main``.
+tests/test_config_doc.py checks them against ``simulations.run`` and ``cli.deploy``.
 
     python -m research.config_doc            # print the Markdown
     python -m research.config_doc --write    # rewrite docs/configuration.md (from a checkout)
@@ -82,7 +82,7 @@ SIMULATION = (
     ),
 )
 
-# The device's own privacy limits of `fedpers agent` (cli.main.agent); tests check the defaults.
+# The device's own privacy limits of `fedpers agent` (cli.deploy.agent); tests check the defaults.
 AGENT = (
     Entry(
         "--max-epsilon",

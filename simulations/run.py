@@ -56,8 +56,7 @@ def load_settings(path: str | Path | None, sets: dict[str, Any] | None = None) -
     overrides: dict[str, Any] = {}
     per_mode: dict[str, dict[str, Any]] = {}
     if path is not None:
-        with Path(path).open("rb") as fh:
-            data = tomllib.load(fh)
+        data = _read_toml(Path(path))
         sim = data.get("simulation", {})
         overrides = load_overrides_toml(path)
         unknown = set(sim) - SIM_KEYS
@@ -83,6 +82,17 @@ def load_settings(path: str | Path | None, sets: dict[str, Any] | None = None) -
     return SimSettings(num, float(sim.get("client-cpus", 1.0)), compare, overrides, per_mode, limits)
 
 
+def _read_toml(path: Path) -> dict[str, Any]:
+    """A simulation TOML's tables; a missing, unreadable or malformed file is one ConfigError line."""
+    if not path.is_file():
+        raise ConfigError(f"simulation config {path} does not exist (see simulations/configs/*.toml)")
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"simulation config {path} is not valid TOML: {exc}") from exc
+
+
 def _device_limits(sim: dict[str, Any]) -> dict[str, Any]:
     """The simulated devices' own limits from ``[simulation]`` (as ``fedpers agent`` takes them as flags)."""
     limits = {k: sim[k] for k in DEVICE_KEYS if k in sim}
@@ -94,8 +104,7 @@ def _mode_tables(path: Path, data: dict[str, Any] | None = None) -> dict[str, di
     if data is None:
         if not path.is_file():
             raise ConfigError(f"mode settings file {path} does not exist ([simulation] mode-settings)")
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
+        data = _read_toml(path)
     tables = data.get("mode", {})
     if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
         raise ConfigError(f"{path}: [mode.<name>] must be tables of run-config keys")

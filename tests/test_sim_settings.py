@@ -91,3 +91,17 @@ def test_tune_server_lr_candidates_only_for_shared_modes_and_chosen_on_validatio
         tune_cells(["fedper"], server_lrs=[0.0])
     with pytest.raises(ConfigError, match="unknown mode"):
         tune_cells(["fedprox"])
+
+
+def test_a_missing_or_malformed_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    bad = _write(tmp_path / "bad.toml", "[simulation\nnum-clients = 2\n")
+    for path, says in ((tmp_path / "nope.toml", "does not exist"), (bad, "is not valid TOML")):
+        with pytest.raises(ConfigError, match=says):
+            load_settings(path)
+        res = CliRunner().invoke(app, ["simulate", "--config", str(path), "--run-dir", str(tmp_path / "run")])
+        assert res.exit_code == 2 and says in res.output and "Traceback" not in res.output
+        assert not (tmp_path / "run").exists()
