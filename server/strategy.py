@@ -7,17 +7,19 @@ offset so a resumed run continues its numbering.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common import protocol as P
 from common.params import from_record, to_record
@@ -81,7 +83,8 @@ class FedpersStrategy(FedAvg):
         if evaluate_every < 1:
             raise ValueError(f"evaluate_every must be >= 1, got {evaluate_every}")
         self.evaluate_every = evaluate_every
-        self._cohort, self._population = 0, 0
+        self._cohort: float = 0.0  # the fixed denominator of a user-level release (expected under Poisson)
+        self._population = 0
         self._sent: list[Message] = []  # this round's instructions (an error reply names its node by them)
         if user_dp is not None:  # a resumed or continued federation keeps composing its user-level ε
             for e in ledger.user_level_entries():
@@ -103,10 +106,33 @@ class FedpersStrategy(FedAvg):
         """Remember the current global tensors and number the round past any resumed ones."""
         self._round_start = time.perf_counter()
         self.current = from_record(arrays)
-        messages = list(super().configure_train(server_round + self.offset, arrays, config, grid))
-        self._cohort, self._population = len(messages), len(list(grid.get_node_ids()))
+        if self._poisson():
+            messages = self._poisson_cohort(server_round + self.offset, arrays, config, grid)
+        else:
+            messages = list(super().configure_train(server_round + self.offset, arrays, config, grid))
+            self._cohort, self._population = len(messages), len(list(grid.get_node_ids()))
         self._sent = messages
         return messages
+
+    def _poisson(self) -> bool:
+        """Whether cohorts are Poisson samples: user-level DP accounted with q = fed.fraction-train < 1."""
+        return self.user_dp is not None and self.user_dp.sampling == "poisson" and self.fraction_train < 1
+
+    def _poisson_cohort(
+        self, rnd: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """Ask each connected node independently with probability q (OS entropy): the sampling accounted.
+
+        The cohort's size varies (it may be empty); the release divides by the expected size q·N.
+        """
+        _, nodes = sample_nodes(grid, self.min_available_nodes, 0)  # waits until enough are connected
+        draw = secrets.SystemRandom()
+        chosen = [n for n in nodes if draw.random() < self.fraction_train]
+        self._cohort, self._population = self.fraction_train * len(nodes), len(nodes)
+        log(INFO, "round %d: Poisson cohort of %d nodes (expected %.1f)", rnd, len(chosen), self._cohort)
+        config["server-round"] = rnd
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return list(self._construct_messages(record, chosen, MessageType.TRAIN))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -185,9 +211,9 @@ class FedpersStrategy(FedAvg):
         self, rnd: int, replies: list[dict[str, np.ndarray]]
     ) -> dict[str, np.ndarray] | None:
         """Clip, average uniformly and noise the replies; None (no release) when the budget forbids it."""
-        if self.user_dp is None or not replies:
+        if self.user_dp is None or not (replies or self._poisson()):  # a Poisson round releases anyway
             return None
-        cohort = max(self._cohort, len(replies))
+        cohort = self._cohort if self._poisson() else max(self._cohort, len(replies))
         budget = self.user_dp.budget
         if budget > 0 and self.user_dp.epsilon_after(cohort, self._population) > budget * (1 + 1e-9):
             reason = f"user-level budget ε={budget} would be exceeded; the global model is not updated"

@@ -1,20 +1,23 @@
 """User-level DP on the server: clip each client's shared update, average uniformly, add Gaussian noise.
 
-The release each round is ``current + (Σᵢ clip(Δᵢ, S) + N(0, (z_Δ·S)²·I)) / m`` where m is the number of
-clients sampled that round (fixed denominator, so one user changes the sum by at most S whatever the
-others send), with fixed S or S adapted towards a target quantile of update norms (Andrew et al. 2021,
-server-side: the noisy count of unclipped updates costs privacy too, so the update noise z_Δ is raised
-such that the composed mechanism has noise multiplier z). The noise parameters come from Flower's
+The release each round is ``current + (Σᵢ clip(Δᵢ, S) + N(0, (z_Δ·S)²·I)) / m`` where m is the expected
+cohort under Poisson sampling (q·N), or the number of clients asked under ``dp.user-sampling = "none"``
+(a fixed denominator either way, so one user changes the sum by at most S whatever the others send),
+with fixed S or S adapted towards a target quantile of update norms (Andrew et al. 2021, server-side:
+the noisy count of unclipped updates costs privacy too, so the update noise z_Δ is raised such that the
+composed mechanism has noise multiplier z). The noise parameters come from Flower's
 helpers (``flwr.supercore.differential_privacy``); the noise from a generator seeded by OS entropy.
 With z = 0 only clipping happens and ε is infinite. Flower's strategy wrappers are not used as such: they clip
 before fedpers validates a reply (a malformed reply would be clipped, not rejected), average with the
 ``num-examples`` weights (sensitivity then depends on the weights), and their accountant requires an
 unmodified ``FedAvg.aggregate_train``.
 
-Accounting: one Poisson-subsampled Gaussian step per round with q = m / population and noise multiplier
-z, composed over rounds by the same accountant as the clients; neighbouring = one user's whole data
-added or removed. Flower samples a fixed-size cohort, for which the Poisson rate is the usual
-approximation; ``dp.user-sampling = "none"`` accounts with q = 1 (no amplification, conservative).
+Accounting: one Poisson-subsampled Gaussian step per round with q = ``fed.fraction-train`` and noise
+multiplier z, composed over rounds by the same accountant as the clients; neighbouring = one user's whole
+data added or removed. The accounting is the sampling that runs: with user-level DP and q < 1 the
+strategy (server.strategy) asks each connected node independently with probability q, drawn from OS
+entropy, and releases every round, even when nobody was drawn (noise only). ``dp.user-sampling =
+"none"`` keeps Flower's fixed-size cohort and accounts with q = 1 (no amplification, conservative).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ class UserLevelDP:
             budget=d.user_epsilon,
         )
 
-    def sample_rate(self, cohort: int, population: int) -> float:
+    def sample_rate(self, cohort: float, population: int) -> float:
         """q used for accounting this round."""
         return 1.0 if self.sampling == "none" else min(1.0, cohort / max(population, 1))
 
@@ -79,7 +82,7 @@ class UserLevelDP:
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
 
-    def epsilon_after(self, cohort: int, population: int) -> float:
+    def epsilon_after(self, cohort: float, population: int) -> float:
         """ε if one more round with this cohort and population were released."""
         q = self.sample_rate(cohort, population)
         return self._epsilon(compose(self.history, self.noise_multiplier, q, 1), self.delta_for(population))
@@ -93,12 +96,16 @@ class UserLevelDP:
         self,
         current: Mapping[str, np.ndarray],
         replies: Sequence[Mapping[str, np.ndarray]],
-        cohort: int,
+        cohort: float,
         population: int,
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """The noisy aggregate of ``replies`` (already validated) and what happened, for the ledger."""
-        if cohort < len(replies) or cohort < 1:
-            raise ValueError(f"cohort {cohort} must be ≥ 1 and ≥ the {len(replies)} replies")
+        """The noisy aggregate of ``replies`` (already validated) and what happened, for the ledger.
+
+        ``cohort`` is the fixed denominator: the expected cohort q·N under Poisson sampling (a round may
+        have more or fewer replies, or none), else the number of clients asked (≥ the replies).
+        """
+        if not cohort > 0 or (self.sampling == "none" and cohort < len(replies)):
+            raise ValueError(f"cohort {cohort} must be > 0 (and ≥ the {len(replies)} replies when fixed)")
         names = sorted(current)
         clip = self.clipping_norm
         total = [np.zeros_like(current[n], dtype=np.float64) for n in names]
@@ -118,7 +125,7 @@ class UserLevelDP:
             count_std, z_update = compute_adaptive_noise_params(
                 self.noise_multiplier, cohort, self.count_stddev or max(cohort / 20, self.noise_multiplier)
             )
-        std = compute_stdv(z_update, clip, cohort)  # per coordinate, on the mean
+        std = compute_stdv(z_update, clip, cohort)  # type: ignore[arg-type]  # per coordinate, on the mean
         new = {
             n: (current[n] + acc / cohort + self.rng.normal(0.0, std, acc.shape)).astype(np.float32)
             for n, acc in zip(names, total, strict=True)
@@ -138,6 +145,7 @@ class UserLevelDP:
             "user-noise-std": std,
             "user-sample-rate": q,
             "user-cohort": cohort,
+            "user-replies": len(replies),
             "user-population": population,
             "user-delta": delta,
             "user-epsilon": self._epsilon(self.history, delta),

@@ -86,3 +86,51 @@ def test_strategy_releases_noisy_mean_refuses_past_budget_and_resumes_history(
     again = make_strategy(model, tmp_path, user_dp=UserLevelDP(noise_multiplier=5.0, clipping_norm=0.01))
     assert again.user_dp is not None
     assert sum(steps for _, _, steps in again.user_dp.history) == statuses.count("released")
+
+
+class _Nodes:
+    """The part of a Grid the samplers read: the connected node ids."""
+
+    def __init__(self, count: int) -> None:
+        self.ids = list(range(101, 101 + count))
+
+    def get_node_ids(self) -> list[int]:
+        return self.ids
+
+
+def test_cohorts_are_poisson_samples_when_accounted_as_such(
+    model: Model, tmp_path: Path, task_identity: None
+) -> None:
+    """With user-level DP and q < 1 each node is asked independently with probability q, as accounted."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    dp = UserLevelDP(noise_multiplier=1.0, clipping_norm=0.1)
+    strategy = make_strategy(model, tmp_path, user_dp=dp, fraction_train=0.25)
+    grid, arrays = _Nodes(40), ArrayRecord({})
+    sizes = []
+    for rnd in range(1, 301):
+        sent = list(strategy.configure_train(rnd, arrays, ConfigRecord({}), grid))  # type: ignore[arg-type]
+        assert len({m.metadata.dst_node_id for m in sent}) == len(sent) <= 40
+        assert strategy._cohort == 10.0 and strategy._population == 40  # the expected cohort q·N
+        sizes.append(len(sent))
+    assert len(set(sizes)) > 5 and abs(np.mean(sizes) - 10) < 0.6  # binomial(40, 0.25): sd 2.7, se 0.16
+    assert np.var(sizes) == pytest.approx(40 * 0.25 * 0.75, rel=0.35)
+    fixed = make_strategy(
+        model, tmp_path / "fixed", user_dp=UserLevelDP(1.0, 0.1, sampling="none"), fraction_train=0.25
+    )
+    assert {len(list(fixed.configure_train(1, arrays, ConfigRecord({}), grid))) for _ in range(5)} == {10}
+
+
+def test_a_poisson_round_releases_and_accounts_even_when_nobody_was_drawn(
+    model: Model, tmp_path: Path, task_identity: None
+) -> None:
+    dp = UserLevelDP(noise_multiplier=1.0, clipping_norm=0.1, rng=np.random.default_rng(3))
+    strategy = make_strategy(model, tmp_path, user_dp=dp, fraction_train=0.1)
+    strategy._cohort, strategy._population = 2.0, 20
+    arrays, _ = strategy.aggregate_train(1, [])
+    assert arrays is not None  # noise only: skipping it would reveal that the cohort was empty
+    moved = [float(np.abs(v.numpy() - model.initial[k]).max()) for k, v in arrays.items()]
+    assert max(moved) > 0
+    entry = Ledger(tmp_path / "ledger.json").user_level_entries()[0]
+    assert entry["user-replies"] == 0 and entry["user-cohort"] == 2.0 and entry["user-sample-rate"] == 0.1
+    assert 0 < entry["user-epsilon"] < float("inf")

@@ -7,7 +7,7 @@ tweets, news and file classify; shakespeare and text-file generate; wnut16 tags.
 from __future__ import annotations
 
 from common.backbone import Backbone
-from common.config import Config
+from common.config import TAGGED_DATASETS, TEXT_DATASETS, Config
 from common.tasks.base import Evaluation, Metrics, Task
 
 __all__ = ["Backbone", "Evaluation", "Metrics", "Task", "get_backbone", "get_task"]
@@ -16,11 +16,11 @@ __all__ = ["Backbone", "Evaluation", "Metrics", "Task", "get_backbone", "get_tas
 def get_task(cfg: Config) -> Task:
     """The task of ``cfg``."""
     dataset = cfg.task.dataset
-    if dataset in ("shakespeare", "text-file"):
+    if dataset in TEXT_DATASETS:
         from common.tasks.generate import GenerateTask
 
         return GenerateTask(cfg)
-    if dataset == "wnut16":
+    if dataset in TAGGED_DATASETS:
         from common.tasks.tag import TagTask
 
         return TagTask(cfg)
