@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common import protocol as P
+from common.errors import PrivacyBudgetExhausted
 from common.params import from_record, to_record
 from common.privacy import compose
 from server import checkpoint
@@ -215,6 +216,14 @@ class FedpersStrategy(FedAvg):
             return None
         cohort = self._cohort if self._poisson() else max(self._cohort, len(replies))
         budget = self.user_dp.budget
+        if budget > 0 and self.user_dp.noise_multiplier <= 0:  # calibrate z once for the rounds left
+            try:
+                z = self.user_dp.calibrate(cohort, self._population, max(1, self.total_rounds - rnd + 1))
+            except PrivacyBudgetExhausted as exc:
+                log(WARNING, "round %d: %s; the global model is not updated", rnd, exc)
+                self.ledger.record_user_level(rnd, "refused", {"reason": str(exc)})
+                return None
+            log(INFO, "user-level noise multiplier z = %.3f for ε = %g over the rounds left", z, budget)
         if budget > 0 and self.user_dp.epsilon_after(cohort, self._population) > budget * (1 + 1e-9):
             reason = f"user-level budget ε={budget} would be exceeded; the global model is not updated"
             log(WARNING, "round %d: %s", rnd, reason)

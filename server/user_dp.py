@@ -32,7 +32,7 @@ from flwr.supercore.differential_privacy import compute_adaptive_noise_params, c
 
 from common.config import Config
 from common.errors import ConfigError
-from common.privacy import USER_DELTA, History, check_delta, compose, default_delta, epsilon
+from common.privacy import USER_DELTA, History, calibrate_sigma, check_delta, compose, default_delta, epsilon
 
 
 @dataclass
@@ -81,6 +81,22 @@ class UserLevelDP:
             return check_delta(self.delta, population, "dp.user-delta; N = the population")
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+
+    def calibrate(self, cohort: float, population: int, rounds: int) -> float:
+        """Set z so that ``rounds`` more releases at this cohort and population end within the budget.
+
+        What ``dp.user-noise-multiplier = 0`` with a ``dp.user-epsilon`` budget asks for; the history so far
+        (a resumed federation) counts. Raises PrivacyBudgetExhausted when no z fits.
+        """
+        self.noise_multiplier = calibrate_sigma(
+            budget=self.budget,
+            delta=self.delta_for(population),
+            sample_rate=self.sample_rate(cohort, population),
+            steps=rounds,
+            history=self.history,
+            accountant=self.accountant,
+        )
+        return self.noise_multiplier
 
     def epsilon_after(self, cohort: float, population: int) -> float:
         """ε if one more round with this cohort and population were released."""

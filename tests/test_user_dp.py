@@ -134,3 +134,18 @@ def test_a_poisson_round_releases_and_accounts_even_when_nobody_was_drawn(
     entry = Ledger(tmp_path / "ledger.json").user_level_entries()[0]
     assert entry["user-replies"] == 0 and entry["user-cohort"] == 2.0 and entry["user-sample-rate"] == 0.1
     assert 0 < entry["user-epsilon"] < float("inf")
+
+
+def test_a_zero_noise_multiplier_with_a_budget_is_calibrated_to_spend_it_over_the_run(
+    model: Model, tmp_path: Path, task_identity: None
+) -> None:
+    dp = UserLevelDP(noise_multiplier=0.0, clipping_norm=0.1, budget=2.0, rng=np.random.default_rng(5))
+    strategy = make_strategy(model, tmp_path, user_dp=dp, fraction_train=0.05)  # total_rounds = 2
+    for rnd in (1, 2):
+        strategy._cohort, strategy._population = 5.0, 100
+        assert strategy.aggregate_train(rnd, [])[0] is not None
+    entries = Ledger(tmp_path / "ledger.json").user_level_entries()
+    z = entries[0]["user-noise-multiplier"]
+    assert z > 0 and entries[1]["user-noise-multiplier"] == z  # calibrated once, for both rounds
+    assert entries[-1]["user-epsilon"] == pytest.approx(2.0, rel=0.02) and entries[-1]["user-epsilon"] <= 2.0
+    assert epsilon(compose([], z * 0.99, 0.05, 2), 1e-6, "prv") > 2.0  # the smallest z that fits
