@@ -26,11 +26,11 @@ demo: assets
 # The fast tier (a few minutes): every test not marked slow. test-all adds the slow tier (real
 # processes, federations, deployment, faults); CI runs test-all.
 test: setup
-	$(BIN)/fedpers assets fetch tweets news shakespeare
+	$(BIN)/fedpers assets fetch tweets news shakespeare wnut16
 	$(PY) -m pytest -q -m "not slow"
 
 test-all: setup
-	$(BIN)/fedpers assets fetch tweets news shakespeare
+	$(BIN)/fedpers assets fetch tweets news shakespeare wnut16
 	$(PY) -m pytest -q
 
 lint: setup
