@@ -49,8 +49,10 @@ RULES = (
     "or text-file, the encoders (minilm, tiny) from tweets, news, file (classify) or wnut16 (tag entities).",
     "`model.personal-part` applies to the causal LMs only.",
     '`task.labels` applies to (and is needed by) `task.dataset = "file"`; `task.data-path`, '
-    "`task.min-examples` and `task.max-users` to file and text-file; `task.dirichlet-alpha` to tweets and "
-    "file; `task.topics-liked` to news; `task.min-speeches` to shakespeare.",
+    "`task.min-examples` and `task.max-users` to file and text-file; `task.dirichlet-alpha` and "
+    "`task.partitioner` to tweets and file (`task.partitioner` to a file without a user column, checked "
+    "when the file is read); `task.topics-liked` and `task.news-holdout` to news; `task.min-speeches` to "
+    "shakespeare.",
     '`task.lm-format = "chat"` needs shakespeare or text-file; `client.chat-*` need '
     '`task.lm-format = "chat"`; `client.chat-pool` needs `client.chat-pick = "retrieve"`.',
     '`task.validation-fraction` needs `task.evaluate-on = "validation"`; `task.pii-patterns` needs '
@@ -82,10 +84,12 @@ class TaskConfig:
     data_path: str
     labels: str
     dirichlet_alpha: float = dataclasses.field(metadata=_range(1e-6, None))
+    partitioner: str = dataclasses.field(metadata=_choices("dirichlet", "fixed-size"))
     train_size: int = dataclasses.field(metadata=_range(1, None))
     test_size: int = dataclasses.field(metadata=_range(1, None))
     max_length: int = dataclasses.field(metadata=_range(8, 512))
     topics_liked: int = dataclasses.field(metadata=_range(1, 4))
+    news_holdout: float = dataclasses.field(metadata=_range(0.0, 0.5))
     seed: int
     evaluate_on: str = dataclasses.field(metadata=_choices("test", "validation"))
     validation_fraction: float = dataclasses.field(metadata=_range(0.05, 0.5))
@@ -102,7 +106,11 @@ class TaskConfig:
         _only_for(self.dataset, USER_FILE_DATASETS, "task.data-path", self.data_path.strip(), "")
         _only_for(self.dataset, ("file",), "task.labels", self.labels.strip(), "")
         _only_for(self.dataset, ("tweets", "file"), "task.dirichlet-alpha", self.dirichlet_alpha)
+        _only_for(self.dataset, ("tweets", "file"), "task.partitioner", self.partitioner)
         _only_for(self.dataset, ("news",), "task.topics-liked", self.topics_liked)
+        _only_for(self.dataset, ("news",), "task.news-holdout", self.news_holdout)
+        if self.news_holdout >= 0.5:  # half the articles or more held out leaves too few to train on
+            raise ConfigError(f"task.news-holdout = {self.news_holdout!r} must be below 0.5")
         _only_for(self.dataset, ("shakespeare",), "task.min-speeches", self.min_speeches)
         if self.lm_format == "chat" and self.dataset not in TEXT_DATASETS:
             raise ConfigError(
@@ -210,6 +218,7 @@ class FedConfig:
     server_lr: float = dataclasses.field(metadata=_range(1e-6, None))
     server_momentum: float = dataclasses.field(metadata=_range(0.0, 0.999))
     round_timeout: float = dataclasses.field(metadata=_range(1.0, None))
+    evaluate_every: int = dataclasses.field(metadata=_range(1, None))
 
 
 @dataclasses.dataclass(frozen=True)

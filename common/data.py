@@ -105,12 +105,21 @@ def load_client_data(
             f"task.min-examples / task.max-users select users, but {where} has no user column "
             "(add one, or set both to 0)"
         )
+    if users is not None and task.partitioner != "dirichlet":
+        raise ConfigError(
+            f"task.partitioner = {task.partitioner!r} splits a corpus without users, but {where} has a user "
+            "column (each user is one client): leave task.partitioner = 'dirichlet'"
+        )
     if users is not None:
         user, rows = _user_rows(users, partition_id, where, task)
         shard = np.array(rows, dtype=np.int64)
     else:
         user = f"client-{partition_id}"
-        shard = _dirichlet(source, num_partitions, task.dirichlet_alpha, task.seed)[partition_id]
+        if task.partitioner == "fixed-size":
+            want = task.train_size + task.test_size
+            shard = _fixed_size(source, num_partitions, want, task.dirichlet_alpha, task.seed)[partition_id]
+        else:
+            shard = _dirichlet(source, num_partitions, task.dirichlet_alpha, task.seed)[partition_id]
     return _split(texts, labels, shard, task, partition_id, names, user, where)
 
 
@@ -292,6 +301,21 @@ def _split(
             "task.min-examples = 3 leaves such users out)"
         )
     tr, te = picked[:n_train], picked[n_train : n_train + n_test]
+    return _client(texts, labels, tr, te, task, partition_id, names, user)
+
+
+def _client(
+    texts: tuple[str, ...],
+    labels: np.ndarray,
+    tr: np.ndarray,
+    te: np.ndarray,
+    task: TaskConfig,
+    partition_id: int,
+    names: tuple[str, ...],
+    user: str,
+) -> ClientData:
+    """The client of train rows ``tr`` and test rows ``te`` (validation: the tail of ``tr``), scrubbed."""
+    n_train = len(tr)
     if task.evaluate_on == "validation":  # tuning: evaluate on held-out train examples, never on test
         n_val = max(1, round(n_train * task.validation_fraction))
         if n_train - n_val < 2:
@@ -349,8 +373,50 @@ def _dirichlet(
             error = exc
     raise DataError(
         f"cannot split {where} across {num_partitions} clients with dirichlet_alpha={alpha} so that every "
-        f"client gets at least 3 examples: {error} (raise task.dirichlet-alpha or use fewer clients)"
+        f"client gets at least 3 examples: {error} (task.partitioner = 'fixed-size' gives hundreds of "
+        "clients a fixed number of examples each; or raise task.dirichlet-alpha or use fewer clients)"
     ) from error
+
+
+@lru_cache(maxsize=8)
+def _fixed_size(
+    source: tuple[Any, ...], num_partitions: int, size: int, alpha: float, seed: int
+) -> tuple[np.ndarray, ...]:
+    """Exactly ``size`` indices per partition, disjoint across partitions, with Dirichlet label skew.
+
+    User u draws a class mix p_u ~ Dirichlet(alpha · K · prior) (K classes, prior = the corpus' class
+    frequencies, so the mean mix is the corpus' and ``alpha`` acts per class as in the flwr partitioner),
+    then ``size`` examples by class from the pools left by users 0..u-1 (without replacement). When a
+    class runs dry, the rest of u's examples come from p_u renormalised over the classes left.
+    """
+    labels = _load_source(source)[1]
+    n, need = len(labels), num_partitions * size
+    if need > n:
+        what = f"the corpus {source[1]} has {n:,}" + (" after deduplication" if source[0] == "tweets" else "")
+        raise DataError(
+            f"{num_partitions} users × {size} examples need {need:,}; {what} (task.partitioner = "
+            f"'fixed-size' gives each user its own examples): use at most {n // size} clients or a smaller "
+            "task.train-size + task.test-size"
+        )
+    rng = np.random.default_rng([seed, 31])
+    classes = np.flatnonzero(np.bincount(labels))  # absent labels get no pool (Dirichlet needs > 0)
+    pools = [rng.permutation(np.flatnonzero(labels == k)) for k in classes]
+    sizes = np.array([len(pool) for pool in pools], dtype=np.int64)
+    concentration = alpha * len(classes) * sizes / n
+    used = np.zeros(len(classes), dtype=np.int64)  # taken from the front of each pool so far
+    out = []
+    for _ in range(num_partitions):
+        mix = rng.dirichlet(concentration)
+        take = np.zeros(len(classes), dtype=np.int64)
+        while (short := size - int(take.sum())) > 0:  # more than one pass only when a pool runs dry
+            room = sizes - used - take
+            weights = np.where(room > 0, np.nan_to_num(mix), 0.0)
+            if not weights.sum() > 0:  # the mix puts (numerically) nothing on the classes left
+                weights = (room > 0).astype(np.float64)
+            take += np.minimum(rng.multinomial(short, weights / weights.sum()), room)
+        out.append(np.concatenate([pools[k][used[k] : used[k] + take[k]] for k in range(len(classes))]))
+        used += take
+    return tuple(out)
 
 
 @lru_cache(maxsize=4)
@@ -400,5 +466,19 @@ def _news_client(task: TaskConfig, partition_id: int) -> ClientData:
     rng = np.random.default_rng([task.seed, partition_id, 7])
     liked = rng.choice(len(topics), size=task.topics_liked, replace=False)
     labels = np.isin(topic_ids, liked).astype(np.int64)
+    user = f"client-{partition_id}"
+    if task.news_holdout > 0:  # test rows only from the held-out articles, train rows only from the rest
+        test_pool, train_pool = _news_holdout(len(texts), task.news_holdout, task.seed)
+        tr = rng.choice(train_pool, size=min(len(train_pool), task.train_size), replace=False)
+        te = rng.choice(test_pool, size=min(len(test_pool), task.test_size), replace=False)
+        return _client(texts, labels, tr, te, task, partition_id, NEWS_LABELS, user)
     shard = rng.choice(len(texts), size=min(len(texts), task.train_size + task.test_size), replace=False)
-    return _split(texts, labels, shard, task, partition_id, NEWS_LABELS, f"client-{partition_id}", str(root))
+    return _split(texts, labels, shard, task, partition_id, NEWS_LABELS, user, str(root))
+
+
+@lru_cache(maxsize=4)
+def _news_holdout(n: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out, training) article indices: a seeded ``share`` of the ``n`` articles, the same for all."""
+    order = np.random.default_rng([seed, 17]).permutation(n)
+    held = min(n - 2, max(1, round(share * n)))  # both pools non-empty, at least 2 articles to train on
+    return np.sort(order[:held]), np.sort(order[held:])
