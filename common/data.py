@@ -1,6 +1,8 @@
 """Per-client text classification data: tweets (Dirichlet label skew), news (per-user interests), file.
 
-Every client gets its own train and test split drawn from the same (its own) distribution. Everything is
+Every client gets its own train and test split drawn from the same (its own) distribution. For hundreds
+of users, ``task.partitioner = "fixed-size"`` gives each exactly train-size + test-size examples of its own,
+and ``task.news-holdout`` keeps every news test article out of all users' training data. Everything is
 seeded by ``task.seed`` and the partition id, so the same configuration gives the same split in every
 process. Loaded corpora and partitionings are cached per process (many clients load in one process).
 Exact duplicate texts are dropped from the bundled corpora (tweets, news) so train and test never share one.
