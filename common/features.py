@@ -9,6 +9,7 @@ the token ids, the device type and the library versions, never from configuratio
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -27,7 +28,10 @@ from common.device import frozen_autocast, place
 from common.errors import DataError
 
 _CACHE: OrderedDict[str, Features] = OrderedDict()
-_CACHE_SIZE = 64
+# The per-process cache holds features up to this many bytes (least recently used out first): a simulation
+# process serves many users in turn, and re-running the frozen prefix is most of a small client's round.
+# $FEDPERS_FEATURE_MEMORY (MiB) changes it.
+_CACHE_BYTES = int(float(os.environ.get("FEDPERS_FEATURE_MEMORY", "1024")) * 2**20)
 _LOCK = threading.Lock()
 _DIGESTS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 PrefixOutput = tuple[torch.Tensor, torch.Tensor, np.ndarray]  # (hidden, mask, order) of run_prefix
@@ -53,6 +57,11 @@ class Features:
         if labels.dim() == 2:  # per-token targets are trimmed with the tokens
             labels = labels[:, :width]
         return self.hidden[index][:, :width], mask[:, :width], labels
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the tensors."""
+        return sum(t.numel() * t.element_size() for t in (self.hidden, self.mask, self.labels))
 
     def to(self, device: torch.device) -> Features:
         """These features on ``device`` (the same object when they are already there)."""
@@ -142,8 +151,9 @@ def encode_rows(
     feats = Features(hidden=hidden, mask=mask, labels=targets(order), source=torch.as_tensor(order))
     with _LOCK:
         _CACHE[key] = feats
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
+        total = sum(f.nbytes for f in _CACHE.values())
+        while len(_CACHE) > 1 and total > _CACHE_BYTES:
+            total -= _CACHE.popitem(last=False)[1].nbytes
     return feats
 
 

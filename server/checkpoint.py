@@ -22,6 +22,7 @@ RESUMABLE_KEYS = (
     "fed.round-timeout",
     "output.resume",
     "fed.fraction-evaluate",
+    "fed.evaluate-every",
     "train.threads",
 )
 
@@ -83,11 +84,15 @@ def load(folder: str | Path) -> Checkpoint | None:
 
 
 def check_compatible(ckpt: Checkpoint, run_config: dict[str, Any]) -> None:
-    """Refuse to resume a checkpoint made with a different configuration."""
+    """Refuse to resume a checkpoint made with a different configuration.
+
+    A key the checkpoint does not know (added to fedpers after it was written) counts at its default.
+    """
+    from common.config import default_run_config
+
+    old = {**default_run_config(), **ckpt.run_config}
     diff = sorted(
-        k
-        for k in set(ckpt.run_config) | set(run_config)
-        if k not in RESUMABLE_KEYS and ckpt.run_config.get(k) != run_config.get(k)
+        k for k in set(old) | set(run_config) if k not in RESUMABLE_KEYS and old.get(k) != run_config.get(k)
     )
     if diff:
         raise ConfigError(

@@ -33,3 +33,21 @@ def test_length_sorted_chunked_features_equal_a_full_forward() -> None:
     for row, idx in enumerate(order):
         by_text[row] = ref[idx]
     assert torch.allclose(got, torch.stack([by_text[r] for r in range(len(order))]), atol=1e-5)
+
+
+def test_the_per_process_cache_keeps_features_up_to_its_byte_budget(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from common import features
+
+    cfg = Config.from_run_config({**TINY, "model.frozen-layers": 1, "task.train-size": 20})
+    backbone = get_backbone(cfg)
+    data = [load_client_data(cfg.task, p, 4) for p in range(4)]
+    features._CACHE.clear()
+    one = encode(backbone, data[0].train_texts, data[0].train_labels, cfg.task.max_length)
+    monkeypatch.setattr(features, "_CACHE_BYTES", int(2.5 * one.nbytes))
+    for d in data[1:]:
+        encode(backbone, d.train_texts, d.train_labels, cfg.task.max_length)
+    assert (
+        1 <= len(features._CACHE) <= 3
+        and sum(f.nbytes for f in features._CACHE.values()) <= 2.5 * one.nbytes * 1.5
+    )
+    assert all(f is not one for f in features._CACHE.values())  # the least recently used went first
