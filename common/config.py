@@ -48,6 +48,9 @@ RULES = (
     "`model.name` and `task.dataset` go together: the causal LMs (smollm2, tiny-lm) learn from shakespeare "
     "or text-file, the encoders (minilm, tiny) from tweets, news, file (classify) or wnut16 (tag entities).",
     "`model.personal-part` applies to the causal LMs only.",
+    "`lora.r = 0` (no LoRA, every encoder layer frozen) needs an encoder and a mode that shares the head or "
+    "nothing (fedavg, fedavg-ft, fedbias, local); `model.frozen-layers` and the other `lora.*` keys then "
+    "keep their defaults.",
     '`task.labels` applies to (and is needed by) `task.dataset = "file"`; `task.data-path`, '
     "`task.min-examples` and `task.max-users` to file and text-file; `task.dirichlet-alpha` and "
     "`task.partitioner` to tweets and file (`task.partitioner` to a file without a user column, checked "
@@ -139,7 +142,7 @@ class ModelConfig:
 class LoraConfig:
     """PEFT LoRA adapter settings."""
 
-    r: int = dataclasses.field(metadata=_range(1, 256))
+    r: int = dataclasses.field(metadata=_range(0, 256))  # 0: no LoRA, every encoder layer frozen
     alpha: float = dataclasses.field(metadata=_range(1e-6, None))
     dropout: float = dataclasses.field(metadata=_range(0.0, 0.9))
     target_modules: str
@@ -345,8 +348,31 @@ def _check_across(cfg: Config) -> None:
             f"dp.grad-sample-mode = 'ghost' supports the text classifiers only, not {what}: "
             "use 'hooks' or 'functorch'"
         )
+    if cfg.lora.r == 0:
+        _check_no_lora(cfg)
     if cfg.secagg.enabled:
         _check_secagg(cfg)
+
+
+def _check_no_lora(cfg: Config) -> None:
+    """``lora.r = 0``: the encoders only, every layer frozen, a mode that shares the head or nothing."""
+    if cfg.model.name in CAUSAL_MODELS:
+        raise ConfigError(
+            f"lora.r = 0 (no LoRA) is for the encoders (minilm, tiny), not model.name = {cfg.model.name!r}: "
+            "the causal LM's personal adapter takes its rank from lora.r"
+        )
+    if cfg.personalization.mode in ("fedper", "fedsa", "ffa"):
+        raise ConfigError(
+            f"personalization.mode = {cfg.personalization.mode!r} shares LoRA tensors, and lora.r = 0 has "
+            "none: use fedavg, fedavg-ft, fedbias or local (the head is then the whole trainable model)"
+        )
+    flat, defaults = cfg.to_run_config(), default_run_config()
+    for key in ("model.frozen-layers", "lora.alpha", "lora.dropout", "lora.target-modules"):
+        if flat[key] != defaults[key]:
+            raise ConfigError(
+                f"{key} = {_show(flat[key])} has no effect with lora.r = 0 (no LoRA: every encoder layer is "
+                f"frozen): leave it at {_show(defaults[key])}"
+            )
 
 
 def _check_secagg(cfg: Config) -> None:

@@ -1,6 +1,7 @@
 """The encoder backbones: a frozen pretrained encoder, PEFT LoRA on its top layers, and a personal head.
 
-The encoder is cut in two at ``model.frozen-layers``:
+The encoder is cut in two at ``model.frozen-layers`` (with ``lora.r = 0``: after its last layer, and only
+the head trains):
 
 * :class:`FrozenPrefix` — embeddings and the bottom layers, no LoRA, always ``no_grad`` and in eval mode.
   Its output depends on no trainable parameter, so a client computes it once per example and caches it
@@ -67,6 +68,13 @@ class FrozenPrefix(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Hidden states after the frozen layers, shape (batch, tokens, hidden)."""
         return run_layers(self.layers, self.config, self.embeddings(input_ids=input_ids), attention_mask)
+
+
+class _Identity(nn.Module):
+    """No top layers (``lora.r = 0``): the cached prefix output is the body's output."""
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return hidden
 
 
 class _TopLayers(nn.Module):
@@ -167,8 +175,8 @@ def build_backbone(cfg: Config, num_classes: int, *, per_token: bool = False) ->
         )
     bert = _load_bert(cfg)
     n_layers = bert.config.num_hidden_layers
-    k = cfg.model.frozen_layers
-    if k >= n_layers:
+    k = n_layers if cfg.lora.r == 0 else cfg.model.frozen_layers  # no LoRA: every layer frozen, cached
+    if k >= n_layers and cfg.lora.r:
         raise ModelError(
             f"model.frozen-layers = {k} leaves no layer for LoRA: the {cfg.model.name} encoder has "
             f"{n_layers} layers; use 0..{n_layers - 1}"
@@ -177,7 +185,7 @@ def build_backbone(cfg: Config, num_classes: int, *, per_token: bool = False) ->
     bert.requires_grad_(False)
     prefix = FrozenPrefix(bert, k)
     torch.manual_seed(cfg.model.seed)
-    body = add_lora(_TopLayers(bert, k), cfg)
+    body = add_lora(_TopLayers(bert, k), cfg) if cfg.lora.r else _Identity()
     model_cls = TaggerModel if per_token else PersonalModel
     template = model_cls(body, bert.config.hidden_size, num_classes)
     total += sum(p.numel() for n, p in template.named_parameters() if "lora_" in n or n.startswith("head."))

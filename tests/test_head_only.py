@@ -1,0 +1,56 @@
+"""``lora.r = 0``: no LoRA, every encoder layer frozen and cached; only the head trains (cross-device)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_TRAIN
+
+from client.node import NodeInfo, run_train
+from client.training import DPPlan, sample_rate, train
+from common.config import Config
+from common.errors import ConfigError
+from common.params import get_arrays
+from common.split import split_names
+from common.tasks import get_task
+
+HEAD_ONLY = {**TINY_TRAIN, "lora.r": 0, "model.frozen-layers": 4, "personalization.mode": "fedbias"}
+
+
+def test_only_the_head_trains_under_dp_and_the_whole_encoder_is_the_cached_prefix() -> None:
+    cfg = Config.from_run_config(HEAD_ONLY)
+    task = get_task(cfg)
+    backbone = task.backbone()
+    assert len(backbone.prefix.layers) == backbone.prefix.config.num_hidden_layers  # every layer frozen
+    model = backbone.new_model()
+    assert [n for n, _ in model.named_parameters()] == ["head.weight", "head.bias"]
+    feats = task.features(backbone, task.load(0, 4), "train")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    frozen = [p.detach().clone() for p in backbone.prefix.parameters()]
+    plan = DPPlan(1.0, sample_rate(len(feats), cfg.train.batch_size), 1e-3)
+    train(model, feats, cfg, epochs=1, plan=plan, history=[], seed=0)
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(a, b) for a, b in zip(frozen, backbone.prefix.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("mode", "sent"), [("fedbias", {"head.weight"}), ("fedavg", {"head.weight", "head.bias"})]
+)
+def test_a_node_sends_the_shared_part_of_the_head_only(tmp_path: Path, mode: str, sent: set[str]) -> None:
+    cfg = Config.from_run_config({**HEAD_ONLY, "personalization.mode": mode})
+    template = get_task(cfg).backbone().template
+    names = split_names([n for n, _ in template.named_parameters()], mode)["shared"]
+    out, _ = run_train(cfg, NodeInfo(0, 4, tmp_path, run_id=1), get_arrays(template, names), 1)
+    assert set(out) == sent
+
+
+def test_modes_and_keys_that_need_lora_are_refused() -> None:
+    for extra, says in (
+        ({"personalization.mode": "fedper"}, "shares LoRA tensors"),
+        ({"model.frozen-layers": 1}, "has no effect with lora.r = 0"),
+        ({"lora.target-modules": "query"}, "has no effect with lora.r = 0"),
+    ):
+        with pytest.raises(ConfigError, match=says):
+            Config.from_run_config({**HEAD_ONLY, **extra})
