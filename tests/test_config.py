@@ -153,7 +153,7 @@ def test_value_outside_choices_names_allowed(key: str, value: str, allowed: list
     ("key", "value", "bounds"),
     [
         ("lora.r", -1, "[0, 256]"),
-        ("lora.r", 257, "[1, 256]"),
+        ("lora.r", 257, "[0, 256]"),
         ("lora.dropout", 0.95, "[0.0, 0.9]"),
         ("dp.delta", 0.5, "[0.0, 0.1]"),
         ("dp.epsilon", 0.0, "[0.001, inf]"),
