@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cli.output import console, fail
-from common.errors import FedpersError
+from common.errors import ConfigError, FedpersError
 
 # the headline score of each task, as the progress bar shows it (the first one a round line has)
 _SHOWN = (("perplexity", "perplexity"), ("entity F1", "entity-f1"), ("acc", "eval-acc"))
@@ -27,6 +27,14 @@ def simulate(
     ),
     run_dir: Path = typer.Option(None, help="output folder (default runs/<config>-<time>)"),
     clients: int = typer.Option(0, help="number of simulated clients (default: from the config)"),
+    ray_address: str = typer.Option(
+        None,
+        help="join this running Ray cluster (its head's host:port, or auto) instead of starting Ray here "
+        "(default: [simulation] ray-address)",
+    ),
+    client_gpus: str = typer.Option(
+        None, help="GPUs per simulated client, a Ray resource (default: [simulation] client-gpus, else 0)"
+    ),
     sequential: bool = typer.Option(
         False,
         help="run the same ServerApp and ClientApps in this process, one client after another, no Ray "
@@ -48,25 +56,40 @@ def simulate(
     from simulations.compare import compare as run_compare
     from simulations.compare import table
     from simulations.preflight import check_modes
-    from simulations.run import load_settings, new_run_id
+    from simulations.run import check_ray_cluster, load_settings, new_run_id
+    from simulations.run import client_gpus as valid_gpus
+    from simulations.run import ray_address as valid_address
     from simulations.run import simulate as run_sim
 
     try:
         settings = load_settings(config, parse_set_options(set_ or []))
         if clients:
             settings = replace(settings, num_clients=clients)
+        if client_gpus is not None:
+            settings = replace(settings, client_gpus=valid_gpus(_number(client_gpus), "--client-gpus"))
+        if ray_address is not None:
+            settings = replace(settings, ray_address=valid_address(ray_address, "--ray-address"))
+        if settings.ray_address and sequential:
+            raise ConfigError("--sequential runs without Ray; it cannot join the Ray cluster at ray-address")
+        if settings.ray_address:
+            check_ray_cluster(settings.ray_address)  # seconds, where Ray itself would retry for minutes
         modes = tuple(m.strip() for m in compare.split(",") if m.strip()) or settings.compare
         roster = check_modes(settings, modes)  # every data file and client share, before any folder
     except FedpersError as exc:
-        fail(exc)
+        from rich.markup import escape
+
+        fail(FedpersError(escape(str(exc))))  # "[simulation] key" is text, not a console style
     if roster.note:
         console.print(f"data: {roster.note}", soft_wrap=True, markup=False)
     out = run_dir or Path("runs") / new_run_id(config.stem if config else "sim")
+    if settings.ray_address:
+        out = out.resolve()  # every path derived from it must mean the same on the cluster's workers
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     console.print(
         f"[bold]fedpers simulate[/] → {out}  ({settings.num_clients} clients"
-        f"{', modes ' + ', '.join(modes) if modes else ''})"
+        f"{', modes ' + ', '.join(modes) if modes else ''}"
+        f"{', on the Ray cluster at ' + settings.ray_address if settings.ray_address else ''})"
     )
     from simulations.run_log import LOG_NAME, run_log
 
@@ -110,6 +133,14 @@ def simulate(
     report = out / (modes[0] if modes else "") / "report.md"
     console.print(f"report: {report}" if report.exists() else f"outputs: {out}")
     console.print(f"log: {out / LOG_NAME}")
+
+
+def _number(text: str) -> float | str:
+    """``text`` as a float where it reads as one (its validator then judges it), else ``text`` itself."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _warn(message: str) -> None:

@@ -7,7 +7,10 @@ table (dotted keys of ``[tool.flwr.app.config]``; anything not given takes the p
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import socket
 import time
 import tomllib
 from collections.abc import Callable, Mapping
@@ -30,7 +33,11 @@ from common.errors import FedpersError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-SIM_KEYS = {"num-clients", "client-cpus", "compare", "mode-settings", *DEVICE_KEYS}
+ENGINE_KEYS = ("num-clients", "client-cpus", "client-gpus", "ray-address", "compare", "mode-settings")
+SIM_KEYS = {*ENGINE_KEYS, *DEVICE_KEYS}
+_HOST_PORT = re.compile(r"^(?P<host>[^\s:/]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})$")
+PATH_KEYS = ("task.data-path", "client.state-root", "client.feature-cache", "output.ledger")  # run-config
+PROBE_SECONDS = 3.0  # how long `check_ray_cluster` waits for a TCP answer from the cluster's GCS
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,8 @@ class SimSettings:
     overrides: dict[str, Any] = field(default_factory=dict)
     per_mode: dict[str, dict[str, Any]] = field(default_factory=dict)  # [mode.<name>] tables
     limits: dict[str, Any] = field(default_factory=dict)  # the simulated devices' max-epsilon, delta, ...
+    client_gpus: float = 0.0  # GPUs per simulated client (a Ray resource; fractions share one GPU)
+    ray_address: str = ""  # "" = start a local Ray; "host:port" or "auto" = join that running cluster
 
     def for_mode(self, mode: str | None = None) -> dict[str, Any]:
         """The run config of ``mode`` (default: the configured one): overrides + that mode's table."""
@@ -79,7 +88,63 @@ def load_settings(path: str | Path | None, sets: dict[str, Any] | None = None) -
         raise ConfigError("[simulation] num-clients must be ≥ 1")
     compare = tuple(sim.get("compare", ()))
     limits = _device_limits(sim)
-    return SimSettings(num, float(sim.get("client-cpus", 1.0)), compare, overrides, per_mode, limits)
+    address = ray_address(sim["ray-address"], "[simulation] ray-address") if "ray-address" in sim else ""
+    return SimSettings(
+        num,
+        float(sim.get("client-cpus", 1.0)),
+        compare,
+        overrides,
+        per_mode,
+        limits,
+        client_gpus=client_gpus(sim.get("client-gpus", 0.0), "[simulation] client-gpus"),
+        ray_address=address,
+    )
+
+
+def client_gpus(value: Any, name: str) -> float:
+    """GPUs per simulated client if Ray accepts ``value`` (a number ≥ 0, whole above 1), else ConfigError."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a number ≥ 0 (GPUs per simulated client), got {value!r}")
+    if value > 1 and value != int(value):
+        raise ConfigError(f"{name} above 1 must be a whole number of GPUs (Ray's rule), got {value!r}")
+    return float(value)
+
+
+def ray_address(value: Any, name: str) -> str:
+    """A Ray cluster address (``host:port`` of its head, or ``auto``) if well-formed, else ConfigError."""
+    text = value.strip() if isinstance(value, str) else None
+    match = _HOST_PORT.match(text) if text else None
+    if text != "auto" and (match is None or not 0 < int(match["port"]) < 65536):
+        raise ConfigError(f"{name} must be the head's host:port (e.g. 10.0.0.5:6379) or auto, got {value!r}")
+    return str(text)
+
+
+def check_ray_cluster(address: str, timeout: float = PROBE_SECONDS) -> str:
+    """The address Ray will dial for ``address``, once something answers there; else FedpersError.
+
+    Ray's own ``ray.init(address=...)`` retries an address where nothing listens for minutes, so a
+    wrong address is refused here in a few seconds instead. Ray resolves ``auto`` (``RAY_ADDRESS``, then
+    the latest ``ray start`` on this machine) and replaces 127.0.0.1 / localhost with this machine's
+    node address; the probe dials what Ray will dial.
+    """
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        target = canonicalize_bootstrap_address(address) or ""
+    except (ConnectionError, ValueError) as exc:
+        raise FedpersError(f"no Ray cluster found for ray-address {address!r}: {exc}") from exc
+    host, _, port = target.rpartition(":")
+    via = f" (Ray's address for {address})" if target != address else ""
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise FedpersError(
+            f"no Ray cluster answers at {target}{via} ({exc.strerror or type(exc).__name__}); start its head "
+            "with `ray start --head` or correct ray-address"
+        ) from exc
+    return target
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -131,7 +196,8 @@ def simulate(
     ``users`` (from simulations.preflight): each partition's user, written into clients.csv, report.md
     and the client state folder's users.json by this process; clients never send it. ``sequential``:
     the same ServerApp federation and ClientApps over an in-process grid, one client after another
-    (simulations.local_grid), instead of Ray.
+    (simulations.local_grid), instead of Ray. ``settings.ray_address``: the clients run on that
+    existing Ray cluster, which is left running at the end.
     """
     from flwr.simulation import run_simulation
 
@@ -143,6 +209,11 @@ def simulate(
     from simulations.local_grid import run_local
     from simulations.preflight import write_user_map
 
+    if settings.ray_address and sequential:
+        raise ConfigError("ray-address joins a Ray cluster; a sequential run uses no Ray")
+    if settings.ray_address:
+        check_ray_cluster(settings.ray_address)
+        run_dir = run_dir.resolve()  # clients keep their state under it; cluster workers have their own cwd
     run_config = settings.for_mode()
     cfg = Config.from_run_config(run_config)
     needed = {cfg.task.dataset} - set(USER_FILE_DATASETS)  # the user's own file is no asset
@@ -150,6 +221,8 @@ def simulate(
     for name in sorted(needed):
         ensure(name)
     overrides = {**run_config, "output.run-dir": str(run_dir)}
+    if settings.ray_address:  # the cluster's workers run in their own folder, with their own environment
+        overrides |= {k: str(Path(v).expanduser().resolve()) for k in PATH_KEYS if (v := overrides.get(k))}
     if cfg.fed.min_clients > settings.num_clients:
         overrides["fed.min-clients"] = settings.num_clients
     if cfg.train.threads == 0:
@@ -164,10 +237,7 @@ def simulate(
                 server_app=make_server_app(overrides, users, by_partition=True),
                 client_app=make_client_app(overrides, settings.limits),
                 num_supernodes=settings.num_clients,
-                backend_config={
-                    "client_resources": {"num_cpus": settings.client_cpus, "num_gpus": 0.0},
-                    "init_args": {"num_cpus": max(os.cpu_count() or 1, int(settings.client_cpus))},
-                },
+                backend_config=backend_config(settings),
             )
     finally:
         if on_round:
@@ -181,6 +251,20 @@ def simulate(
     if not summary.get("clients"):
         raise FedpersError(f"no client took part in any round of {run_dir}: {_first_refusal(run_dir)}")
     return summary
+
+
+def backend_config(settings: SimSettings) -> dict[str, Any]:
+    """Flower's Ray backend config: each client's resources, and how Ray starts or is joined.
+
+    Joining a cluster passes only its address: Ray refuses num_cpus / num_gpus there (the cluster's
+    nodes own their sizes). Flower's backend ends with ``ray.shutdown()``, which on a driver that joined
+    a cluster only disconnects it (it started none of the cluster's processes).
+    """
+    resources = {"num_cpus": settings.client_cpus, "num_gpus": settings.client_gpus}
+    if settings.ray_address:
+        return {"client_resources": resources, "init_args": {"address": settings.ray_address}}
+    init = {"num_cpus": max(os.cpu_count() or 1, int(settings.client_cpus))}
+    return {"client_resources": resources, "init_args": init}
 
 
 def _first_refusal(run_dir: Path) -> str:
