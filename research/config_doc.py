@@ -44,6 +44,21 @@ SIMULATION = (
     Entry("num-clients", "int", "`4`", "≥ 1", "simulated clients (`fedpers simulate --clients` wins)"),
     Entry("client-cpus", "float", "`1.0`", "> 0", "CPU cores Ray reserves for each client actor"),
     Entry(
+        "client-gpus",
+        "float",
+        "`0.0`",
+        "≥ 0, whole above 1",
+        "GPUs Ray reserves for each client actor (0.5: two clients share a GPU; `--client-gpus` wins)",
+    ),
+    Entry(
+        "ray-address",
+        "string",
+        "none (Ray starts here)",
+        "`host:port`, `auto`",
+        "join this running Ray cluster (its head) instead of starting Ray here; nothing answering there "
+        "is refused before the run starts (`--ray-address` wins; docs/simulations.md, On a Ray cluster)",
+    ),
+    Entry(
         "compare",
         "list of strings",
         "`[]`",
