@@ -62,7 +62,8 @@ def simulate(
     from simulations.run import simulate as run_sim
 
     try:
-        settings = load_settings(config, parse_set_options(set_ or []))
+        asked = tuple(m.strip() for m in compare.split(",") if m.strip())
+        settings = load_settings(config, parse_set_options(set_ or []), asked)
         if clients:
             settings = replace(settings, num_clients=clients)
         if client_gpus is not None:
@@ -73,7 +74,7 @@ def simulate(
             raise ConfigError("--sequential runs without Ray; it cannot join the Ray cluster at ray-address")
         if settings.ray_address:
             check_ray_cluster(settings.ray_address)  # seconds, where Ray itself would retry for minutes
-        modes = tuple(m.strip() for m in compare.split(",") if m.strip()) or settings.compare
+        modes = asked or settings.compare
         roster = check_modes(settings, modes)  # every data file and client share, before any folder
     except FedpersError as exc:
         from rich.markup import escape

@@ -13,7 +13,7 @@ import re
 import socket
 import time
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,8 +59,14 @@ class SimSettings:
         return {**self.overrides, **self.per_mode.get(mode, {}), "personalization.mode": mode}
 
 
-def load_settings(path: str | Path | None, sets: dict[str, Any] | None = None) -> SimSettings:
-    """Read a simulation TOML (or none) plus ``--set`` overrides into SimSettings."""
+def load_settings(
+    path: str | Path | None, sets: dict[str, Any] | None = None, modes: Sequence[str] = ()
+) -> SimSettings:
+    """Read a simulation TOML (or none) plus ``--set`` overrides into SimSettings.
+
+    The run config of every mode that will run (``modes``, else the TOML's ``compare``, else the configured
+    mode) is validated here, before any engine starts.
+    """
     sim: dict[str, Any] = {}
     overrides: dict[str, Any] = {}
     per_mode: dict[str, dict[str, Any]] = {}
@@ -80,13 +86,15 @@ def load_settings(path: str | Path | None, sets: dict[str, Any] | None = None) -
     explicit = validate_keys(sets or {})
     overrides.update(explicit)
     per_mode = {m: {k: v for k, v in t.items() if k not in explicit} for m, t in per_mode.items()}
-    Config.from_run_config(overrides)  # validate early, before any engine starts
+    compare = tuple(sim.get("compare", ()))
+    for mode in tuple(modes) or compare or (None,):  # validate early, before any engine starts
+        extra = {} if mode is None else {**per_mode.get(mode, {}), "personalization.mode": mode}
+        Config.from_run_config({**overrides, **extra})
     for mode in per_mode:
         Config.from_run_config({**overrides, **per_mode[mode], "personalization.mode": mode})
     num = int(sim.get("num-clients", 4))
     if num < 1:
         raise ConfigError("[simulation] num-clients must be ≥ 1")
-    compare = tuple(sim.get("compare", ()))
     limits = _device_limits(sim)
     address = ray_address(sim["ray-address"], "[simulation] ray-address") if "ray-address" in sim else ""
     return SimSettings(

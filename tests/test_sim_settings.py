@@ -105,3 +105,15 @@ def test_a_missing_or_malformed_config_is_one_line_and_exit_2(tmp_path: Path) ->
         res = CliRunner().invoke(app, ["simulate", "--config", str(path), "--run-dir", str(tmp_path / "run")])
         assert res.exit_code == 2 and says in res.output and "Traceback" not in res.output
         assert not (tmp_path / "run").exists()
+
+
+def test_only_the_modes_that_will_run_are_validated(tmp_path: Path) -> None:
+    """lora.r = 0 has no LoRA to share: fine for the modes compared, whatever the default mode is."""
+    cfg = _write(
+        tmp_path / "sim.toml", '[simulation]\ncompare = ["fedbias", "local"]\n[run-config]\n"lora.r" = 0\n'
+    )
+    assert load_settings(cfg).compare == ("fedbias", "local")
+    plain = _write(tmp_path / "plain.toml", '[run-config]\n"lora.r" = 0\n')
+    assert load_settings(plain, modes=("fedavg",)).overrides["lora.r"] == 0  # --compare fedavg
+    with pytest.raises(ConfigError, match="shares LoRA tensors"):
+        load_settings(plain)  # the default mode, fedper, would run
