@@ -141,6 +141,18 @@ def write_report(
     _write_csv(out / "clients.csv", list(recorder.clients.values()), users or {})
     plots = _plots(out, recorder)
     s = summarize(recorder, shared_bytes, model_bytes)
+    released = [e for e in ledger.user_level_entries() if e.get("status") == "released"]
+    if released:  # the main guarantee of a user-level run: about a whole user, at population N
+        last = released[-1]
+        s.update(
+            {
+                "user-epsilon": float(last["user-epsilon"]),
+                "user-delta": float(last["user-delta"]),
+                "user-population": int(last["user-population"]),
+                "user-sample-rate": float(last["user-sample-rate"]),
+                "user-noise-multiplier": float(last["user-noise-multiplier"]),
+            }
+        )
     lines = [
         f"# fedpers run: {cfg.personalization.mode} on {cfg.task.dataset}",
         "",
@@ -170,6 +182,13 @@ def write_report(
             "",
             f"ε spent per client: max {s['epsilon-max']:.3f}, mean {s['epsilon-mean']:.3f} "
             f"(budget {cfg.dp.epsilon})",
+        ]
+    if "user-epsilon" in s:
+        lines += [
+            "",
+            f"User-level DP (server): ε = {s['user-epsilon']:.3f} at δ = {s['user-delta']:.1e} for adding or "
+            f"removing one user's whole data, population {s['user-population']}, Poisson cohorts with "
+            f"q = {s['user-sample-rate']:g}, z = {s['user-noise-multiplier']:.3f}.",
         ]
     if users:
         lines += _user_table(list(recorder.clients.values()), users)

@@ -212,7 +212,9 @@ class FedpersStrategy(FedAvg):
         self, rnd: int, replies: list[dict[str, np.ndarray]]
     ) -> dict[str, np.ndarray] | None:
         """Clip, average uniformly and noise the replies; None (no release) when the budget forbids it."""
-        if self.user_dp is None or not (replies or self._poisson()):  # a Poisson round releases anyway
+        if self.user_dp is None or not self.expected:  # nothing shared (local): nothing released
+            return None
+        if not (replies or self._poisson()):  # a Poisson round releases even when nobody was drawn
             return None
         cohort = self._cohort if self._poisson() else max(self._cohort, len(replies))
         budget = self.user_dp.budget

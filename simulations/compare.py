@@ -109,6 +109,7 @@ def write_paired(run_dir: Path, modes: tuple[str, ...]) -> Path | None:
 _NAN = float("nan")
 _TAIL = [  # (header, key, format, shown when the key is missing)
     ("ε max", "epsilon-max", "{:.2f}", "–"),
+    ("user-level ε", "user-epsilon", "{:.2f}", "–"),
     ("bytes up / client / round", "bytes-up-per-client-round", "{:.0f}", "0"),
     ("seconds", "seconds", "{:.0f}", "–"),
 ]
@@ -137,9 +138,9 @@ _TAGGER = [  # per-user exact-span entity F1 in the user's own label view
 def table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of compare rows: the columns of the task's score (perplexity, entity F1, acc)."""
     head = rows[0] if rows else {}
-    columns = (
-        _LM if "perplexity-mean" in head else _TAGGER if "entity-f1-mean" in head else _CLASSIFIER
-    ) + _TAIL
+    score = _LM if "perplexity-mean" in head else _TAGGER if "entity-f1-mean" in head else _CLASSIFIER
+    user_level = any("user-epsilon" in r for r in rows)  # the column only where a run released under it
+    columns = score + [c for c in _TAIL if c[1] != "user-epsilon" or user_level]
     out = [
         "| mode | " + " | ".join(h for h, *_ in columns) + " |",
         "|---" * (len(columns) + 1) + "|",

@@ -149,3 +149,34 @@ def test_a_zero_noise_multiplier_with_a_budget_is_calibrated_to_spend_it_over_th
     assert z > 0 and entries[1]["user-noise-multiplier"] == z  # calibrated once, for both rounds
     assert entries[-1]["user-epsilon"] == pytest.approx(2.0, rel=0.02) and entries[-1]["user-epsilon"] <= 2.0
     assert epsilon(compose([], z * 0.99, 0.05, 2), 1e-6, "prv") > 2.0  # the smallest z that fits
+
+
+def test_a_cross_device_run_reports_its_user_level_guarantee(tmp_path: Path) -> None:
+    """Poisson cohorts, calibrated z, the head as the shared part; a local run releases nothing."""
+    from conftest import TINY_TRAIN
+
+    from simulations.compare import table
+    from simulations.sequential import run_sequential
+
+    run = {
+        **TINY_TRAIN,
+        "model.frozen-layers": 4,
+        "lora.r": 0,
+        "task.train-size": 12,
+        "task.test-size": 6,
+        "fed.num-rounds": 2,
+        "fed.fraction-train": 0.25,
+        "fed.min-clients": 1,
+        "dp.enabled": False,
+        "dp.user-level": True,
+        "dp.user-noise-multiplier": 0.0,
+        "dp.user-epsilon": 4.0,
+    }
+    shared = run_sequential({**run, "personalization.mode": "fedbias"}, 16, tmp_path / "fedbias")
+    assert shared["user-epsilon"] <= 4.0 and shared["user-population"] == 16
+    assert shared["user-sample-rate"] == 0.25 and shared["user-noise-multiplier"] > 0
+    assert "User-level DP (server): ε = " in (tmp_path / "fedbias" / "report.md").read_text()
+    alone = run_sequential({**run, "personalization.mode": "local"}, 16, tmp_path / "local")
+    assert "user-epsilon" not in alone and not Ledger(tmp_path / "local" / "ledger.json").user_level_entries()
+    text = table([{"mode": "fedbias", **shared}, {"mode": "local", **alone}])
+    assert "| user-level ε |" in text and "| local |" in text
