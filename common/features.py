@@ -90,8 +90,12 @@ def encode(
     prompts: Sequence[str] = (),
     store: PrefixStore | None = None,
     examples: Sequence[Example] = (),
+    pooled: bool = False,
 ) -> Features:
     """Features of ``texts`` under ``backbone``, rows sorted by token length (cached per process and device).
+
+    ``pooled``: each row is the mean of its token states, one position wide (what a classifier without
+    LoRA reads: exact, and a few hundred times smaller to keep for many users).
 
     The prefix is frozen, so caching is exact; the row order does not matter to training (Poisson or
     shuffled batches) or evaluation, and the targets (``backbone.targets``: ``labels`` for a
@@ -122,7 +126,9 @@ def encode(
             ids, unscored = _token_ids(backbone, texts, max_length), [0] * len(texts)
         return ids, lambda order: backbone.targets(ids, unscored, labels, order)
 
-    return encode_rows(backbone, b"".join(material), tokenize, chunk, device, store)
+    if pooled:
+        material.append(b"|pooled")
+    return encode_rows(backbone, b"".join(material), tokenize, chunk, device, store, pooled)
 
 
 def encode_rows(
@@ -132,6 +138,7 @@ def encode_rows(
     chunk: int = 64,
     device: torch.device | None = None,
     store: PrefixStore | None = None,
+    pooled: bool = False,
 ) -> Features:
     """Features of the rows ``tokenize()`` gives: (token ids, targets in a row order) — every task's encoder.
 
@@ -148,6 +155,9 @@ def encode_rows(
             return _CACHE[key]
     ids, targets = tokenize()
     hidden, mask, order = run_prefix(backbone, ids, chunk, device, store)
+    if pooled:  # the masked mean per row; padding is zero in ``hidden``
+        hidden = (hidden.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)).unsqueeze(1)
+        mask = torch.ones(len(ids), 1, dtype=torch.long)
     feats = Features(hidden=hidden, mask=mask, labels=targets(order), source=torch.as_tensor(order))
     with _LOCK:
         _CACHE[key] = feats

@@ -54,3 +54,21 @@ def test_modes_and_keys_that_need_lora_are_refused() -> None:
     ):
         with pytest.raises(ConfigError, match=says):
             Config.from_run_config({**HEAD_ONLY, **extra})
+
+
+def test_pooled_features_are_exact_and_small() -> None:
+    """Without LoRA the classifier reads the mean token state: pooled once at encode time, the same logits."""
+    from common.features import encode
+
+    cfg = Config.from_run_config(HEAD_ONLY)
+    task = get_task(cfg)
+    backbone, data = task.backbone(), task.load(1, 4)
+    pooled = task.features(backbone, data, "train")
+    full = encode(backbone, data.train_texts, data.train_labels, cfg.task.max_length)
+    assert pooled.hidden.shape[1] == 1 and pooled.nbytes * 5 < full.nbytes
+    assert torch.equal(pooled.source, full.source) and torch.equal(pooled.labels, full.labels)
+    model = backbone.new_model().eval()
+    with torch.no_grad():
+        a = model(*pooled.batch(slice(None))[:2])
+        b = model(*full.batch(slice(None))[:2])
+    assert torch.allclose(a, b, atol=1e-5)

@@ -65,7 +65,8 @@ class ClassifyTask(Task):
         store: PrefixStore | None = None,
     ) -> Features:
         texts, labels = getattr(data, f"{split}_texts"), getattr(data, f"{split}_labels")
-        return encode(backbone, texts, labels, self.cfg.task.max_length, device=device, store=store)
+        n, pooled = self.cfg.task.max_length, self.cfg.lora.r == 0  # no LoRA: the model reads the mean
+        return encode(backbone, texts, labels, n, device=device, store=store, pooled=pooled)
 
     def losses(self, model: nn.Module, h: torch.Tensor, m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(h, m), y, reduction="none")
