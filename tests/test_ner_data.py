@@ -176,3 +176,25 @@ def test_malformed_corpus_names_the_line(tmp_path: Path) -> None:
     path.write_text(good + "x\tB-animal\n")
     with pytest.raises(DataError, match=r"ner\.txt:5: unknown tag 'B-animal'"):
         parse_corpus(path)
+
+
+def test_the_commands_of_docs_ner_data_print_what_it_shows() -> None:
+    """docs/ner-data.md's bash block runs as written and prints its text block (the per-user figures)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "ner-data.md").read_text(encoding="utf-8")
+    (commands,) = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    (shown,) = re.findall(r"```text\n(.*?)```", text, flags=re.S)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = "".join(
+        subprocess.run(
+            ["bash", "-c", line], cwd=root, env=env, capture_output=True, text=True, check=True, timeout=300
+        ).stdout
+        for line in commands.splitlines()
+        if line.strip()
+    )
+    assert out == shown
