@@ -74,7 +74,10 @@ def ledger(
         table.add_row(*row)
     Console().print(table)  # the table to stdout; the verdict with the other messages to stderr
     verdict = "[green]PASS[/]" if report["ok"] else "[bold red]FAIL[/]"
-    console.print(f"{verdict}: {len(report['clients'])} clients; report {paths['md']} and {paths['html']}")
+    audited = f"{len(report['clients'])} clients" + (
+        " and the user-level releases" if "user_level" in report else ""
+    )
+    console.print(f"{verdict}: {audited}; report {paths['md']} and {paths['html']}")
     if not report["ok"]:
         raise typer.Exit(1)
 

@@ -128,3 +128,20 @@ def test_a_lost_reply_within_one_noise_plan_is_completed_and_a_rollback_is_flagg
     rolled.write_text(json.dumps(data))
     c1 = audit_ledger(rolled)["clients"][1]
     assert c1["status"] != "ok" and "state rolled back (round 4)" in " ".join(c1["problems"])
+
+
+def test_a_ledger_with_only_user_level_releases_is_audited(tmp_path: Path) -> None:
+    """A cross-device run (dp.enabled = false, user-level DP on the server) has no per-client entries."""
+    history: list = []
+    entries = []
+    for r in (1, 2):
+        history = compose(history, 0.9, 0.05, 1)
+        entries.append({"round": r, "scope": "user-level", "status": "released", "user-noise-multiplier": 0.9,
+                        "user-sample-rate": 0.05, "user-delta": 1e-6,
+                        "user-epsilon": epsilon(history, 1e-6, "prv")})  # fmt: skip
+    path = tmp_path / "ledger.json"
+    path.write_text(json.dumps({"meta": {"budget": 8, "user_budget": 8}, "entries": entries}))
+    report = audit_ledger(path)
+    assert report["ok"] and report["clients"] == [] and report["user_level"]["steps"] == 2
+    res = CliRunner().invoke(app, ["audit", str(path)])
+    assert res.exit_code == 0 and "the user-level releases" in res.output

@@ -196,10 +196,10 @@ def audit_ledger(path: str | Path, budget: float | None = None) -> dict[str, Any
     for e in data["entries"]:
         if "client" in e and P.SIGMA in e:
             by_client.setdefault(int(e["client"]), []).append(e)
-    if not by_client:
+    user = [e for e in data["entries"] if e.get("scope") == "user-level" and e.get("status") == "released"]
+    if not by_client and not user:  # a cross-device run has only the server's user-level releases
         raise AuditError(f"{ledger_path} holds no privacy entries (was DP enabled?)")
     clients = [audit_client(c, es, budget, accountant) for c, es in sorted(by_client.items())]
-    user = [e for e in data["entries"] if e.get("scope") == "user-level" and e.get("status") == "released"]
     report: dict[str, Any] = {
         "ledger": str(ledger_path),
         "budget": budget,
