@@ -13,10 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cli.output import console, fail
+from common import protocol as P
 from common.errors import ConfigError, FedpersError
-
-# the headline score of each task, as the progress bar shows it (the first one a round line has)
-_SHOWN = (("perplexity", "perplexity"), ("entity F1", "entity-f1"), ("acc", "eval-acc"))
 
 
 def simulate(
@@ -113,8 +111,9 @@ def simulate(
         def on_round(mode: str, line: dict[str, Any]) -> None:
             if mode not in tasks:
                 tasks[mode] = progress.add_task(f"{mode:>10}", total=line["total_rounds"], info="")
-            shown = [(k, line[f"{key}-mean"]) for k, key in _SHOWN if f"{key}-mean" in line]
-            info = f"{shown[0][0]} {shown[0][1]:.3f}" if shown else ""
+            score = P.headline(lambda s: f"{s.metric}-mean" in line)
+            mean = line.get(f"{score.metric}-mean")
+            info = f"{score.name} {mean:.3f}" if mean is not None else ""
             if "epsilon-max" in line:
                 info += f"  ε≤{line['epsilon-max']:.2f}"
             progress.update(tasks[mode], completed=line["round"], info=info)

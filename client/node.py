@@ -249,7 +249,6 @@ def run_train(cfg: Config, node: NodeInfo, shared: Arrays, server_round: int) ->
         P.PARTITION_ID: node.partition_id,
         P.LOSS: outcome.loss,
         P.TRAIN_SECONDS: outcome.seconds,
-        **s.task.baseline(s.data),
         P.BYTES_UP: nbytes(out),
         P.UPDATE_NORM: delta_norm,
     }

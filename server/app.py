@@ -37,7 +37,6 @@ def run_federation(
     context: Context | None = None,
     users: Mapping[int, str] | None = None,
     by_partition: bool = False,
-    evaluate_every: int = 1,
 ) -> Path:
     """Run (or resume) the federation described by ``cfg``; returns the run folder.
 
@@ -46,8 +45,7 @@ def run_federation(
     (never sent by clients), written into the report. Each device is one client in the ledger and the
     report, keyed by its node id (stable for a registered node key); ``by_partition`` (simulations,
     whose node ids change every run) keys simulated clients by their partition id instead. Clients are
-    evaluated every ``fed.evaluate-every`` rounds and after the last one; a runner's ``evaluate_every``
-    (a benchmark skipping the evaluations between) can only make that sparser: the larger of the two wins.
+    evaluated every ``fed.evaluate-every`` rounds and after the last one.
     """
     out = run_dir(cfg, run_id)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,7 +91,7 @@ def run_federation(
             max_update_norm=cfg.fed.max_update_norm,
             user_dp=UserLevelDP.from_config(cfg) if cfg.dp.user_level else None,
             client_key="partition" if by_partition else "node",
-            evaluate_every=max(evaluate_every, cfg.fed.evaluate_every),
+            evaluate_every=cfg.fed.evaluate_every,
             server_opt=ServerOptimizer.from_config(cfg, ckpt.velocity if ckpt is not None else None),
             fraction_train=cfg.fed.fraction_train,
             fraction_evaluate=cfg.fed.fraction_evaluate,

@@ -71,7 +71,6 @@ class Recorder:
             P.NUM_EXAMPLES,
             P.ACC_BEFORE,
             P.ACC_AFTER,
-            P.MAJORITY_ACC,
             P.EPSILON,
             P.DELTA,
             P.SIGMA,

@@ -37,9 +37,6 @@ COLUMNS = (
 )
 
 
-SCORES = (("test perplexity", P.PERPLEXITY), ("test entity F1", P.ENTITY_F1), ("test accuracy", P.EVAL_ACC))
-
-
 def summarize(recorder: Recorder, shared_bytes: int, model_bytes: int) -> dict[str, Any]:
     """The run's headline numbers (also used by the --compare table)."""
     rows = list(recorder.clients.values())
@@ -74,10 +71,9 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], users: Mapping[int, str])
 
 def _user_table(rows: list[dict[str, Any]], users: Mapping[int, str]) -> list[str]:
     """report.md lines: one row per client with its user, training examples, final score and ε."""
-    score, key = next(
-        ((name, k) for name, k in SCORES if any(r.get(k) is not None for r in rows)), SCORES[-1]
-    )
-    out = ["", f"| client | user | train examples | {score} | ε |", "|---|---|---|---|---|"]
+    score = P.headline(lambda s: any(r.get(s.metric) is not None for r in rows))
+    key = score.metric
+    out = ["", f"| client | user | train examples | test {score.name} | ε |", "|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["client"]):
         cells = [r.get(P.NUM_EXAMPLES, "–"), r.get(key), r.get(P.EPSILON)]
         shown = [f"{c:.3f}" if isinstance(c, float) else "–" if c is None else str(c) for c in cells]

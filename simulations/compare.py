@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from common import protocol as P
 from common.fileio import write_bytes_atomic, write_json_atomic
 from simulations.paired import paired_table
 from simulations.run import SimSettings, simulate
@@ -135,10 +136,13 @@ _TAGGER = [  # per-user exact-span entity F1 in the user's own label view
 ]
 
 
+_COLUMNS = {P.PERPLEXITY: _LM, P.ENTITY_F1: _TAGGER, P.EVAL_ACC: _CLASSIFIER}  # by headline score
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of compare rows: the columns of the task's score (perplexity, entity F1, acc)."""
     head = rows[0] if rows else {}
-    score = _LM if "perplexity-mean" in head else _TAGGER if "entity-f1-mean" in head else _CLASSIFIER
+    score = _COLUMNS[P.headline(lambda s: f"{s.metric}-mean" in head).metric]
     user_level = any("user-epsilon" in r for r in rows)  # the column only where a run released under it
     columns = score + [c for c in _TAIL if c[1] != "user-epsilon" or user_level]
     out = [

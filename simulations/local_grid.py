@@ -109,12 +109,11 @@ def run_local(
     num_clients: int,
     limits: Mapping[str, Any] | None = None,
     users: Mapping[int, str] | None = None,
-    evaluate_every: int = 1,
 ) -> Path:
     """Run the federation of ``overrides`` over ``num_clients`` in-process nodes; returns the run folder.
 
     ``limits``: the simulated devices' own privacy limits; ``users``: partition id → user name (the
-    report's); clients are evaluated every ``evaluate_every`` rounds and after the last one.
+    report's).
     """
     from client.app import make_client_app
     from server.app import run_federation
@@ -123,6 +122,4 @@ def run_local(
     run_id = time.time_ns() % (1 << 63)
     grid = LocalGrid(make_client_app(overrides, limits), num_clients, run_id=run_id)
     with server_identity(run_id):
-        return run_federation(
-            cfg, grid, run_id, None, users, by_partition=True, evaluate_every=evaluate_every
-        )
+        return run_federation(cfg, grid, run_id, None, users, by_partition=True)

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from common import protocol as P
 from simulations.bench.output import markdown_table
 
 K = TypeVar("K", bound=Hashable)
@@ -113,8 +114,8 @@ def describe(p: Paired, stat: str, relative: bool) -> str:
     return f"{100 * p.diff[stat]:+.1f} pts [{100 * p.low[stat]:+.1f}, {100 * p.high[stat]:+.1f}]"
 
 
-def read_clients(mode_dir: Path) -> tuple[dict[int, float], bool]:
-    """Per-client final scores of one mode's folder: (client → score, whether it is perplexity).
+def read_clients(mode_dir: Path) -> tuple[dict[int, float], P.Score]:
+    """Per-client final scores of one mode's folder: (client → score, which score: its headline).
 
     From ``clients.csv`` (a Flower simulation) or else ``summary.json``'s ``clients`` rows (the
     sequential runner and the benchmark cells).
@@ -123,13 +124,12 @@ def read_clients(mode_dir: Path) -> tuple[dict[int, float], bool]:
     if csv_path.is_file():
         with csv_path.open(newline="") as fh:
             rows: list[dict[str, Any]] = list(csv.DictReader(fh))
-        causal = bool(rows) and any(r.get("perplexity") for r in rows)
-        tagger = bool(rows) and any(r.get("entity-f1") for r in rows)
-        column = "perplexity" if causal else "entity-f1" if tagger else "eval-acc"
+        score = P.headline(lambda s: any(r.get(s.metric) for r in rows))
+        column = score.metric
     elif summary_path.is_file():
         rows = list(json.loads(summary_path.read_text()).get("clients", []))
-        causal = any("ppl" in r for r in rows)
-        column = "ppl" if causal else "f1" if any("f1" in r for r in rows) else "acc"
+        score = P.headline(lambda s: any(s.row in r for r in rows))
+        column = score.row
     else:
         raise FileNotFoundError(f"neither {csv_path} nor {summary_path}: is this a finished run folder?")
     scores = {}
@@ -137,17 +137,7 @@ def read_clients(mode_dir: Path) -> tuple[dict[int, float], bool]:
         value = r.get(column, "")
         if value not in ("", None) and math.isfinite(float(value)):
             scores[int(r["client"])] = float(value)
-    return scores, causal
-
-
-def _is_f1(mode_dir: Path) -> bool:
-    """Whether a mode's per-client scores are entity F1 (a tagger) rather than accuracy."""
-    csv_path = mode_dir / "clients.csv"
-    if csv_path.is_file():
-        with csv_path.open(newline="") as fh:
-            return any(r.get("entity-f1") for r in csv.DictReader(fh))
-    rows = json.loads((mode_dir / "summary.json").read_text()).get("clients", [])
-    return any("f1" in r for r in rows)
+    return scores, score
 
 
 def paired_table(run_dir: Path, modes: Sequence[str], base: str) -> str:
@@ -155,7 +145,8 @@ def paired_table(run_dir: Path, modes: Sequence[str], base: str) -> str:
     if base not in modes:
         raise ValueError(f"base mode {base!r} is not among the compared modes {list(modes)}")
     scores = {m: read_clients(run_dir / m) for m in modes}
-    causal = scores[base][1]
+    score = scores[base][1]
+    causal = score.lower_is_better  # perplexity: compared as a relative change
     rows = []
     for other in (m for m in modes if m != base):
         p = paired(scores[base][0], scores[other][0], lower_is_better=causal, relative=causal)
@@ -164,7 +155,7 @@ def paired_table(run_dir: Path, modes: Sequence[str], base: str) -> str:
             [f"{base} vs {other}", str(p.n), f"{p.better} / {p.worse}"]
             + [describe(p, s, causal) for s in stats]
         )
-    what = "perplexity" if causal else "entity F1" if _is_f1(run_dir / base) else "accuracy"
+    what = score.name
     head = ["pair", "clients", f"{base} better / worse"] + [
         f"{what} {s} difference [95 % CI]" for s in (STATS if causal else STATS[:2])
     ]

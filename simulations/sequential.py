@@ -24,7 +24,6 @@ def run_sequential(
     num_clients: int,
     out: Path,
     on_round: Callable[[dict[str, Any]], None] | None = None,
-    evaluate_every: int = 1,
     limits: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``fed.num-rounds`` rounds over ``num_clients`` into ``out``; returns the run's summary.
@@ -32,11 +31,9 @@ def run_sequential(
     The summary is the run's ``summary.json`` with ``clients`` (a row per client: ``client``, ``acc``,
     and ``majority`` / ``ppl`` where measured) and ``rounds`` (the lines of ``metrics.jsonl``, as
     ``on_round`` receives them) in place of their counts, and ``seconds`` the wall time. Clients are
-    evaluated every ``evaluate_every`` rounds and always after the last one. ``limits``: the simulated
+    evaluated every ``fed.evaluate-every`` rounds and always after the last one. ``limits``: the simulated
     devices' own privacy limits (``[simulation]`` max-epsilon, delta, allow-no-dp).
     """
-    if evaluate_every < 1:
-        raise ValueError(f"evaluate_every must be >= 1, got {evaluate_every}")
     over = {**overrides, "output.run-dir": str(out)}
     if Config.from_run_config(over).fed.min_clients > num_clients:
         over["fed.min-clients"] = num_clients
@@ -44,7 +41,7 @@ def run_sequential(
     if on_round:
         recorder.ROUND_LISTENERS.append(on_round)
     try:
-        run_dir = run_local(over, num_clients, limits, evaluate_every=evaluate_every)
+        run_dir = run_local(over, num_clients, limits)
     finally:
         if on_round:
             recorder.ROUND_LISTENERS.remove(on_round)

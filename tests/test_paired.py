@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common import protocol as P
 from simulations.compare import write_paired
 from simulations.paired import main, paired, paired_table, read_clients
 
@@ -73,7 +74,10 @@ def test_compare_folder_table_from_csv_and_summary(
     (tmp_path / "fedavg").mkdir()  # the sequential runner's summary.json rows
     rows = [{"client": i, "acc": 0.3, "ppl": v} for i, v in enumerate([89.0, 99.0, 109.0, 119.0])]
     (tmp_path / "fedavg" / "summary.json").write_text(json.dumps({"clients": rows}))
-    assert read_clients(tmp_path / "fedavg") == ({0: 89.0, 1: 99.0, 2: 109.0, 3: 119.0}, True)
+    assert read_clients(tmp_path / "fedavg") == (
+        {0: 89.0, 1: 99.0, 2: 109.0, 3: 119.0},
+        P.SCORES[0],
+    )
     text = paired_table(tmp_path, ["fedper", "local", "fedavg"], "fedper")
     assert "| fedper vs local | 4 | 4 / 0 |" in text and "| fedper vs fedavg | 4 | 0 / 4 |" in text
     assert write_paired(tmp_path, ("fedper",)) is None  # one mode: nothing to pair

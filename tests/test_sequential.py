@@ -36,7 +36,9 @@ def test_sequential_ledger_matches_reported_epsilon_and_evaluates_at_the_end(tmp
     import json
 
     lines: list[dict] = []
-    out = run_sequential({**TINY, "fed.num-rounds": 3}, 2, tmp_path, on_round=lines.append, evaluate_every=5)
+    out = run_sequential(
+        {**TINY, "fed.num-rounds": 3, "fed.evaluate-every": 5}, 2, tmp_path, on_round=lines.append
+    )
     assert ["eval-acc-mean" in ln for ln in lines] == [False, False, True]  # only the final round
     ledger = json.loads((tmp_path / "ledger.json").read_text())
     entries = ledger["entries"]

@@ -60,7 +60,7 @@ def load_done(root: Path, cells: Sequence[Cell]) -> dict[str, dict[str, Any]]:
     return done
 
 
-def run_cells(root: Path, cells: Sequence[Cell], evaluate_every: int) -> list[str]:
+def run_cells(root: Path, cells: Sequence[Cell]) -> list[str]:
     """Run ``cells`` one after the other in this process (a worker's task); returns the keys done."""
     from simulations.sequential import run_sequential
 
@@ -74,7 +74,7 @@ def run_cells(root: Path, cells: Sequence[Cell], evaluate_every: int) -> list[st
         # privacy budget into this one.
         shutil.rmtree(work, ignore_errors=True)
         t0 = time.perf_counter()
-        summary = run_sequential(cell.overrides, cell.num_clients, work, evaluate_every=evaluate_every)
+        summary = run_sequential(cell.overrides, cell.num_clients, work)
         summary.update(
             {"key": cell.key, "overrides": cell.overrides, "wall-seconds": time.perf_counter() - t0}
         )
@@ -109,7 +109,6 @@ def run_grid(
     root: Path,
     cells: Sequence[Cell],
     workers: int,
-    evaluate_every: int = 1000,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run the unfinished ``cells`` on ``workers`` processes, grouped by ``Cell.group``, in order."""
@@ -123,13 +122,13 @@ def run_grid(
         on_progress(total - len(todo), total)
     if todo and workers <= 1:
         for group in tasks:
-            run_cells(root, group, evaluate_every)
+            run_cells(root, group)
             if on_progress:
                 on_progress(len(load_done(root, cells)), total)
     elif todo:
         ctx = mp.get_context("spawn")  # fresh interpreters: no inherited torch threads or locks
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            pending = {pool.submit(run_cells, root, g, evaluate_every) for g in tasks}
+            pending = {pool.submit(run_cells, root, g) for g in tasks}
             while pending:
                 finished, pending = wait(pending, timeout=10.0, return_when=FIRST_COMPLETED)
                 for fut in finished:

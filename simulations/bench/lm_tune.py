@@ -121,6 +121,7 @@ def lm_tune_cells(candidates: Sequence[str], modes: Sequence[str] = MODES) -> li
                 "task.evaluate-on": "validation",
                 "train.threads": 1,
                 "client.report-before-after": False,
+                "fed.evaluate-every": 1000,  # only the last round is scored
             }
             cells.append(Cell(f"lm-tune/{name}/{mode}", over, users, group=f"lm-tune/{name}"))
     return cells

@@ -39,6 +39,7 @@ BASE: dict[str, Any] = {
     "dp.delta": 0.0,  # 1 / n_client
     "train.threads": 1,
     "client.report-before-after": False,  # only the evaluation after aggregation is scored
+    "fed.evaluate-every": 1000,  # only the last round's evaluation is scored: skip the ones between
 }
 NUM_CLIENTS = 20
 TUNED = Path(__file__).resolve().parents[1] / "configs" / "bench-tuned.toml"
