@@ -32,6 +32,7 @@ _CACHE: OrderedDict[str, Features] = OrderedDict()
 # process serves many users in turn, and re-running the frozen prefix is most of a small client's round.
 # $FEDPERS_FEATURE_MEMORY (MiB) changes it.
 _CACHE_BYTES = int(float(os.environ.get("FEDPERS_FEATURE_MEMORY", "1024")) * 2**20)
+_ROWS: OrderedDict[str, torch.Tensor] = OrderedDict()  # pooled rows (classifiers without LoRA), same budget
 _LOCK = threading.Lock()
 _DIGESTS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 PrefixOutput = tuple[torch.Tensor, torch.Tensor, np.ndarray]  # (hidden, mask, order) of run_prefix
@@ -154,10 +155,11 @@ def encode_rows(
             _CACHE.move_to_end(key)
             return _CACHE[key]
     ids, targets = tokenize()
-    hidden, mask, order = run_prefix(backbone, ids, chunk, device, store)
-    if pooled:  # the masked mean per row; padding is zero in ``hidden``
-        hidden = (hidden.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)).unsqueeze(1)
+    if pooled:
+        hidden, order = _pooled_rows(backbone, ids, chunk, device, store)
         mask = torch.ones(len(ids), 1, dtype=torch.long)
+    else:
+        hidden, mask, order = run_prefix(backbone, ids, chunk, device, store)
     feats = Features(hidden=hidden, mask=mask, labels=targets(order), source=torch.as_tensor(order))
     with _LOCK:
         _CACHE[key] = feats
@@ -165,6 +167,45 @@ def encode_rows(
         while len(_CACHE) > 1 and total > _CACHE_BYTES:
             total -= _CACHE.popitem(last=False)[1].nbytes
     return feats
+
+
+def _pooled_rows(
+    backbone: Backbone,
+    ids: Sequence[Sequence[int]],
+    chunk: int,
+    device: torch.device | None,
+    store: PrefixStore | None,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Each row's mean token state, ``(N, 1, H)`` in length order, with ``order`` as run_prefix gives it.
+
+    Kept per row (keyed by the backbone, the device and the token ids), so a text met again — the same
+    news article in many users' data, the same tweet in another seed's partition — is not re-encoded.
+    Only the rows not kept yet go through the prefix (run_prefix, with ``store``). A row's vector can
+    differ in its last float bits from one computed among other rows (chunk padding changes rounding).
+    """
+    where = (device or torch.device("cpu")).type
+    prefix = f"{backbone.fingerprint}|{where}|"
+    keys = [prefix + ",".join(map(str, seq)) for seq in ids]
+    with _LOCK:
+        rows = {k: _ROWS[k] for k in keys if k in _ROWS}
+        for k in rows:
+            _ROWS.move_to_end(k)
+    unique = list(dict.fromkeys(k for k in keys if k not in rows))  # each missing text once
+    if unique:
+        first: dict[str, int] = {}
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
+        hidden, mask, order = run_prefix(backbone, [ids[first[k]] for k in unique], chunk, device, store)
+        means = hidden.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # padding is zero in ``hidden``
+        fresh = {unique[int(src)]: means[row].clone() for row, src in enumerate(order)}
+        rows.update(fresh)
+        with _LOCK:
+            _ROWS.update(fresh)
+            while len(_ROWS) > 1 and len(_ROWS) * means.shape[1] * 4 > _CACHE_BYTES:
+                _ROWS.popitem(last=False)
+    lengths = np.array([len(x) for x in ids])
+    order = np.argsort(lengths, kind="stable")
+    return torch.stack([rows[keys[i]] for i in order]).unsqueeze(1), order
 
 
 def _token_ids(backbone: Backbone, texts: Sequence[str], max_length: int) -> list[list[int]]:

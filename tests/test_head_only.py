@@ -72,3 +72,32 @@ def test_pooled_features_are_exact_and_small() -> None:
         a = model(*pooled.batch(slice(None))[:2])
         b = model(*full.batch(slice(None))[:2])
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_a_pooled_text_met_again_is_not_re_encoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pooled rows are kept per text: a text in a second user's data (news articles) skips the prefix."""
+    import common.features as F
+
+    cfg = Config.from_run_config(HEAD_ONLY)
+    backbone = get_task(cfg).backbone()
+    texts = ["the match went to extra time", "shares fell sharply", "a new film opens", "rain again"]
+    n = cfg.task.max_length
+    seen: list[int] = []
+    real = F.run_prefix
+    monkeypatch.setattr(
+        F, "run_prefix", lambda b, ids, *a, **k: seen.append(len(ids)) or real(b, ids, *a, **k)
+    )
+    F._ROWS.clear()
+    import numpy as np
+
+    first = F.encode(backbone, texts[:3], np.array([0, 1, 2]), n, pooled=True)
+    labels = np.array([2, 0, 0, 2])
+    again = F.encode(backbone, [texts[2], texts[3], texts[0], texts[2]], labels, n, pooled=True)
+    assert seen == [3, 1]  # the second set ran only its one new text, and a repeat inside a set once
+    full = F.encode(backbone, [texts[2], texts[3], texts[0], texts[2]], labels, n)  # every token, recomputed
+    mean = full.hidden.sum(1) / full.mask.sum(1, keepdim=True)
+    assert torch.equal(again.source, full.source) and torch.equal(again.labels, full.labels)
+    assert again.hidden.shape == (4, 1, mean.shape[1])
+    assert torch.allclose(again.hidden[:, 0], mean, atol=1e-5)
+    row_of = {int(s): i for i, s in enumerate(first.source)}
+    assert torch.allclose(first.hidden[row_of[0], 0], again.hidden[list(again.source).index(2), 0], atol=0)
