@@ -249,3 +249,68 @@ def bench_names() -> dict[str, str]:
 def describe(results: dict[str, Any]) -> str:
     """One line per result key (for the CLI when a benchmark has no table)."""
     return "\n".join(f"{k}: {v}" for k, v in results.items())
+
+
+def bench_cross_device(
+    settings: Sequence[str],
+    privacies: Sequence[str],
+    modes: Sequence[str],
+    seeds: Sequence[int],
+    workers: int,
+    folder: Path | None = None,
+    progress: Progress | None = None,
+    tune: bool = False,
+    publish: bool = True,
+    report_only: bool = False,
+) -> tuple[BenchRun, str]:
+    """The cross-device grid (issue #31), resumable; ``tune``: choose values on validation splits instead.
+
+    Finished cells go to ``results/cross-device/summary.json`` (records of other runs' cells are kept) and
+    the table to BENCHMARKS.md; a tuning run writes ``results/cross-device/tuned.toml``.
+    """
+    import json
+
+    from common.fileio import write_json_atomic
+    from simulations.bench import cross_device as X
+    from simulations.bench.grid import load_done, run_grid
+
+    run = _run("cross-device-tune" if tune else "cross-device", folder)
+    if tune:
+        cells = X.tune_cells(settings, [m for m in modes if m in X.CANDIDATES])
+    else:
+        cells = X.plan(settings, privacies, modes, seeds, X.load_tuned())
+    try:
+        if not report_only:
+            run_grid(run.dir, cells, workers, on_progress=progress)
+    finally:  # keep and report what finished when interrupted or a cell failed
+        done = load_done(run.dir, cells)
+        if tune:
+            chosen = X.choose(cells, done)
+            table = X.tune_table(cells, done)
+            run.results = {"chosen": chosen, "cells": done}
+            run.save(table)
+            if chosen:
+                X.write_tuned(chosen, run.command)
+        else:
+            mine = X.records(done)
+            ids = {(r["setting"], r["privacy"]["budget"], r["mode"], r["seed"]) for r in mine}
+            kept = json.loads(X.SUMMARY.read_text())["records"] if X.SUMMARY.is_file() else []
+            others = [
+                r for r in kept if (r["setting"], r["privacy"]["budget"], r["mode"], r["seed"]) not in ids
+            ]
+            recs = sorted(
+                others + mine,
+                key=lambda r: (
+                    list(X.SETTINGS).index(r["setting"]),
+                    r["privacy"]["budget"],
+                    r["mode"],
+                    r["seed"],
+                ),
+            )
+            write_json_atomic(X.SUMMARY, {"command": run.command, "records": recs})
+            table = X.table(recs)
+            run.results = {"planned": [c.key for c in cells], "cells": done}
+            run.save(table)
+            if publish and recs:
+                run.publish(table)
+    return run, table

@@ -1,0 +1,283 @@
+"""Cross-device benchmark (issue #31): many users with little data each, user-level DP on what is shared.
+
+Settings are the three ``simulations/configs/xdev-*.toml`` workloads (1,000 users × 24 train / 12 test
+examples, Poisson cohorts with q = 0.05, 100 rounds, z calibrated for the user-level budget, no
+sample-level noise on the device). Every cell runs the head-only model (``lora.r = 0``: the encoder frozen
+and pooled, only the 384 × classes head trains), which is what 1,000 users × 100 rounds affords on 2 CPU
+cores. Cells are grouped by (setting, seed) so a worker encodes each user's texts once for all its modes.
+
+``local`` is the converged stand-alone baseline: every user trains its own head on its own train split in
+one round of ``local-epochs`` passes (it releases nothing, so it carries no user-level DP), instead of
+training a little each time it would have been sampled.
+
+Results: ``results/cross-device/summary.json``, one record per cell (the output contract of issue #31).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.config import Config
+from common.errors import ConfigError
+from common.tasks import get_task
+from simulations.bench.grid import Cell
+from simulations.paired import paired
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SETTINGS: dict[str, Path] = {
+    "tweets-a1.0": CONFIGS / "xdev-tweets-a1.0.toml",
+    "tweets-a0.3": CONFIGS / "xdev-tweets-a0.3.toml",
+    "news": CONFIGS / "xdev-news.toml",
+}
+PRIVACY: dict[str, dict[str, Any]] = {  # user-level budgets (scope "user"); "none": no release is noised
+    "user-eps8": {"dp.user-level": True, "dp.user-epsilon": 8.0},
+    "user-eps2": {"dp.user-level": True, "dp.user-epsilon": 2.0},
+    "none": {"dp.user-level": False, "dp.user-epsilon": 0.0, "dp.user-noise-multiplier": 1.0},
+}
+MODES = ("local", "fedavg", "fedbias", "fedavg-ft")
+BASE: dict[str, Any] = {
+    "lora.r": 0,
+    "train.threads": 1,
+    "fed.evaluate-every": 1000,  # only the last round's evaluation is scored
+}
+LOCAL: dict[str, Any] = {  # the stand-alone baseline: one round in which every user trains to convergence
+    "fed.num-rounds": 1,
+    "fed.fraction-train": 1.0,
+    "dp.user-level": False,
+    "dp.user-epsilon": 0.0,
+    "dp.user-noise-multiplier": 1.0,
+}
+TUNED = Path(__file__).resolve().parents[2] / "results" / "cross-device" / "tuned.toml"
+SUMMARY = Path(__file__).resolve().parents[2] / "results" / "cross-device" / "summary.json"
+
+
+def setting_overrides(setting: str) -> tuple[dict[str, Any], int]:
+    """A setting's run-config overrides and population, from its xdev TOML file."""
+    if setting not in SETTINGS:
+        raise ConfigError(f"unknown setting {setting!r}; choose from {', '.join(SETTINGS)}")
+    with SETTINGS[setting].open("rb") as fh:
+        data = tomllib.load(fh)
+    return dict(data["run-config"]), int(data["simulation"]["num-clients"])
+
+
+def load_tuned(path: Path = TUNED) -> dict[str, dict[str, Any]]:
+    """Chosen overrides per ``<setting>.<mode>`` table (``[default]`` and ``[<mode>]`` apply too)."""
+    if not path.is_file():
+        return {}
+    with path.open("rb") as fh:
+        data = tomllib.load(fh)
+    out: dict[str, dict[str, Any]] = {}
+    for name, table in data.items():
+        if isinstance(table, dict):
+            flat = {k: v for k, v in table.items() if not isinstance(v, dict)}
+            out[name] = flat
+            for sub, inner in table.items():
+                if isinstance(inner, dict):
+                    out[f"{name}.{sub}"] = dict(inner)
+    return out
+
+
+def tuned_for(tuned: Mapping[str, dict[str, Any]], setting: str, mode: str) -> dict[str, Any]:
+    """The overrides a (setting, mode) runs with: [default], then [mode], then [setting.mode]."""
+    return {**tuned.get("default", {}), **tuned.get(mode, {}), **tuned.get(f"{setting}.{mode}", {})}
+
+
+def cell_overrides(
+    setting: str, privacy: str, mode: str, seed: int, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The run config of one cell (``extra``: tuned or candidate values, applied last but for local's)."""
+    if privacy not in PRIVACY:
+        raise ConfigError(f"unknown privacy {privacy!r}; choose from {', '.join(PRIVACY)}")
+    if mode not in MODES:
+        raise ConfigError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    base, _ = setting_overrides(setting)
+    over = {**base, **BASE, **PRIVACY[privacy], **(extra or {})}
+    over.update({"personalization.mode": mode, "task.seed": 42 + seed, "model.seed": seed})
+    if mode == "local":
+        over.update(LOCAL)
+    return over
+
+
+def plan(
+    settings: Sequence[str],
+    privacies: Sequence[str],
+    modes: Sequence[str],
+    seeds: Sequence[int],
+    tuned: Mapping[str, dict[str, Any]],
+) -> list[Cell]:
+    """Cells in priority order: seed, setting, privacy, mode; ``local`` once per (setting, seed)."""
+    cells = []
+    for seed in seeds:
+        for setting in settings:
+            _, population = setting_overrides(setting)
+            group = f"{setting}/seed{seed}"
+            for mode in modes:
+                for privacy in [p for p in PRIVACY if p in privacies] if mode != "local" else ["none"]:
+                    over = cell_overrides(setting, privacy, mode, seed, tuned_for(tuned, setting, mode))
+                    cells.append(Cell(f"{setting}/{privacy}/{mode}/seed{seed}", over, population, group))
+    return cells
+
+
+def record(key: str, summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The output-contract record of one finished cell (per-user accuracy on each user's own test split)."""
+    setting, privacy, mode, seed = key.split("/")
+    over = summary["overrides"]
+    cfg = Config.from_run_config(dict(over))
+    population = int(summary.get("user-population") or len(summary["clients"]))
+    users = get_task(cfg).users(population)
+    scope = "user" if "user-epsilon" in summary else "none"
+    rounds = int(over.get("fed.num-rounds", cfg.fed.num_rounds))
+    return {
+        "setting": setting,
+        "mode": mode,
+        "privacy": {
+            "scope": scope,
+            "epsilon": float(summary["user-epsilon"]) if scope == "user" else None,
+            "delta": float(summary["user-delta"]) if scope == "user" else None,
+            "noise_multiplier": float(summary["user-noise-multiplier"]) if scope == "user" else None,
+            "budget": privacy,
+        },
+        "population": population,
+        "cohort": round(cfg.fed.fraction_train * population, 3),
+        "sampling": "poisson" if scope == "user" and cfg.fed.fraction_train < 1 else "all",
+        "rounds": rounds,
+        "seed": int(seed.removeprefix("seed")),
+        "evaluate_on": cfg.task.evaluate_on,
+        "overrides": dict(over),
+        "accuracy": {"mean": summary["acc-mean"], "median": summary["acc-median"], "p10": summary["acc-p10"]},
+        "own_majority": {"mean": summary.get("majority-mean"), "p10": summary.get("majority-p10")},
+        "wall_seconds": summary.get("wall-seconds"),
+        "per_client": [
+            {"user": users[int(c["client"])], "accuracy": float(c["acc"])} for c in summary["clients"]
+        ],
+    }
+
+
+def records(done: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Records of every finished cell, sorted by setting, privacy, mode and seed."""
+    order = {s: i for i, s in enumerate(SETTINGS)}
+    out = [record(k, v) for k, v in done.items()]
+    out.sort(key=lambda r: (order[r["setting"]], r["privacy"]["budget"], r["mode"], r["seed"]))
+    return out
+
+
+def _scores(recs: Sequence[Mapping[str, Any]], setting: str, budget: str, mode: str) -> dict[str, float]:
+    """seed/user → accuracy over the seeds of one (setting, budget, mode): pairable across modes."""
+    return {
+        f"{r['seed']}/{c['user']}": c["accuracy"]
+        for r in recs
+        if (r["setting"], r["privacy"]["budget"], r["mode"]) == (setting, budget, mode)
+        for c in r["per_client"]
+    }
+
+
+def table(recs: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: mean / median / p10 over seeds per (setting, privacy, mode), and each mode vs local."""
+    groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
+    for r in recs:
+        groups.setdefault((r["setting"], r["privacy"]["budget"], r["mode"]), []).append(r)
+    lines = [
+        "| setting | privacy | mode | seeds | acc mean | median | p10 | vs local, paired [95 % CI] | "
+        "user-level ε (δ) | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (setting, budget, mode), runs in groups.items():
+        acc = {s: float(np.mean([r["accuracy"][s] for r in runs])) for s in ("mean", "median", "p10")}
+        eps = [r["privacy"]["epsilon"] for r in runs if r["privacy"]["epsilon"] is not None]
+        delta = runs[0]["privacy"]["delta"]
+        priv = f"{max(eps):.2f} ({delta:.0e})" if eps else "– (releases unnoised)" if mode != "local" else "–"
+        vs = "–"
+        if mode != "local":
+            mine, theirs = _scores(recs, setting, budget, mode), _scores(recs, setting, "none", "local")
+            if sum(k in theirs for k in mine) >= 2:
+                p = paired(mine, theirs, lower_is_better=False)
+                d, lo, hi = (100 * x["mean"] for x in (p.diff, p.low, p.high))
+                vs = f"{d:+.1f} pts [{lo:+.1f}, {hi:+.1f}]"
+        minutes = np.mean([r["wall_seconds"] or 0.0 for r in runs]) / 60
+        lines.append(
+            f"| {setting} | {budget} | {mode} | {len(runs)} | {acc['mean']:.3f} | {acc['median']:.3f} | "
+            f"{acc['p10']:.3f} | {vs} | {priv} | {minutes:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# Candidates tried on validation splits (seed 0, user-level ε = 8): what a short look at the first run
+# suggested matters at 24 examples a user: how far a user trains alone, how much it moves per round (its
+# update is clipped to S, and the noise grows with S), how long fedavg-ft fine-tunes at the end.
+CANDIDATES: dict[str, list[dict[str, Any]]] = {
+    "local": [{"train.local-epochs": e} for e in (10, 30, 100)],
+    "fedbias": [{"train.local-epochs": e, "dp.user-clipping-norm": s} for e in (1, 5) for s in (0.1, 0.5)],
+    "fedavg-ft": [{"personalization.finetune-epochs": e} for e in (1, 10, 30)],
+}
+
+
+def _label(values: Mapping[str, Any]) -> str:
+    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in values.items())
+
+
+def tune_cells(settings: Sequence[str], modes: Sequence[str]) -> list[Cell]:
+    """Every candidate of ``modes`` at user-level ε = 8, seed 0, scored on each user's validation split."""
+    bad = [m for m in modes if m not in CANDIDATES]
+    if bad:
+        raise ConfigError(f"no tuning candidates for {bad}; tunable: {', '.join(CANDIDATES)}")
+    cells = []
+    for setting in settings:
+        _, population = setting_overrides(setting)
+        for mode in modes:
+            for values in CANDIDATES[mode]:
+                extra = {**values, "task.evaluate-on": "validation"}
+                over = cell_overrides(setting, "user-eps8", mode, 0, extra)
+                key = f"tune/{setting}/{mode}/{_label(values)}"
+                cells.append(Cell(key, over, population, group=f"tune/{setting}"))
+    return cells
+
+
+def choose(cells: Sequence[Cell], done: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per ``<setting>.<mode>``: the candidate with the best mean validation accuracy (ties: the first)."""
+    best: dict[str, tuple[float, dict[str, Any]]] = {}
+    for cell in cells:
+        if cell.key not in done:
+            continue
+        _, setting, mode, _ = cell.key.split("/")
+        mode_values = next(v for v in CANDIDATES[mode] if _label(v) == cell.key.split("/")[-1])
+        score = float(done[cell.key]["acc-mean"])
+        name = f"{setting}.{mode}"
+        if name not in best or score > best[name][0]:
+            best[name] = (score, dict(mode_values))
+    return {name: values for name, (_, values) in best.items()}
+
+
+def tune_table(cells: Sequence[Cell], done: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown: every finished candidate's mean validation accuracy."""
+    lines = [
+        "| setting | mode | candidate | validation acc mean | p10 | minutes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cell in cells:
+        if cell.key in done:
+            _, setting, mode, label = cell.key.split("/")
+            s = done[cell.key]
+            lines.append(
+                f"| {setting} | {mode} | {label} | {s['acc-mean']:.3f} | {s['acc-p10']:.3f} | "
+                f"{s['wall-seconds'] / 60:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_tuned(chosen: Mapping[str, Mapping[str, Any]], command: str, path: Path = TUNED) -> None:
+    """``results/cross-device/tuned.toml``: the chosen values per setting and mode (merged into what is
+    there: settings tuned by separate commands), with the command."""
+    chosen = {**{k: v for k, v in load_tuned(path).items() if "." in k}, **chosen}
+    out = [f"# Chosen on validation splits (seed 0, user-level epsilon 8); last by: {command}"]
+    for name in sorted(chosen):
+        setting, mode = name.rsplit(".", 1)  # setting names hold dots (tweets-a1.0), modes do not
+        out.append(f'\n["{setting}"."{mode}"]')
+        for k, v in chosen[name].items():
+            out.append(f'"{k}" = {v!r}')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(out) + "\n")
