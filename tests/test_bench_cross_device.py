@@ -1,0 +1,99 @@
+"""``fedpers bench cross-device``: cells, tuning on validation, and the output contract of issue #31."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from common.config import Config
+from common.errors import ConfigError
+from simulations.bench import cross_device as X
+from simulations.bench.grid import run_grid
+
+TINY_XDEV = """
+[simulation]
+num-clients = 6
+
+[run-config]
+"model.name" = "tiny"
+"task.dataset" = "tweets"
+"task.partitioner" = "fixed-size"
+"task.dirichlet-alpha" = 1.0
+"task.train-size" = 12
+"task.test-size" = 6
+"fed.num-rounds" = 3
+"fed.fraction-train" = 0.5
+"dp.enabled" = false
+"dp.user-level" = true
+"dp.user-noise-multiplier" = 0.0
+"dp.user-epsilon" = 8.0
+"client.report-before-after" = false
+"""
+
+
+@pytest.fixture
+def tiny_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    path = tmp_path / "xdev-tiny.toml"
+    path.write_text(TINY_XDEV)
+    monkeypatch.setattr(X, "SETTINGS", {"tiny": path})
+    monkeypatch.setattr(X, "TUNED", tmp_path / "tuned.toml")
+    return "tiny"
+
+
+def test_every_cell_of_the_shipped_grid_is_a_valid_config() -> None:
+    cells = X.plan(list(X.SETTINGS), list(X.PRIVACY), X.MODES, [0, 1], {})
+    for cell in cells:
+        cfg = Config.from_run_config(cell.overrides)
+        assert cfg.lora.r == 0 and cell.num_clients == 1000
+        if cfg.personalization.mode == "local":  # converged alone: one round, everyone, nothing released
+            assert (cfg.fed.num_rounds, cfg.fed.fraction_train, cfg.dp.user_level) == (1, 1.0, False)
+        else:
+            assert cfg.fed.fraction_train == 0.05 and cfg.fed.num_rounds == 100
+    keys = [c.key for c in cells]
+    assert len(keys) == len(set(keys)) and sum("/local/" in k for k in keys) == 3 * 2  # local once per seed
+    assert len({c.group for c in cells}) == 3 * 2  # one group (one encoding) per setting and seed
+    for cell in X.tune_cells(list(X.SETTINGS), list(X.CANDIDATES)):
+        assert Config.from_run_config(cell.overrides).task.evaluate_on == "validation"
+    with pytest.raises(ConfigError, match="unknown setting"):
+        X.setting_overrides("tweets-a9")
+    with pytest.raises(ConfigError, match="unknown mode"):
+        X.cell_overrides("news", "user-eps8", "fedper", 0)
+
+
+def test_tuned_values_apply_per_setting_and_mode(tiny_setting: str, tmp_path: Path) -> None:
+    X.write_tuned({"tiny.fedbias": {"train.local-epochs": 5}}, "cmd", X.TUNED)
+    X.write_tuned({"tweets-a1.0.local": {"train.local-epochs": 30}}, "cmd", X.TUNED)  # merged, not replaced
+    tuned = X.load_tuned(X.TUNED)
+    assert X.tuned_for(tuned, "tiny", "fedbias") == {"train.local-epochs": 5}
+    assert X.tuned_for(tuned, "tweets-a1.0", "local") == {"train.local-epochs": 30}
+    assert X.tuned_for(tuned, "tiny", "local") == {}
+    (local,) = [c for c in X.plan(["tiny"], ["user-eps8"], ["fedbias"], [0], tuned)]
+    assert local.overrides["train.local-epochs"] == 5
+
+
+def test_a_tiny_grid_writes_contract_records_and_tuning_chooses_on_validation(
+    tiny_setting: str, tmp_path: Path
+) -> None:
+    cells = X.plan(["tiny"], ["user-eps8"], ["local", "fedbias"], [0], {})
+    done = run_grid(tmp_path / "run", cells, workers=1)
+    recs = X.records(done)
+    assert [(r["mode"], r["privacy"]["scope"]) for r in recs] == [("local", "none"), ("fedbias", "user")]
+    fed = recs[1]
+    assert fed["population"] == 6 and fed["cohort"] == 3.0 and fed["rounds"] == 3 and fed["seed"] == 0
+    assert 0 < fed["privacy"]["epsilon"] <= 8.0 and fed["privacy"]["delta"] == 1e-6
+    assert len(fed["per_client"]) == 6 and {c["user"] for c in fed["per_client"]} == set(
+        X.get_task(Config.from_run_config(cells[0].overrides)).users(6)
+    )
+    assert all(0 <= c["accuracy"] <= 1 for c in fed["per_client"])
+    json.dumps(recs)  # the summary file is plain JSON
+    text = X.table(recs)
+    assert "| tiny | user-eps8 | fedbias | 1 |" in text and "pts [" in text  # paired against local
+
+    tune = [c for c in X.tune_cells(["tiny"], ["local"])]
+    finished = run_grid(tmp_path / "tune", tune, workers=1)
+    chosen = X.choose(tune, finished)
+    best = max(tune, key=lambda c: finished[c.key]["acc-mean"])
+    assert chosen == {"tiny.local": {"train.local-epochs": best.overrides["train.local-epochs"]}}
+    assert "validation acc mean" in X.tune_table(tune, finished)
