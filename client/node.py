@@ -165,6 +165,7 @@ def _plan(cfg: Config, s: _Session, node: NodeInfo, rounds_left: int) -> DPPlan:
         planned = rounds_left * cfg.train.local_epochs * spe
         if cfg.personalization.mode == "fedavg-ft":
             planned += cfg.personalization.finetune_epochs * spe
+        planned += cfg.personalization.final_fit * spe
         sigma = calibrate_sigma(
             budget=cfg.dp.epsilon,
             delta=delta,
@@ -259,6 +260,21 @@ def run_train(cfg: Config, node: NodeInfo, shared: Arrays, server_round: int) ->
     return out, metrics
 
 
+def _final_fit(cfg: Config, s: _Session, node: NodeInfo) -> tuple[TrainOutcome, DPPlan | None]:
+    """Fit the personal part alone to the final shared tensors (``personalization.final-fit`` epochs).
+
+    Under user-level sampling a user trains in a few rounds only, so its personal part was fitted to an
+    old shared part; here it is refitted on the user's own train split with the shared tensors frozen,
+    kept on the device (nothing is released) and, under sample-level DP, accounted like any training.
+    """
+    for name, param in s.model.named_parameters():
+        param.requires_grad_(name in s.roles["personal"])
+    seed = _seed(cfg.task.seed, node.partition_id, -2, s.state.rounds_trained)
+    outcome, plan = _local_train(cfg, s, node, cfg.personalization.final_fit, seed, 0)
+    _save(s)
+    return outcome, plan
+
+
 def run_evaluate(cfg: Config, node: NodeInfo, shared: Arrays, final_round: bool) -> Metrics:
     """Evaluate latest shared tensors + this client's personal part on its own test split.
 
@@ -273,6 +289,9 @@ def run_evaluate(cfg: Config, node: NodeInfo, shared: Arrays, final_round: bool)
         outcome, plan = _local_train(cfg, s, node, cfg.personalization.finetune_epochs, seed, 0)
         steps = outcome.steps
         s.store.save(s.state)  # the fine-tuned copy is not kept, the privacy spend is
+    elif final_round and cfg.personalization.final_fit > 0 and s.roles["personal"]:
+        outcome, plan = _final_fit(cfg, s, node)
+        steps = outcome.steps
     ev = s.task.evaluate(s.model, s.test)
     metrics: Metrics = {
         P.NUM_EXAMPLES: len(s.test),

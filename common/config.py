@@ -48,6 +48,7 @@ RULES = (
     "`model.name` and `task.dataset` go together: the causal LMs (smollm2, tiny-lm) learn from shakespeare "
     "or text-file, the encoders (minilm, tiny) from tweets, news, file (classify) or wnut16 (tag entities).",
     "`model.personal-part` applies to the causal LMs only.",
+    "`personalization.final-fit` needs a mode with a personal part (not fedavg or fedavg-ft).",
     "`lora.r = 0` (no LoRA, every encoder layer frozen) needs an encoder and a mode that shares the head or "
     "nothing (fedavg, fedavg-ft, fedbias, local); `model.frozen-layers` and the other `lora.*` keys then "
     "keep their defaults.",
@@ -159,6 +160,7 @@ class PersonalizationConfig:
 
     mode: str = dataclasses.field(metadata=_choices(*MODES))
     finetune_epochs: int = dataclasses.field(metadata=_range(0, None))
+    final_fit: int = dataclasses.field(metadata=_range(0, None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,6 +339,12 @@ def _check_across(cfg: Config) -> None:
             f"the causal LMs ({', '.join(CAUSAL_MODELS)}) learn from text (task.dataset = "
             "'shakespeare' or 'text-file'), the encoders (minilm, tiny) from labelled examples "
             "(tweets, news, file, wnut16)"
+        )
+    if cfg.personalization.mode in ("fedavg", "fedavg-ft") and cfg.personalization.final_fit:
+        raise ConfigError(
+            f"personalization.final-fit = {cfg.personalization.final_fit} has no effect in mode "
+            f"{cfg.personalization.mode!r}, which keeps no personal part: use a mode with one (fedper, "
+            "fedsa, ffa, fedbias, local), or personalization.finetune-epochs with fedavg-ft"
         )
     part = cfg.model.personal_part
     _only_for(cfg.model.name, CAUSAL_MODELS, "model.personal-part", part, key_of="model.name")

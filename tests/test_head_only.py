@@ -101,3 +101,44 @@ def test_a_pooled_text_met_again_is_not_re_encoded(monkeypatch: pytest.MonkeyPat
     assert torch.allclose(again.hidden[:, 0], mean, atol=1e-5)
     row_of = {int(s): i for i, s in enumerate(first.source)}
     assert torch.allclose(first.hidden[row_of[0], 0], again.hidden[list(again.source).index(2), 0], atol=0)
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_final_fit_refits_the_personal_part_alone_keeps_it_and_accounts_it(tmp_path: Path, dp: bool) -> None:
+    """personalization.final-fit: the bias refitted to the final shared weight; under DP, accounted."""
+    import numpy as np
+
+    from client.node import run_evaluate
+    from client.state import StateStore
+
+    over = {**HEAD_ONLY, "dp.enabled": dp, "dp.epsilon": 8.0}
+    cfg = Config.from_run_config({**over, "personalization.final-fit": 5})
+    template = get_task(cfg).backbone().template
+    shared = get_arrays(template, ["head.weight"])
+    node = NodeInfo(0, 4, tmp_path, run_id=1)
+    out, _ = run_train(cfg, node, shared, 1)
+    before = StateStore(tmp_path).load()
+    assert before is not None
+    history = list(before.history)
+    plain = run_evaluate(Config.from_run_config(over), node, out, final_round=True)  # no fit: unchanged
+    assert np.array_equal(StateStore(tmp_path).load().tensors["head.bias"], before.tensors["head.bias"])
+    metrics = run_evaluate(cfg, node, out, final_round=True)
+    after = StateStore(tmp_path).load()
+    assert not np.array_equal(after.tensors["head.bias"], before.tensors["head.bias"])  # refitted and kept
+    assert set(after.tensors) == {"head.bias"}  # the shared weight is never kept as personal
+    assert np.array_equal(after.shared["head.weight"], out["head.weight"])  # evaluated on the final shared
+    assert 0 <= metrics["eval-acc"] <= 1 and 0 <= plain["eval-acc"] <= 1
+    if dp:  # the fit's steps are composed into the device's accountant and reported
+        total = sum(e[2] for e in after.history)
+        assert metrics["steps"] > 0 and total == sum(e[2] for e in history) + metrics["steps"]
+        assert 0 < metrics["epsilon"] <= 8.0
+    else:
+        assert after.history == history
+
+
+def test_final_fit_needs_a_personal_part() -> None:
+    for mode in ("fedavg", "fedavg-ft"):
+        with pytest.raises(ConfigError, match="final-fit = 3 has no effect in mode"):
+            Config.from_run_config(
+                {**HEAD_ONLY, "personalization.mode": mode, "personalization.final-fit": 3}
+            )
