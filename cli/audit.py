@@ -77,6 +77,8 @@ def ledger(
     audited = f"{len(report['clients'])} clients" + (
         " and the user-level releases" if "user_level" in report else ""
     )
+    if "NOT a guarantee" in report.get("user_neighbouring", ""):
+        audited += f" ({report['user_neighbouring'].split('; ', 1)[1]})"
     console.print(f"{verdict}: {audited}; report {paths['md']} and {paths['html']}")
     if not report["ok"]:
         raise typer.Exit(1)

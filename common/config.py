@@ -33,7 +33,7 @@ USER_KEYS = tuple(
     f"dp.user-{k}"
     for k in (
         "noise-multiplier", "clipping-norm", "clipping", "target-quantile", "clip-lr", "count-stddev",
-        "sampling", "delta", "epsilon",
+        "sampling", "delta", "epsilon", "virtual-cohort", "virtual-population",
     )
 )  # fmt: skip
 ADAPTIVE_KEYS = ("dp.user-target-quantile", "dp.user-clip-lr", "dp.user-count-stddev")
@@ -48,6 +48,8 @@ RULES = (
     "`model.name` and `task.dataset` go together: the causal LMs (smollm2, tiny-lm) learn from shakespeare "
     "or text-file, the encoders (minilm, tiny) from tweets, news, file (classify) or wnut16 (tag entities).",
     "`model.personal-part` applies to the causal LMs only.",
+    "`dp.user-virtual-cohort` and `dp.user-virtual-population` go together (cohort < population), with "
+    "fixed clipping and Poisson sampling.",
     "`personalization.final-fit` needs a mode with a personal part (not fedavg or fedavg-ft).",
     "`lora.r = 0` (no LoRA, every encoder layer frozen) needs an encoder and a mode that shares the head or "
     "nothing (fedavg, fedavg-ft, fedbias, local); `model.frozen-layers` and the other `lora.*` keys then "
@@ -198,6 +200,8 @@ class DPConfig:
     user_sampling: str = dataclasses.field(metadata=_choices("poisson", "none"))
     user_delta: float = dataclasses.field(metadata=_range(0.0, 0.1))
     user_epsilon: float = dataclasses.field(metadata=_range(0.0, None))
+    user_virtual_cohort: int = dataclasses.field(metadata=_range(0, None))
+    user_virtual_population: int = dataclasses.field(metadata=_range(0, None))
 
     def __post_init__(self) -> None:
         if self.grad_sample_mode == "ghost" and self.clipping == "per-tensor":
@@ -209,6 +213,16 @@ class DPConfig:
             _unless(key, getattr(self, _field(key)), "dp.user-level", self.user_level, True)
         for key in ADAPTIVE_KEYS:
             _unless(key, getattr(self, _field(key)), "dp.user-clipping", self.user_clipping, "adaptive")
+        cohort, population = self.user_virtual_cohort, self.user_virtual_population
+        if (cohort > 0) != (population > 0) or (cohort > 0 and not cohort < population):
+            raise ConfigError(
+                f"dp.user-virtual-cohort = {cohort} and dp.user-virtual-population = {population}: set both "
+                "(a cohort smaller than the population, e.g. 5000 and 1000000) or neither"
+            )
+        if cohort > 0 and (self.user_clipping == "adaptive" or self.user_sampling == "none"):
+            raise ConfigError(
+                "dp.user-virtual-cohort needs dp.user-clipping = 'fixed' and dp.user-sampling = 'poisson'"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -149,6 +149,9 @@ def write_report(
                 "user-noise-multiplier": float(last["user-noise-multiplier"]),
             }
         )
+        if "user-virtual-cohort" in last:  # deployment-scale accounting: not about the simulated users
+            s["user-virtual-cohort"] = int(last["user-virtual-cohort"])
+            s["user-simulated-population"] = int(last["user-simulated-population"])
     lines = [
         f"# fedpers run: {cfg.personalization.mode} on {cfg.task.dataset}",
         "",
@@ -179,7 +182,17 @@ def write_report(
             f"ε spent per client: max {s['epsilon-max']:.3f}, mean {s['epsilon-mean']:.3f} "
             f"(budget {cfg.dp.epsilon})",
         ]
-    if "user-epsilon" in s:
+    if "user-virtual-cohort" in s:
+        lines += [
+            "",
+            f"Deployment-scale accounting (virtual cohort): noise as for a mean over "
+            f"{s['user-virtual-cohort']} of {s['user-population']} users, ε = {s['user-epsilon']:.3f} at "
+            f"δ = {s['user-delta']:.1e}, q = {s['user-sample-rate']:g}, "
+            f"z = {s['user-noise-multiplier']:.3f}. This is NOT a guarantee for the "
+            f"{s['user-simulated-population']} users simulated here: it says what a deployment of that "
+            "size would get.",
+        ]
+    elif "user-epsilon" in s:
         lines += [
             "",
             f"User-level DP (server): ε = {s['user-epsilon']:.3f} at δ = {s['user-delta']:.1e} for adding or "

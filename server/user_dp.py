@@ -18,6 +18,13 @@ data added or removed. The accounting is the sampling that runs: with user-level
 strategy (server.strategy) asks each connected node independently with probability q, drawn from OS
 entropy, and releases every round, even when nobody was drawn (noise only). ``dp.user-sampling =
 "none"`` keeps Flower's fixed-size cohort and accounts with q = 1 (no amplification, conservative).
+
+Deployment-scale accounting (``dp.user-virtual-cohort`` C, ``dp.user-virtual-population`` N_v; the
+convention of pfl-research's benchmarks): the noise on the mean is z·S/C instead of z·S/m, and ε is
+composed with q = C/N_v and δ for N_v. It says what the same model would get from a deployment that
+samples C of N_v users per round; it is **not** a guarantee for the users actually simulated (their
+updates get far less noise than their own cohort and population would need). Every such release says
+``user-virtual-cohort`` in the ledger and the reports.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ class UserLevelDP:
     sampling: str = "poisson"
     delta: float = 0.0  # 0 = min(1e-6, 0.1 / population)
     budget: float = 0.0  # 0 = report only
+    virtual_cohort: int = 0  # deployment-scale accounting: noise for C of ...
+    virtual_population: int = 0  # ... N_v users (0 = off)
     history: History = field(default_factory=list)
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(secrets.randbits(128)))
 
@@ -67,14 +76,21 @@ class UserLevelDP:
             sampling=d.user_sampling,
             delta=d.user_delta,
             budget=d.user_epsilon,
+            virtual_cohort=d.user_virtual_cohort,
+            virtual_population=d.user_virtual_population,
         )
 
     def sample_rate(self, cohort: float, population: int) -> float:
-        """q used for accounting this round."""
+        """q used for accounting this round (C / N_v under deployment-scale accounting)."""
+        if self.virtual_cohort:
+            return self.virtual_cohort / self.virtual_population
         return 1.0 if self.sampling == "none" else min(1.0, cohort / max(population, 1))
 
     def delta_for(self, population: int) -> float:
-        """δ of the user-level guarantee: ``dp.user-delta`` (below 1/population), or min(1e-6, 0.1/N)."""
+        """δ of the user-level guarantee: ``dp.user-delta`` (below 1/population), or min(1e-6, 0.1/N).
+
+        Under deployment-scale accounting the population is the virtual one."""
+        population = self.virtual_population or population
         if self.delta <= 0:
             return default_delta(population, USER_DELTA)
         try:
@@ -141,7 +157,8 @@ class UserLevelDP:
             count_std, z_update = compute_adaptive_noise_params(
                 self.noise_multiplier, cohort, self.count_stddev or max(cohort / 20, self.noise_multiplier)
             )
-        std = compute_stdv(z_update, clip, cohort)  # type: ignore[arg-type]  # per coordinate, on the mean
+        noise_cohort = self.virtual_cohort or cohort  # deployment-scale: the noise of a mean over C users
+        std = compute_stdv(z_update, clip, noise_cohort)  # type: ignore[arg-type]  # per coordinate, on the mean
         new = {
             n: (current[n] + acc / cohort + self.rng.normal(0.0, std, acc.shape)).astype(np.float32)
             for n, acc in zip(names, total, strict=True)
@@ -162,8 +179,10 @@ class UserLevelDP:
             "user-sample-rate": q,
             "user-cohort": cohort,
             "user-replies": len(replies),
-            "user-population": population,
+            "user-population": self.virtual_population or population,
             "user-delta": delta,
             "user-epsilon": self._epsilon(self.history, delta),
         }
+        if self.virtual_cohort:  # not a guarantee for the simulated users: said wherever ε is
+            info.update({"user-virtual-cohort": self.virtual_cohort, "user-simulated-population": population})
         return new, info

@@ -180,3 +180,48 @@ def test_a_cross_device_run_reports_its_user_level_guarantee(tmp_path: Path) -> 
     assert "user-epsilon" not in alone and not Ledger(tmp_path / "local" / "ledger.json").user_level_entries()
     text = table([{"mode": "fedbias", **shared}, {"mode": "local", **alone}])
     assert "| user-level ε |" in text and "| local |" in text
+
+
+def test_deployment_scale_accounting_noises_for_the_virtual_cohort_and_says_so(tmp_path: Path) -> None:
+    """dp.user-virtual-cohort: noise z·S/C on the mean, q = C/N_v, δ for N_v; labelled in the report."""
+    from conftest import TINY_TRAIN
+
+    from common.config import Config
+    from common.errors import ConfigError
+    from simulations.sequential import run_sequential
+
+    dp = UserLevelDP(
+        noise_multiplier=0.8, clipping_norm=0.5, virtual_cohort=5000, virtual_population=1_000_000,
+        rng=np.random.default_rng(3),
+    )  # fmt: skip
+    current = _zeros()
+    new, info = dp.release(current, [_zeros() for _ in range(40)], cohort=50, population=1000)
+    noise = np.concatenate([(new[k] - current[k]).ravel() for k in SHAPES])
+    assert info["user-noise-std"] == pytest.approx(0.8 * 0.5 / 5000)  # not / 50: the virtual cohort's mean
+    assert noise.std() == pytest.approx(0.8 * 0.5 / 5000, rel=0.02)
+    assert (info["user-sample-rate"], info["user-population"]) == (0.005, 1_000_000)
+    assert info["user-delta"] == pytest.approx(1e-7)  # min(1e-6, 0.1 / N_v)
+    assert info["user-virtual-cohort"] == 5000 and info["user-simulated-population"] == 1000
+    assert info["user-epsilon"] == pytest.approx(epsilon(compose([], 0.8, 0.005, 1), 1e-7, "prv"))
+    for bad in (
+        {"dp.user-virtual-cohort": 5000},
+        {"dp.user-virtual-cohort": 10, "dp.user-virtual-population": 10},
+    ):
+        with pytest.raises(ConfigError, match="dp.user-virtual-cohort"):
+            Config.from_run_config({"dp.user-level": True, **bad})
+
+    run = {
+        **TINY_TRAIN, "model.frozen-layers": 4, "lora.r": 0, "task.train-size": 12, "task.test-size": 6,
+        "fed.num-rounds": 2, "fed.fraction-train": 0.5, "fed.min-clients": 1, "dp.enabled": False,
+        "dp.user-level": True, "dp.user-noise-multiplier": 0.0, "dp.user-epsilon": 8.0,
+        "dp.user-virtual-cohort": 5000, "dp.user-virtual-population": 1_000_000,
+        "personalization.mode": "fedbias",
+    }  # fmt: skip
+    out = run_sequential(run, 6, tmp_path)
+    assert out["user-virtual-cohort"] == 5000 and out["user-simulated-population"] == 6
+    assert out["user-population"] == 1_000_000 and out["user-epsilon"] <= 8.0
+    assert "NOT a guarantee for the 6 users simulated" in (tmp_path / "report.md").read_text()
+    from server.audit.ledger import audit_ledger
+
+    audit = audit_ledger(tmp_path)  # the ledger's ε recomputes, and the audit says whose guarantee it is
+    assert audit["ok"] and "NOT a guarantee for the users simulated" in audit["user_neighbouring"]

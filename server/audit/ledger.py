@@ -216,5 +216,11 @@ def audit_ledger(path: str | Path, budget: float | None = None) -> dict[str, Any
         result = audit_user_level(user, user_budget, accountant)
         report["user_level"] = asdict(result)
         report["user_neighbouring"] = meta.get("user_neighbouring", "add/remove one user's whole data")
+        virtual = {int(e["user-virtual-cohort"]) for e in user if "user-virtual-cohort" in e}
+        if virtual:  # the ε holds for a deployment of that size, not for the users the run simulated
+            report["user_neighbouring"] += (
+                f"; deployment-scale accounting (virtual cohort {max(virtual)} of "
+                f"{user[-1]['user-population']}): NOT a guarantee for the users simulated"
+            )
         report["ok"] = report["ok"] and result.status == "ok"
     return report
