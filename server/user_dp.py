@@ -60,6 +60,7 @@ class UserLevelDP:
     virtual_population: int = 0  # ... N_v users (0 = off)
     history: History = field(default_factory=list)
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(secrets.randbits(128)))
+    _last: tuple[tuple[tuple[float, float, int], ...], float, float] | None = field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, cfg: Config) -> UserLevelDP:
@@ -120,9 +121,13 @@ class UserLevelDP:
         return self._epsilon(compose(self.history, self.noise_multiplier, q, 1), self.delta_for(population))
 
     def _epsilon(self, history: History, delta: float) -> float:
-        if any(sigma <= 0 for sigma, _, _ in history):
-            return float("inf")
-        return epsilon(history, delta, self.accountant)
+        """ε of ``history``; the last answer is kept (the budget check and the release ask the same)."""
+        key = tuple((float(s), float(q), int(n)) for s, q, n in history)
+        if self._last is not None and self._last[:2] == (key, delta):
+            return self._last[2]
+        value = float("inf") if any(s <= 0 for s, _, _ in key) else epsilon(history, delta, self.accountant)
+        self._last = (key, delta, value)
+        return value
 
     def release(
         self,
