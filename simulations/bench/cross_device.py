@@ -228,8 +228,30 @@ def table(recs: Sequence[Mapping[str, Any]]) -> str:
 # update is clipped to S, and the noise grows with S), how long fedavg-ft fine-tunes at the end.
 CANDIDATES: dict[str, list[dict[str, Any]]] = {
     "local": [{"train.local-epochs": e} for e in (10, 30, 100)],
-    "fedbias": [{"train.local-epochs": e, "dp.user-clipping-norm": s} for e in (1, 5) for s in (0.1, 0.5)],
-    "fedavg-ft": [{"personalization.finetune-epochs": e} for e in (1, 10, 30)],
+    "fedbias": [
+        *({"train.local-epochs": e, "dp.user-clipping-norm": s} for e in (1, 5) for s in (0.1, 0.5)),
+        # second look: the shared weight moves at most S per round, so 100 rounds may not reach a good
+        # head; server momentum (DP-FedAvgM, free in privacy) and a refit of the personal bias at the end
+        *(
+            {
+                "train.local-epochs": e,
+                "dp.user-clipping-norm": s,
+                "fed.server-momentum": 0.9,
+                "personalization.final-fit": 30,
+            }
+            for e, s in ((1, 0.1), (5, 0.5))
+        ),
+        {
+            "train.local-epochs": 1,
+            "dp.user-clipping-norm": 0.1,
+            "fed.server-lr": 10.0,
+            "personalization.final-fit": 30,
+        },
+    ],
+    "fedavg-ft": [
+        *({"personalization.finetune-epochs": e} for e in (1, 10, 30)),
+        *({"personalization.finetune-epochs": e, "fed.server-momentum": 0.9} for e in (10, 30)),
+    ],
 }
 
 
