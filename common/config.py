@@ -52,8 +52,9 @@ RULES = (
     "fixed clipping and Poisson sampling.",
     "`personalization.final-fit` needs a mode with a personal part (not fedavg or fedavg-ft).",
     "`lora.r = 0` (no LoRA, every encoder layer frozen) needs an encoder and a mode that shares the head or "
-    "nothing (fedavg, fedavg-ft, fedbias, local); `model.frozen-layers` and the other `lora.*` keys then "
-    "keep their defaults.",
+    "nothing (fedavg, fedavg-ft, fedbias, local), or fedper with `personalization.shared-projection`; "
+    "`model.frozen-layers` and the other `lora.*` keys then keep their defaults.",
+    "`personalization.shared-projection` needs `lora.r = 0` and a text classifier.",
     '`task.labels` applies to (and is needed by) `task.dataset = "file"`; `task.data-path`, '
     "`task.min-examples` and `task.max-users` to file and text-file; `task.dirichlet-alpha` and "
     "`task.partitioner` to tweets and file (`task.partitioner` to a file without a user column, checked "
@@ -163,6 +164,7 @@ class PersonalizationConfig:
     mode: str = dataclasses.field(metadata=_choices(*MODES))
     finetune_epochs: int = dataclasses.field(metadata=_range(0, None))
     final_fit: int = dataclasses.field(metadata=_range(0, None))
+    shared_projection: int = dataclasses.field(metadata=_range(0, 4096))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,6 +374,13 @@ def _check_across(cfg: Config) -> None:
         )
     if cfg.lora.r == 0:
         _check_no_lora(cfg)
+    elif cfg.personalization.shared_projection:
+        raise ConfigError(
+            f"personalization.shared-projection = {cfg.personalization.shared_projection} needs lora.r = 0 "
+            "(a head-only classifier; with LoRA the adapters are the shared part)"
+        )
+    if cfg.personalization.shared_projection and (causal or cfg.task.dataset in TAGGED_DATASETS):
+        raise ConfigError("personalization.shared-projection is for the text classifiers (lora.r = 0)")
     if cfg.secagg.enabled:
         _check_secagg(cfg)
 
@@ -383,10 +392,14 @@ def _check_no_lora(cfg: Config) -> None:
             f"lora.r = 0 (no LoRA) is for the encoders (minilm, tiny), not model.name = {cfg.model.name!r}: "
             "the causal LM's personal adapter takes its rank from lora.r"
         )
-    if cfg.personalization.mode in ("fedper", "fedsa", "ffa"):
+    projection = cfg.personalization.shared_projection > 0
+    if cfg.personalization.mode in ("fedsa", "ffa") or (
+        cfg.personalization.mode == "fedper" and not projection
+    ):
         raise ConfigError(
             f"personalization.mode = {cfg.personalization.mode!r} shares LoRA tensors, and lora.r = 0 has "
-            "none: use fedavg, fedavg-ft, fedbias or local (the head is then the whole trainable model)"
+            "none: use fedavg, fedavg-ft, fedbias or local (the head is then the whole trainable model), or "
+            "fedper with personalization.shared-projection = k (a shared projection, a personal head)"
         )
     flat, defaults = cfg.to_run_config(), default_run_config()
     for key in ("model.frozen-layers", "lora.alpha", "lora.dropout", "lora.target-modules"):

@@ -90,19 +90,25 @@ class _TopLayers(nn.Module):
 
 
 class PersonalModel(nn.Module):
-    """Top layers with LoRA (``body``, a PeftModel) + mean pooling + the personal ``head``."""
+    """Top layers with LoRA (``body``, a PeftModel) + mean pooling + the personal ``head``.
 
-    def __init__(self, body: nn.Module, hidden_size: int, num_classes: int) -> None:
+    With ``projection = k`` (head-only models) a linear ``proj`` (hidden → k) sits between the pooling
+    and the head: the low-dimensional representation users share, under a head of k × classes
+    (Jain et al. 2021's linear representation; common.split gives ``proj`` the body's role).
+    """
+
+    def __init__(self, body: nn.Module, hidden_size: int, num_classes: int, projection: int = 0) -> None:
         super().__init__()
         self.body = body
-        self.head = nn.Linear(hidden_size, num_classes)
+        self.proj = nn.Linear(hidden_size, projection) if projection else None
+        self.head = nn.Linear(projection or hidden_size, num_classes)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits from cached prefix features and their attention mask."""
         out = self.body(hidden, attention_mask)
         weights = attention_mask.unsqueeze(-1).to(out.dtype)
         pooled = (out * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        return self.head(pooled)
+        return self.head(self.proj(pooled) if self.proj is not None else pooled)
 
 
 class TaggerModel(nn.Module):
@@ -167,6 +173,9 @@ def _load_bert(cfg: Config) -> BertModel:
     return bert
 
 
+_OWN = ("head", "proj")  # trainable modules outside the pretrained encoder
+
+
 def build_backbone(cfg: Config, num_classes: int, *, per_token: bool = False) -> EncoderBackbone:
     """The frozen prefix and the seeded initial model for ``cfg``: a classifier, or a tagger if per_token."""
     if num_classes < 2:
@@ -186,12 +195,20 @@ def build_backbone(cfg: Config, num_classes: int, *, per_token: bool = False) ->
     prefix = FrozenPrefix(bert, k)
     torch.manual_seed(cfg.model.seed)
     body = add_lora(_TopLayers(bert, k), cfg) if cfg.lora.r else _Identity()
-    model_cls = TaggerModel if per_token else PersonalModel
-    template = model_cls(body, bert.config.hidden_size, num_classes)
-    total += sum(p.numel() for n, p in template.named_parameters() if "lora_" in n or n.startswith("head."))
-    kind = (
-        (num_classes, "tagger") if per_token else num_classes
-    )  # a classifier's fingerprint predates taggers
+    projection = cfg.personalization.shared_projection
+    if per_token:
+        template: PersonalModel | TaggerModel = TaggerModel(body, bert.config.hidden_size, num_classes)
+    else:
+        template = PersonalModel(body, bert.config.hidden_size, num_classes, projection)
+    total += sum(p.numel() for n, p in template.named_parameters() if "lora_" in n or n.split(".")[0] in _OWN)
+    # a classifier's fingerprint predates taggers and projections: theirs extend it
+    kind: object = (
+        (num_classes, "tagger")
+        if per_token
+        else (num_classes, "proj", projection)
+        if projection
+        else num_classes
+    )
     fp = hashlib.sha256(repr((cfg.model, cfg.lora, kind)).encode()).hexdigest()[:16]
     tokenizer = load_tokenizer(cfg.model.name)
     return EncoderBackbone(

@@ -14,6 +14,10 @@ ffa         LoRA B               head                          LoRA A (seeded)
 fedbias     LoRA, head weights   head bias (the label prior)   -
 ==========  ===================  ============================  ================
 
+With ``lora.r = 0`` and ``personalization.shared-projection`` the linear ``proj`` under the head takes
+the LoRA tensors' role (shared in every mode that shares, personal in ``local``): ``fedper`` is then a shared
+low-dimensional representation with a personal head on it.
+
 ``fedbias`` fits label skew: what a label means is common to all users, so the classifier weights are
 learned by everyone (their DP noise averages out over clients), and only the per-class bias, which carries
 each user's label prior, stays personal.
@@ -36,10 +40,13 @@ _LORA_A = re.compile(r"(^|\.)lora_A\.")
 _LORA_B = re.compile(r"(^|\.)lora_B\.")
 _HEAD_BIAS = re.compile(r"^head\.bias$")
 _HEAD = re.compile(r"^head\.")
+_PROJ = re.compile(r"^proj\.")
 
 
-def param_kind(name: str) -> Literal["lora_a", "lora_b", "head", "head_bias", "base"]:
+def param_kind(name: str) -> Literal["lora_a", "lora_b", "proj", "head", "head_bias", "base"]:
     """Classify a parameter name of a PersonalModel."""
+    if _PROJ.search(name):  # the shared projection of a head-only model: the body's role
+        return "proj"
     if _HEAD_BIAS.search(name):
         return "head_bias"
     if _HEAD.search(name):  # the personal part; a PEFT-wrapped head (a causal LM's last block) only
@@ -54,13 +61,55 @@ def param_kind(name: str) -> Literal["lora_a", "lora_b", "head", "head_bias", "b
 
 
 _RULES: dict[str, dict[str, Role]] = {
-    "fedper": {"lora_a": "shared", "lora_b": "shared", "head": "personal", "head_bias": "personal"},
-    "local": {"lora_a": "personal", "lora_b": "personal", "head": "personal", "head_bias": "personal"},
-    "fedavg": {"lora_a": "shared", "lora_b": "shared", "head": "shared", "head_bias": "shared"},
-    "fedavg-ft": {"lora_a": "shared", "lora_b": "shared", "head": "shared", "head_bias": "shared"},
-    "fedsa": {"lora_a": "shared", "lora_b": "personal", "head": "personal", "head_bias": "personal"},
-    "ffa": {"lora_a": "frozen", "lora_b": "shared", "head": "personal", "head_bias": "personal"},
-    "fedbias": {"lora_a": "shared", "lora_b": "shared", "head": "shared", "head_bias": "personal"},
+    "fedper": {
+        "proj": "shared",
+        "lora_a": "shared",
+        "lora_b": "shared",
+        "head": "personal",
+        "head_bias": "personal",
+    },
+    "local": {
+        "proj": "personal",
+        "lora_a": "personal",
+        "lora_b": "personal",
+        "head": "personal",
+        "head_bias": "personal",
+    },
+    "fedavg": {
+        "proj": "shared",
+        "lora_a": "shared",
+        "lora_b": "shared",
+        "head": "shared",
+        "head_bias": "shared",
+    },
+    "fedavg-ft": {
+        "proj": "shared",
+        "lora_a": "shared",
+        "lora_b": "shared",
+        "head": "shared",
+        "head_bias": "shared",
+    },
+    "fedsa": {
+        "proj": "shared",
+        "lora_a": "shared",
+        "lora_b": "personal",
+        "head": "personal",
+        "head_bias": "personal",
+    },
+    "ffa": {
+        "proj": "shared",
+        "lora_a": "frozen",
+        "lora_b": "shared",
+        "head": "personal",
+        "head_bias": "personal",
+    },
+    "fedbias": {
+        "proj": "shared",
+        "lora_a": "shared",
+        "lora_b": "shared",
+        "head": "shared",
+        "head_bias": "personal",
+    },
 }
 
 

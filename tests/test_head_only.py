@@ -142,3 +142,38 @@ def test_final_fit_needs_a_personal_part() -> None:
             Config.from_run_config(
                 {**HEAD_ONLY, "personalization.mode": mode, "personalization.final-fit": 3}
             )
+
+
+@pytest.mark.parametrize(
+    ("mode", "sent"),
+    [
+        ("fedper", {"proj.weight", "proj.bias"}),
+        ("fedbias", {"proj.weight", "proj.bias", "head.weight"}),
+        ("local", set()),
+    ],
+)
+def test_a_shared_projection_is_the_body_a_personal_head_sits_on(
+    tmp_path: Path, mode: str, sent: set[str]
+) -> None:
+    """shared-projection = k: proj (hidden → k) is shared like LoRA, the k × classes head sits on it."""
+    cfg = Config.from_run_config(
+        {**HEAD_ONLY, "personalization.mode": mode, "personalization.shared-projection": 3}
+    )
+    backbone = get_task(cfg).backbone()
+    model = backbone.new_model()
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    hidden = backbone.prefix.config.hidden_size
+    assert shapes["proj.weight"] == (3, hidden) and shapes["head.weight"][1] == 3
+    names = split_names(list(shapes), mode)
+    assert set(names["shared"]) == sent and set(names["personal"]) == set(shapes) - sent
+    out, _ = run_train(cfg, NodeInfo(0, 4, tmp_path, run_id=1), get_arrays(model, names["shared"]), 1)
+    assert set(out) == sent
+    plain = Config.from_run_config({**HEAD_ONLY, "personalization.mode": "fedbias"})
+    assert get_task(plain).backbone().fingerprint != backbone.fingerprint  # a state of one is not the other's
+
+
+def test_a_shared_projection_needs_a_head_only_classifier() -> None:
+    with pytest.raises(ConfigError, match="needs lora.r = 0"):
+        Config.from_run_config({**TINY_TRAIN, "personalization.shared-projection": 4})
+    with pytest.raises(ConfigError, match="fedper with personalization.shared-projection"):
+        Config.from_run_config({**HEAD_ONLY, "personalization.mode": "fedper"})

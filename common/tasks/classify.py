@@ -51,7 +51,8 @@ class ClassifyTask(Task):
 
     def backbone(self) -> EncoderBackbone:
         cfg, n = self.cfg, len(self.labels)
-        return cached((cfg.model, cfg.lora, n), lambda: build_backbone(cfg, n))
+        key = (cfg.model, cfg.lora, n, cfg.personalization.shared_projection)
+        return cached(key, lambda: build_backbone(cfg, n))
 
     def load(self, partition_id: int, num_partitions: int, data_path: str | None = None) -> ClientData:
         return load_client_data(self.cfg.task, partition_id, num_partitions, data_path)
