@@ -47,7 +47,10 @@ PRIVACY: dict[str, dict[str, Any]] = {  # user-level budgets (scope "user"); "no
         "dp.user-virtual-population": 1_000_000,
     },
 }
-MODES = ("local", "fedavg", "fedbias", "fedavg-ft")
+MODES = ("local", "fedavg", "fedbias", "fedavg-ft", "fedper")
+MODE_BASE: dict[str, dict[str, Any]] = {  # what a mode needs on the head-only model
+    "fedper": {"personalization.shared-projection": 8},  # a shared projection under the personal head
+}
 BASE: dict[str, Any] = {
     "lora.r": 0,
     "train.threads": 1,
@@ -104,7 +107,7 @@ def cell_overrides(
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     base, _ = setting_overrides(setting)
-    over = {**base, **BASE, **PRIVACY[privacy], **(extra or {})}
+    over = {**base, **BASE, **PRIVACY[privacy], **MODE_BASE.get(mode, {}), **(extra or {})}
     over.update({"personalization.mode": mode, "task.seed": 42 + seed, "model.seed": seed})
     if mode == "local":
         over.update(LOCAL)
@@ -247,6 +250,17 @@ CANDIDATES: dict[str, list[dict[str, Any]]] = {
             "fed.server-lr": 10.0,
             "personalization.final-fit": 30,
         },
+    ],
+    "fedper": [  # shared projection (k, its lr = train.lr-lora) under a personal head refitted at the end
+        {
+            "personalization.shared-projection": k,
+            "train.lr-lora": lr,
+            "train.local-epochs": e,
+            "dp.user-clipping-norm": s,
+            "fed.server-momentum": 0.9,
+            "personalization.final-fit": 30,
+        }
+        for k, lr, e, s in ((8, 0.5, 5, 0.5), (8, 0.5, 1, 0.1), (16, 0.5, 5, 0.5), (8, 0.05, 5, 0.5))
     ],
     "fedavg-ft": [
         *({"personalization.finetune-epochs": e} for e in (1, 10, 30)),
