@@ -183,15 +183,20 @@ def bench_quality_cmd(
 def bench_cross_device_cmd(
     settings: str = typer.Option("tweets-a1.0,tweets-a0.3,news", help="comma-separated settings"),
     privacy: str = typer.Option("user-eps8,user-eps2", help="comma-separated user-level budgets (or none)"),
-    modes: str = typer.Option("local,fedbias,fedavg-ft", help="comma-separated modes"),
+    modes: str = typer.Option("local,fedavg-ft,best", help="comma-separated modes (best: chosen by --tune)"),
     seeds: int = typer.Option(3, help="number of seeds (0..n-1)"),
     workers: int = typer.Option(2, help="worker processes (one thread each)"),
     tune: bool = typer.Option(False, help="choose values on validation splits (seed 0) → tuned.toml"),
     run_dir: Path = typer.Option(None, help="folder of an earlier run to resume (finished cells are kept)"),
     no_publish: bool = typer.Option(False, help="do not update BENCHMARKS.md"),
     report_only: bool = typer.Option(False, help="tabulate the cells finished in --run-dir, run nothing"),
+    also: str = typer.Option(
+        "", help="extra cells, privacy:mode[:seeds] items, e.g. user-eps2:best,none:best:1 (best = chosen)"
+    ),
 ) -> None:
-    """1,000 users × 24/12 examples, user-level DP, head-only model: per-user accuracy (issue #31)."""
+    """1,000 users × 24/12 examples, user-level DP, head-only model: per-user accuracy (issue #31).
+
+    Modes may name ``best``: the personal mode chosen on validation for each setting (``--tune``)."""
     from simulations.bench.commands import bench_cross_device
 
     progress, update = _grid_progress("cross-device cells")
@@ -200,6 +205,7 @@ def bench_cross_device_cmd(
             run, table = bench_cross_device(
                 split_csv(settings), split_csv(privacy), split_csv(modes), list(range(seeds)), workers,
                 run_dir, update, tune=tune, publish=not no_publish, report_only=report_only,
+                also=split_csv(also) if also else (),
             )  # fmt: skip
     except (FedpersError, ValueError) as exc:
         fail(exc)

@@ -59,7 +59,7 @@ def test_every_cell_of_the_shipped_grid_is_a_valid_config() -> None:
     with pytest.raises(ConfigError, match="unknown setting"):
         X.setting_overrides("tweets-a9")
     with pytest.raises(ConfigError, match="unknown mode"):
-        X.cell_overrides("news", "user-eps8", "fedper", 0)
+        X.cell_overrides("news", "user-eps8", "fedsa", 0)
 
 
 def test_tuned_values_apply_per_setting_and_mode(tiny_setting: str, tmp_path: Path) -> None:
@@ -97,3 +97,33 @@ def test_a_tiny_grid_writes_contract_records_and_tuning_chooses_on_validation(
     best = max(tune, key=lambda c: finished[c.key]["acc-mean"])
     assert chosen == {"tiny.local": {"train.local-epochs": best.overrides["train.local-epochs"]}}
     assert "validation acc mean" in X.tune_table(tune, finished)
+
+
+def test_best_is_the_personal_mode_chosen_on_validation_and_also_adds_cells(tiny_setting: str) -> None:
+    cells = [c for c in X.tune_cells(["tiny"], ["fedbias", "fedper", "local"])]
+    done = {c.key: {"acc-mean": 0.5} for c in cells}
+    top = next(c for c in cells if "/fedper/" in c.key)
+    done[top.key] = {"acc-mean": 0.9}
+    done[next(c for c in cells if "/local/" in c.key).key] = {"acc-mean": 0.95}  # local never "best"
+    chosen = X.choose(cells, done)
+    assert chosen["tiny.best"] == {"mode": "fedper"}
+    assert (
+        chosen["tiny.fedper"]["personalization.shared-projection"]
+        == top.overrides["personalization.shared-projection"]
+    )
+    X.write_tuned(chosen, "cmd", X.TUNED)
+    tuned = X.load_tuned(X.TUNED)
+    also = X.parse_also(["user-eps2:best", "none:best:1"])
+    planned = X.plan(["tiny"], ["user-eps8"], ["local", "fedavg-ft", "best"], [0, 1], tuned, also)
+    keys = [c.key for c in planned]
+    assert keys[:5] == [
+        "tiny/none/local/seed0", "tiny/user-eps8/fedavg-ft/seed0", "tiny/user-eps8/fedper/seed0",
+        "tiny/user-eps2/fedper/seed0", "tiny/none/fedper/seed0",
+    ]  # fmt: skip
+    assert "tiny/none/fedper/seed1" not in keys and "tiny/user-eps2/fedper/seed1" in keys
+    fedper = next(c for c in planned if c.key == "tiny/user-eps8/fedper/seed0")
+    assert fedper.overrides["personalization.final-fit"] == 30  # the chosen candidate's values
+    with pytest.raises(ConfigError, match="privacy:mode"):
+        X.parse_also(["eps2:best"])
+    with pytest.raises(ConfigError, match="no best mode chosen"):
+        X.plan(["tiny"], ["user-eps8"], ["best"], [0], {})

@@ -262,8 +262,11 @@ def bench_cross_device(
     tune: bool = False,
     publish: bool = True,
     report_only: bool = False,
+    also: Sequence[str] = (),
 ) -> tuple[BenchRun, str]:
     """The cross-device grid (issue #31), resumable; ``tune``: choose values on validation splits instead.
+
+    ``also``: extra ``privacy:mode[:seeds]`` cells (cross_device.parse_also).
 
     Finished cells go to ``results/cross-device/summary.json`` (records of other runs' cells are kept) and
     the table to BENCHMARKS.md; a tuning run writes ``results/cross-device/tuned.toml``.
@@ -276,9 +279,10 @@ def bench_cross_device(
 
     run = _run("cross-device-tune" if tune else "cross-device", folder)
     if tune:
-        cells = X.tune_cells(settings, [m for m in modes if m in X.CANDIDATES])
+        wanted = [*modes, *(X.PERSONAL if "best" in modes else ())]  # best: every personal mode competes
+        cells = X.tune_cells(settings, list(dict.fromkeys(m for m in wanted if m in X.CANDIDATES)))
     else:
-        cells = X.plan(settings, privacies, modes, seeds, X.load_tuned())
+        cells = X.plan(settings, privacies, modes, seeds, X.load_tuned(), X.parse_also(also))
     try:
         if not report_only:
             run_grid(run.dir, cells, workers, on_progress=progress)

@@ -48,6 +48,7 @@ PRIVACY: dict[str, dict[str, Any]] = {  # user-level budgets (scope "user"); "no
     },
 }
 MODES = ("local", "fedavg", "fedbias", "fedavg-ft", "fedper")
+PERSONAL = ("fedbias", "fedper")  # the modes with a personal part that "best" chooses among
 MODE_BASE: dict[str, dict[str, Any]] = {  # what a mode needs on the head-only model
     "fedper": {"personalization.shared-projection": 8},  # a shared projection under the personal head
 }
@@ -114,23 +115,64 @@ def cell_overrides(
     return over
 
 
+def resolve_mode(tuned: Mapping[str, dict[str, Any]], setting: str, mode: str) -> str:
+    """``best``: the personal mode chosen on validation for ``setting`` (tuned.toml); others unchanged."""
+    if mode != "best":
+        return mode
+    chosen = tuned.get(f"{setting}.best", {}).get("mode")
+    if not chosen:
+        raise ConfigError(
+            f"no best mode chosen for {setting} yet: run fedpers bench cross-device --tune first"
+        )
+    return str(chosen)
+
+
+def parse_also(items: Sequence[str]) -> list[tuple[str, str, int]]:
+    """``privacy:mode[:seeds]`` items (e.g. ``user-eps2:best``, ``none:best:1``) → (privacy, mode, seeds)."""
+    out = []
+    for item in items:
+        parts = item.split(":")
+        if (
+            len(parts) not in (2, 3)
+            or parts[0] not in PRIVACY
+            or (len(parts) == 3 and not parts[2].isdigit())
+        ):
+            raise ConfigError(
+                f"--also {item!r}: write privacy:mode[:seeds], privacy one of {', '.join(PRIVACY)}"
+            )
+        out.append((parts[0], parts[1], int(parts[2]) if len(parts) == 3 else 10**6))
+    return out
+
+
 def plan(
     settings: Sequence[str],
     privacies: Sequence[str],
     modes: Sequence[str],
     seeds: Sequence[int],
     tuned: Mapping[str, dict[str, Any]],
+    also: Sequence[tuple[str, str, int]] = (),
 ) -> list[Cell]:
-    """Cells in priority order: seed, setting, privacy, mode; ``local`` once per (setting, seed)."""
-    cells = []
+    """Cells in priority order: seed, setting, privacy, mode; ``local`` once per (setting, seed).
+
+    ``also``: extra (privacy, mode, number of seeds) cells, e.g. the best mode at ε = 2 or without DP.
+    """
+    cells: list[Cell] = []
     for seed in seeds:
         for setting in settings:
             _, population = setting_overrides(setting)
             group = f"{setting}/seed{seed}"
-            for mode in modes:
-                for privacy in [p for p in PRIVACY if p in privacies] if mode != "local" else ["none"]:
-                    over = cell_overrides(setting, privacy, mode, seed, tuned_for(tuned, setting, mode))
-                    cells.append(Cell(f"{setting}/{privacy}/{mode}/seed{seed}", over, population, group))
+            wanted = [
+                (privacy, mode)
+                for mode in modes
+                for privacy in ([p for p in PRIVACY if p in privacies] if mode != "local" else ["none"])
+            ] + [(privacy, mode) for privacy, mode, n in also if seed < n]
+            for privacy, name in wanted:
+                mode = resolve_mode(tuned, setting, name)
+                key = f"{setting}/{privacy}/{mode}/seed{seed}"
+                if any(c.key == key for c in cells):
+                    continue
+                over = cell_overrides(setting, privacy, mode, seed, tuned_for(tuned, setting, mode))
+                cells.append(Cell(key, over, population, group))
     return cells
 
 
@@ -302,7 +344,16 @@ def choose(cells: Sequence[Cell], done: Mapping[str, Mapping[str, Any]]) -> dict
         name = f"{setting}.{mode}"
         if name not in best or score > best[name][0]:
             best[name] = (score, dict(mode_values))
-    return {name: values for name, (_, values) in best.items()}
+    chosen = {name: values for name, (_, values) in best.items()}
+    for setting in {name.rsplit(".", 1)[0] for name in best}:  # the personal mode to run: best on validation
+        personal = {
+            n: v for n, v in best.items() if n.startswith(f"{setting}.") and n.rsplit(".", 1)[1] in PERSONAL
+        }
+        if personal:
+            chosen[f"{setting}.best"] = {
+                "mode": max(personal, key=lambda n: personal[n][0]).rsplit(".", 1)[1]
+            }
+    return chosen
 
 
 def tune_table(cells: Sequence[Cell], done: Mapping[str, Mapping[str, Any]]) -> str:
