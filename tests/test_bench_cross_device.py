@@ -69,6 +69,8 @@ def test_tuned_values_apply_per_setting_and_mode(tiny_setting: str, tmp_path: Pa
     assert X.tuned_for(tuned, "tiny", "fedbias") == {"train.local-epochs": 5}
     assert X.tuned_for(tuned, "tweets-a1.0", "local") == {"train.local-epochs": 30}
     assert X.tuned_for(tuned, "tiny", "local") == {}
+    assert X.tuned_for(tuned, "tweets-a0.3", "local") == {"train.local-epochs": 30}  # SAME_AS its corpus
+    assert "tweets-a0.3" not in X.TUNED.read_text()  # the alias is applied when read, never written
     (local,) = [c for c in X.plan(["tiny"], ["user-eps8"], ["fedbias"], [0], tuned)]
     assert local.overrides["train.local-epochs"] == 5
 

@@ -64,6 +64,9 @@ LOCAL: dict[str, Any] = {  # the stand-alone baseline: one round in which every 
     "dp.user-epsilon": 0.0,
     "dp.user-noise-multiplier": 1.0,
 }
+# Settings not tuned on their own take another's choices (budget: one tuning pass per corpus); a table of
+# their own in tuned.toml wins.
+SAME_AS = {"tweets-a0.3": "tweets-a1.0"}
 TUNED = Path(__file__).resolve().parents[2] / "results" / "cross-device" / "tuned.toml"
 SUMMARY = Path(__file__).resolve().parents[2] / "results" / "cross-device" / "summary.json"
 
@@ -77,8 +80,10 @@ def setting_overrides(setting: str) -> tuple[dict[str, Any], int]:
     return dict(data["run-config"]), int(data["simulation"]["num-clients"])
 
 
-def load_tuned(path: Path = TUNED) -> dict[str, dict[str, Any]]:
-    """Chosen overrides per ``<setting>.<mode>`` table (``[default]`` and ``[<mode>]`` apply too)."""
+def load_tuned(path: Path = TUNED, same_as: bool = True) -> dict[str, dict[str, Any]]:
+    """Chosen overrides per ``<setting>.<mode>`` table (``[default]`` and ``[<mode>]`` apply too).
+
+    ``same_as``: settings of :data:`SAME_AS` without a table of their own get their source's."""
     if not path.is_file():
         return {}
     with path.open("rb") as fh:
@@ -91,6 +96,10 @@ def load_tuned(path: Path = TUNED) -> dict[str, dict[str, Any]]:
             for sub, inner in table.items():
                 if isinstance(inner, dict):
                     out[f"{name}.{sub}"] = dict(inner)
+    for setting, source in SAME_AS.items() if same_as else ():
+        for key, values in list(out.items()):
+            if key.startswith(f"{source}."):
+                out.setdefault(f"{setting}.{key[len(source) + 1 :]}", dict(values))
     return out
 
 
@@ -376,7 +385,7 @@ def tune_table(cells: Sequence[Cell], done: Mapping[str, Mapping[str, Any]]) -> 
 def write_tuned(chosen: Mapping[str, Mapping[str, Any]], command: str, path: Path = TUNED) -> None:
     """``results/cross-device/tuned.toml``: the chosen values per setting and mode (merged into what is
     there: settings tuned by separate commands), with the command."""
-    chosen = {**{k: v for k, v in load_tuned(path).items() if "." in k}, **chosen}
+    chosen = {**{k: v for k, v in load_tuned(path, same_as=False).items() if "." in k}, **chosen}
     out = [f"# Chosen on validation splits (seed 0, user-level epsilon 8); last by: {command}"]
     for name in sorted(chosen):
         setting, mode = name.rsplit(".", 1)  # setting names hold dots (tweets-a1.0), modes do not
