@@ -76,16 +76,35 @@ def bench_dp_cost_cmd(
 
 @bench_app.command("sim-speed")
 def bench_sim_speed_cmd(
-    clients: int = typer.Option(10, help="simulated clients (all train every round)"),
-    threads: int = typer.Option(2, help="torch threads of the sequential and pfl runners"),
-    actors: str = typer.Option("2,1", help="Flower actor counts to try (cores are split among them)"),
+    workload: str = typer.Option(
+        "classic", help="classic | cross-device (issue #31: 1,000 users, user-level DP)"
+    ),
+    clients: int | None = typer.Option(
+        None, "--clients", "--population", help="simulated clients, the population (default 10 / 1000)"
+    ),
+    rounds: int | None = typer.Option(None, help="rounds (default 4 classic, 20 cross-device)"),
+    repeats: int = typer.Option(3, help="timed runs per runner, interleaved (median and min-max reported)"),
+    threads: int = typer.Option(2, help="torch threads of the floor (and of pfl with --pfl-workers 1)"),
+    actors: str = typer.Option(
+        "2,1", help="Flower actor counts to probe (one run each; the fastest is timed)"
+    ),
+    pfl_workers: int = typer.Option(
+        2, help="pfl worker processes under torchrun, 1 thread each (1 = one process)"
+    ),
+    runners: str = typer.Option("floor,flower,pfl", help="comma-separated: floor, flower, pfl, sequential"),
     no_publish: bool = typer.Option(False, help="do not update BENCHMARKS.md"),
 ) -> None:
-    """The same workload on Flower's simulation engine, a plain loop (floor) and pfl-research."""
-    from simulations.bench.commands import bench_sim_speed
+    """The same workload on Flower, as bare compute (the floor) and on pfl-research: interleaved, repeated."""
+    from simulations.bench.sim_speed import bench_sim_speed
 
-    counts = split_csv(actors)
-    _bench(lambda: bench_sim_speed(clients, threads, [int(a) for a in counts], publish=not no_publish))
+    def call() -> Any:
+        return bench_sim_speed(
+            workload, clients, rounds=rounds, repeats=repeats, threads=threads,
+            actors=[int(a) for a in split_csv(actors)], pfl_workers=pfl_workers, runners=split_csv(runners),
+            publish=not no_publish,
+        )  # fmt: skip
+
+    _bench(call)
 
 
 @bench_app.command("scale")
