@@ -172,42 +172,6 @@ def bench_dp_cost(
     return run, table
 
 
-def bench_sim_speed(
-    clients: int, threads: int, actors: list[int], folder: Path | None = None, publish: bool = True
-) -> tuple[BenchRun, str]:
-    """The same workload through Flower, a plain loop and pfl-research, each in a fresh process."""
-    from simulations.bench.sim_speed import WORKLOAD, run_runner, serialization_seconds, sim_speed_table
-
-    run = _run("sim-speed", folder)
-    rows = [run_runner("sequential", clients, threads, 0, run.dir / "sequential")]
-    rows += [run_runner("flower", clients, threads, n, run.dir / f"flower-{n}") for n in actors]
-    best = min((r for r in rows if r["runner"] == "flower"), key=lambda r: r["wall-seconds"])["actors"]
-    cache = {"client.feature-cache": str(run.dir / "feature-cache")}  # filled by one run, read by the next
-    for use in ("fill", "read"):
-        row = run_runner("flower", clients, threads, best, run.dir / f"flower-{best}-cache-{use}", cache)
-        rows.append({**row, "feature-cache": use})
-    try:
-        import pfl  # noqa: F401
-
-        rows.append(run_runner("pfl", clients, threads, 0, run.dir / "pfl"))
-    except ImportError:
-        pass  # reported as missing in the table
-    ser = serialization_seconds()
-    run.results = {"rows": rows, "workload": WORKLOAD, "clients": clients, "serialization-seconds": ser}
-    table = (
-        f"Workload: {clients} clients × {WORKLOAD['fed.num-rounds']} rounds, tweets, "
-        f"{WORKLOAD['task.train-size']} train / {WORKLOAD['task.test-size']} test per client, non-private "
-        "fedavg (LoRA + head), every client trains and is evaluated every round.\n\n"
-    )
-    if not any(r["runner"] == "pfl" for r in rows):
-        table += "pfl-research is not installed (`pip install -e '.[bench]'`): runner (c) skipped.\n\n"
-    table += sim_speed_table(rows, clients, ser)
-    run.save(table)
-    if publish:
-        run.publish(table)
-    return run, table
-
-
 def bench_scale(
     populations: Sequence[int], cohort: int, folder: Path | None = None, publish: bool = True
 ) -> tuple[BenchRun, str]:
