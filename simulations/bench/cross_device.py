@@ -92,7 +92,8 @@ def load_tuned(path: Path = TUNED, same_as: bool = True) -> dict[str, dict[str, 
     for name, table in data.items():
         if isinstance(table, dict):
             flat = {k: v for k, v in table.items() if not isinstance(v, dict)}
-            out[name] = flat
+            if flat:  # [default] / [<mode>]; a setting's table only nests its modes'
+                out[name] = flat
             for sub, inner in table.items():
                 if isinstance(inner, dict):
                     out[f"{name}.{sub}"] = dict(inner)
