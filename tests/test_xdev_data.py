@@ -195,12 +195,20 @@ def test_the_xdev_workloads_load_and_pass_preflight_at_1000_users(name: str, cor
     from simulations.run import load_settings
 
     settings = load_settings(ROOT / "simulations" / "configs" / f"{name}.toml")
-    assert settings.num_clients == 1000 and settings.compare == ("fedper", "local", "fedavg-ft")
+    from simulations.bench import cross_device as X
+
+    assert settings.num_clients == 1000 and settings.compare[1:] == ("local", "fedavg-ft")
     cfg = Config.from_run_config(settings.overrides)
     assert (cfg.task.train_size, cfg.task.test_size, cfg.fed.fraction_train) == (24, 12, 0.05)
-    assert cfg.dp.user_level and not cfg.dp.enabled and cfg.fed.evaluate_every == 20
+    assert cfg.dp.user_level and not cfg.dp.enabled and cfg.lora.r == 0
+    setting, tuned = name.removeprefix("xdev-"), X.load_tuned()
+    assert settings.compare[0] == X.resolve_mode(tuned, setting, "best")  # the mode chosen on validation
     for mode in settings.compare:
-        Config.from_run_config(settings.for_mode(mode))
+        run = settings.for_mode(mode)
+        Config.from_run_config(run)
+        # the shipped config runs what the benchmark measured: the tuned values (and local's own round)
+        wanted = {**X.tuned_for(tuned, setting, mode), **(X.LOCAL if mode == "local" else {})}
+        assert {k: run[k] for k in wanted} == wanted
     assert len(check_modes(settings, settings.compare).users) == 1000
 
 
