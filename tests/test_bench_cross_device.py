@@ -129,3 +129,32 @@ def test_best_is_the_personal_mode_chosen_on_validation_and_also_adds_cells(tiny
         X.parse_also(["eps2:best"])
     with pytest.raises(ConfigError, match="no best mode chosen"):
         X.plan(["tiny"], ["user-eps8"], ["best"], [0], {})
+
+
+def _rec(budget: str, mode: str, accs: list[float], seed: int = 0) -> dict:
+    mean, p10 = sum(accs) / len(accs), sorted(accs)[len(accs) // 10]
+    return {
+        "setting": "news", "mode": mode, "seed": seed, "privacy": {"budget": budget},
+        "accuracy": {"mean": mean, "median": mean, "p10": p10},
+        "per_client": [{"user": f"u{i}", "accuracy": a} for i, a in enumerate(accs)],
+    }  # fmt: skip
+
+
+def test_targets_compare_the_best_personal_mode_with_local_fedavg_ft_and_the_kept_share() -> None:
+    local = [0.5] * 10
+    recs = [
+        _rec("none", "local", local),
+        _rec("user-eps8", "fedper", [0.6] * 10),  # +10 points everywhere
+        _rec("user-eps8", "fedavg-ft", [0.59] * 10),  # fedper only +1 over it
+        _rec("user-eps2", "fedper", [0.49] * 10),  # below local
+        _rec("none", "fedper", [0.7] * 10),
+        _rec("virtual-eps8", "fedper", [0.68] * 10),  # keeps 90 % of the 20-point gain
+    ]
+    rows = {line.split(" | ")[1]: line for line in X.targets(recs).splitlines()[2:]}
+    assert rows["ε 8: mean ≥ local + 5"].endswith("| met |") and "+10.0 pts" in rows["ε 8: mean ≥ local + 5"]
+    assert rows["ε 8: p10 ≥ local p10 + 3"].endswith("| met |")
+    assert rows["ε 8: mean ≥ DP fedavg-ft + 2"].endswith("| MISSED |")
+    assert rows["ε 2: mean ≥ local"].endswith("| MISSED |")
+    kept = next(v for k, v in rows.items() if k.startswith("deployment-scale"))
+    assert "90 % kept" in kept and kept.endswith("| met |")
+    assert "not run yet" in X.targets(recs[:2])  # fedavg-ft and ε 2 missing: open, not met

@@ -276,7 +276,7 @@ def bench_cross_device(
                 ),
             )
             write_json_atomic(X.SUMMARY, {"command": run.command, "records": recs})
-            table = X.table(recs)
+            table = X.table(recs) + "\nTargets (issue #31):\n\n" + X.targets(recs)
             run.results = {"planned": [c.key for c in cells], "cells": done}
             run.save(table)
             if publish and recs:
