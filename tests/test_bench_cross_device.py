@@ -125,6 +125,8 @@ def test_best_is_the_personal_mode_chosen_on_validation_and_also_adds_cells(tiny
     assert "tiny/none/fedper/seed1" not in keys and "tiny/user-eps2/fedper/seed1" in keys
     fedper = next(c for c in planned if c.key == "tiny/user-eps8/fedper/seed0")
     assert fedper.overrides["personalization.final-fit"] == 30  # the chosen candidate's values
+    for cell in planned:  # e.g. non-private fedper: the tuned user-level clipping is dropped, not refused
+        Config.from_run_config(cell.overrides)
     with pytest.raises(ConfigError, match="privacy:mode"):
         X.parse_also(["eps2:best"])
     with pytest.raises(ConfigError, match="no best mode chosen"):

@@ -118,7 +118,10 @@ def cell_overrides(
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     base, _ = setting_overrides(setting)
-    over = {**base, **BASE, **PRIVACY[privacy], **MODE_BASE.get(mode, {}), **(extra or {})}
+    extra = dict(extra or {})
+    if not PRIVACY[privacy]["dp.user-level"]:  # tuned clipping has nothing to clip without user-level DP
+        extra = {k: v for k, v in extra.items() if not k.startswith("dp.user-")}
+    over = {**base, **BASE, **PRIVACY[privacy], **MODE_BASE.get(mode, {}), **extra}
     over.update({"personalization.mode": mode, "task.seed": 42 + seed, "model.seed": seed})
     if mode == "local":
         over.update(LOCAL)
