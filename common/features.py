@@ -178,13 +178,15 @@ def _pooled_rows(
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Each row's mean token state, ``(N, 1, H)`` in length order, with ``order`` as run_prefix gives it.
 
-    Kept per row (keyed by the backbone, the device and the token ids), so a text met again — the same
-    news article in many users' data, the same tweet in another seed's partition — is not re-encoded.
+    Kept per row (keyed by the frozen prefix's weights, the device and the token ids, not by the rest of
+    the model: another head, projection or seed over the same pretrained encoder reads the same rows), so
+    a text met again — the same news article in many users' data, the same tweet in another seed's
+    partition or another benchmark cell — is not re-encoded.
     Only the rows not kept yet go through the prefix (run_prefix, with ``store``). A row's vector can
     differ in its last float bits from one computed among other rows (chunk padding changes rounding).
     """
     where = (device or torch.device("cpu")).type
-    prefix = f"{backbone.fingerprint}|{where}|"
+    prefix = f"{prefix_digest(backbone.prefix)}|{where}|"
     keys = [prefix + ",".join(map(str, seq)) for seq in ids]
     with _LOCK:
         rows = {k: _ROWS[k] for k in keys if k in _ROWS}

@@ -177,3 +177,24 @@ def test_a_shared_projection_needs_a_head_only_classifier() -> None:
         Config.from_run_config({**TINY_TRAIN, "personalization.shared-projection": 4})
     with pytest.raises(ConfigError, match="fedper with personalization.shared-projection"):
         Config.from_run_config({**HEAD_ONLY, "personalization.mode": "fedper"})
+
+
+def test_pooled_rows_are_shared_by_models_over_the_same_frozen_encoder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The row cache keys on the prefix's weights: another head reads the rows, another init does not."""
+    import numpy as np
+
+    import common.features as F
+
+    texts, labels = ["one more time", "not again", "all good"], np.array([0, 1, 2])
+    seen: list[int] = []
+    real = F.run_prefix
+    monkeypatch.setattr(
+        F, "run_prefix", lambda b, ids, *a, **k: seen.append(len(ids)) or real(b, ids, *a, **k)
+    )
+    F._ROWS.clear()
+    for extra in ({}, {"personalization.shared-projection": 2}, {"model.seed": 7}):
+        cfg = Config.from_run_config({**HEAD_ONLY, **extra})
+        F.encode(get_task(cfg).backbone(), texts, labels, cfg.task.max_length, pooled=True)
+    assert seen == [3, 3]  # the projection model reused the rows; tiny's seed re-draws its encoder: not
