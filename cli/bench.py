@@ -204,6 +204,7 @@ def bench_cross_device_cmd(
     privacy: str = typer.Option("user-eps8,user-eps2", help="comma-separated user-level budgets (or none)"),
     modes: str = typer.Option("local,fedavg-ft,best", help="comma-separated modes (best: chosen by --tune)"),
     seeds: int = typer.Option(3, help="number of seeds (0..n-1)"),
+    from_seed: int = typer.Option(0, help="skip the seeds below this one (another run has them)"),
     workers: int = typer.Option(2, help="worker processes (one thread each)"),
     tune: bool = typer.Option(False, help="choose values on validation splits (seed 0) → tuned.toml"),
     run_dir: Path = typer.Option(None, help="folder of an earlier run to resume (finished cells are kept)"),
@@ -222,8 +223,8 @@ def bench_cross_device_cmd(
     try:
         with progress:
             run, table = bench_cross_device(
-                split_csv(settings), split_csv(privacy), split_csv(modes), list(range(seeds)), workers,
-                run_dir, update, tune=tune, publish=not no_publish, report_only=report_only,
+                split_csv(settings), split_csv(privacy), split_csv(modes), list(range(from_seed, seeds)),
+                workers, run_dir, update, tune=tune, publish=not no_publish, report_only=report_only,
                 also=split_csv(also) if also else (),
             )  # fmt: skip
     except (FedpersError, ValueError) as exc:
