@@ -151,6 +151,7 @@ def test_targets_compare_the_best_personal_mode_with_local_fedavg_ft_and_the_kep
         _rec("user-eps2", "fedper", [0.49] * 10),  # below local
         _rec("none", "fedper", [0.7] * 10),
         _rec("virtual-eps8", "fedper", [0.68] * 10),  # keeps 90 % of the 20-point gain
+        _rec("none", "local", [0.9] * 10, seed=1),  # a seed fedper lacks: left out of every comparison
     ]
     rows = {line.split(" | ")[1]: line for line in X.targets(recs).splitlines()[2:]}
     assert rows["ε 8: mean ≥ local + 5"].endswith("| met |") and "+10.0 pts" in rows["ε 8: mean ≥ local + 5"]

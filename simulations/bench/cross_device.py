@@ -289,14 +289,29 @@ P10_MARGIN = {"tweets-a1.0": 0.03, "news": 0.03}
 
 
 def _mean_over_seeds(
-    recs: Sequence[Mapping[str, Any]], setting: str, budget: str, mode: str
+    recs: Sequence[Mapping[str, Any]],
+    setting: str,
+    budget: str,
+    mode: str,
+    seeds: Sequence[int] | None = None,
 ) -> dict[str, float]:
-    runs = [r for r in recs if (r["setting"], r["privacy"]["budget"], r["mode"]) == (setting, budget, mode)]
+    """Mean and p10 of one (setting, budget, mode) averaged over its seeds (only ``seeds`` when given)."""
+    runs = [
+        r
+        for r in recs
+        if (r["setting"], r["privacy"]["budget"], r["mode"]) == (setting, budget, mode)
+        and (seeds is None or r["seed"] in seeds)
+    ]
     if not runs:
         return {}
-    return {s: float(np.mean([r["accuracy"][s] for r in runs])) for s in ("mean", "p10")} | {
-        "seeds": len(runs)
-    }
+    out = {s: float(np.mean([r["accuracy"][s] for r in runs])) for s in ("mean", "p10")}
+    return {**out, "seeds": len(runs)}
+
+
+def _seeds(recs: Sequence[Mapping[str, Any]], setting: str, budget: str, mode: str) -> list[int]:
+    """The seeds one (setting, budget, mode) ran."""
+    key = (setting, budget, mode)
+    return sorted(r["seed"] for r in recs if (r["setting"], r["privacy"]["budget"], r["mode"]) == key)
 
 
 def _target_row(
@@ -310,8 +325,9 @@ def _target_row(
     margin: float,
 ) -> str:
     """One target: ``best`` at ``budget`` against (budget, mode) ``other`` on ``stat``, by ``margin``."""
-    mine, ref = _mean_over_seeds(recs, setting, budget, best), _mean_over_seeds(recs, setting, *other)
-    if not mine or not ref:
+    seeds = [k for k in _seeds(recs, setting, budget, best) if k in _seeds(recs, setting, *other)]
+    mine, ref = (_mean_over_seeds(recs, setting, b, m, seeds) for b, m in ((budget, best), other))
+    if not seeds or not mine or not ref:  # compared on the seeds both ran
         return f"| {setting} | {label} | not run yet | open |"
     p = paired(_scores(recs, setting, budget, best), _scores(recs, setting, *other), lower_is_better=False)
     gap = mine[stat] - ref[stat]
@@ -325,8 +341,11 @@ def _target_row(
 
 def _kept_share_row(recs: Sequence[Mapping[str, Any]], setting: str, best: str) -> str | None:
     """Deployment-scale: the share of the non-private gain over local that the virtual-cohort DP keeps."""
-    local = _mean_over_seeds(recs, setting, "none", "local")
-    free, virtual = (_mean_over_seeds(recs, setting, b, best) for b in ("none", "virtual-eps8"))
+    seeds = [
+        k for k in _seeds(recs, setting, "virtual-eps8", best) if k in _seeds(recs, setting, "none", best)
+    ]
+    local = _mean_over_seeds(recs, setting, "none", "local", seeds)
+    free, virtual = (_mean_over_seeds(recs, setting, b, best, seeds) for b in ("none", "virtual-eps8"))
     if not (free and virtual and local):
         return None
     label = "deployment-scale (virtual cohort) ε 8: keeps ≥ 80 % of the non-private gain"
