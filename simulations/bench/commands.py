@@ -205,7 +205,8 @@ def bench_names() -> dict[str, str]:
         "lm-tune": "tune the generative assistant per mode on validation splits (feeds shakespeare.toml)",
         "dp-cost": "time per step and peak memory: non-private vs Opacus hooks/functorch/ghost",
         "comm": "bytes per client per round for every mode and LoRA rank",
-        "sim-speed": "the same workload on Flower's simulation engine, a plain loop and pfl-research",
+        "sim-speed": "one workload (classic or cross-device) on Flower, as bare compute and on pfl-research",
+        "cross-device": "1,000 users, user-level DP: best personal mode vs local and fedavg-ft, 3 seeds",
         "scale": "population 50 → 600, 20 clients per round: wall per round, peak RSS, state per user",
     }
 
