@@ -45,6 +45,7 @@ from common.features import Features
 from common.split import split_names
 from common.tasks import get_task
 from server.server_opt import ServerOptimizer
+from server.validation import weighted_average
 
 Arrays = dict[str, np.ndarray]
 RoundHook = Callable[[int, float], None]  # (round, time.time() at its end)
@@ -122,18 +123,6 @@ def local_steps(model: nn.Module, feats: Features, cfg: Config, epochs: int, see
             opt.step()
             steps += 1
     return steps
-
-
-def weighted_mean(replies: list[tuple[Arrays, float]], names: list[str]) -> Arrays:
-    """Σ wᵢ·xᵢ / Σ wᵢ per tensor in float64, as float32 (server.validation.weighted_average)."""
-    total = sum(w for _, w in replies)
-    out = {}
-    for name in names:
-        acc = np.zeros_like(replies[0][0][name], dtype=np.float64)
-        for arrays, w in replies:
-            acc += arrays[name].astype(np.float64) * (w / total)
-        out[name] = acc.astype(np.float32)
-    return out
 
 
 def user_level_release(
@@ -266,7 +255,7 @@ class _Federation:
         if self.cfg.dp.user_level:
             new = user_level_release(self.shared, [a for a, _ in replies], cohort, self.cfg, self.rng)
         elif replies:
-            new = weighted_mean(replies, self.shared_names)
+            new = weighted_average(replies, self.shared_names)
         else:
             return
         self.shared = self.server_opt.step(self.shared, new)
