@@ -271,7 +271,7 @@ def _final_fit(cfg: Config, s: _Session, node: NodeInfo) -> tuple[TrainOutcome, 
         param.requires_grad_(name in s.roles["personal"])
     seed = _seed(cfg.task.seed, node.partition_id, -2, s.state.rounds_trained)
     outcome, plan = _local_train(cfg, s, node, cfg.personalization.final_fit, seed, 0)
-    _save(s)
+    s.state.tensors = get_arrays(s.model, s.roles["personal"])  # saved with the rest of the evaluation
     return outcome, plan
 
 
