@@ -206,7 +206,9 @@ def bench_cross_device_cmd(
     seeds: int = typer.Option(3, help="number of seeds (0..n-1)"),
     from_seed: int = typer.Option(0, help="skip the seeds below this one (another run has them)"),
     workers: int = typer.Option(2, help="worker processes (one thread each)"),
-    tune: bool = typer.Option(False, help="choose values on validation splits (seed 0) → tuned.toml"),
+    tune: bool = typer.Option(
+        False, help="choose values on validation splits (seed 0) at each --privacy budget → tuned.toml"
+    ),
     run_dir: Path = typer.Option(None, help="folder of an earlier run to resume (finished cells are kept)"),
     no_publish: bool = typer.Option(False, help="do not update BENCHMARKS.md"),
     report_only: bool = typer.Option(False, help="tabulate the cells finished in --run-dir, run nothing"),

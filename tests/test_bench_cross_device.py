@@ -54,7 +54,7 @@ def test_every_cell_of_the_shipped_grid_is_a_valid_config() -> None:
     keys = [c.key for c in cells]
     assert len(keys) == len(set(keys)) and sum("/local/" in k for k in keys) == 3 * 2  # local once per seed
     assert len({c.group for c in cells}) == 3 * 2  # one group (one encoding) per setting and seed
-    for cell in X.tune_cells(list(X.SETTINGS), list(X.CANDIDATES)):
+    for cell in X.tune_cells(list(X.SETTINGS), list(X.CANDIDATES), ["user-eps8", "user-eps2"]):
         assert Config.from_run_config(cell.overrides).task.evaluate_on == "validation"
     with pytest.raises(ConfigError, match="unknown setting"):
         X.setting_overrides("tweets-a9")
@@ -131,6 +131,40 @@ def test_best_is_the_personal_mode_chosen_on_validation_and_also_adds_cells(tiny
         X.parse_also(["eps2:best"])
     with pytest.raises(ConfigError, match="no best mode chosen"):
         X.plan(["tiny"], ["user-eps8"], ["best"], [0], {})
+
+
+def test_tuning_at_a_second_budget_is_kept_apart_and_used_only_at_that_budget(tiny_setting: str) -> None:
+    cells = X.tune_cells(["tiny"], ["local", "fedper"], ["user-eps8", "user-eps2"])
+    keys = [c.key for c in cells]
+    assert sum("/local/" in k for k in keys) == len(X.CANDIDATES["local"])  # releases nothing: once
+    assert {k.split("/")[1] for k in keys if "/fedper/" in k} == {"tiny", "tiny@user-eps2"}
+    at2 = [c for c in cells if c.key.startswith("tune/tiny@user-eps2/fedper/")]
+    assert len(at2) == len(X.candidates("fedper", "user-eps2")) and all(
+        c.overrides["dp.user-epsilon"] == 2.0 and c.overrides["task.evaluate-on"] == "validation" for c in at2
+    )
+    done = {c.key: {"acc-mean": 0.5} for c in cells}
+    top8 = next(c for c in cells if c.key.startswith("tune/tiny/fedper/"))
+    top2 = at2[-1]  # the 200-round candidate
+    done[top8.key], done[top2.key] = {"acc-mean": 0.9}, {"acc-mean": 0.8}
+    chosen = X.choose(cells, done)
+    assert chosen["tiny.best"] == chosen["tiny@user-eps2.best"] == {"mode": "fedper"}
+    assert chosen["tiny@user-eps2.fedper"]["fed.num-rounds"] == 200
+    X.write_tuned(chosen, "cmd", X.TUNED)
+    tuned = X.load_tuned(X.TUNED)
+    planned = {c.key: c for c in X.plan(["tiny"], ["user-eps8", "user-eps2"], ["best"], [0], tuned)}
+    assert planned["tiny/user-eps2/fedper/seed0"].overrides["fed.num-rounds"] == 200  # tuned at ε 2
+    assert planned["tiny/user-eps8/fedper/seed0"].overrides["fed.num-rounds"] == 3  # the setting's own
+    assert X.tuned_for(tuned, "tiny", "fedper", "virtual-eps8") == X.tuned_for(tuned, "tiny", "fedper")
+    with pytest.raises(ConfigError, match="user-level budgets"):
+        X.tune_cells(["tiny"], ["fedper"], ["none"])
+
+
+def test_same_as_settings_take_their_source_tables_at_every_budget(tmp_path: Path) -> None:
+    path = tmp_path / "tuned.toml"
+    X.write_tuned({"tweets-a1.0@user-eps2.fedbias": {"train.local-epochs": 1}}, "cmd", path)
+    tuned = X.load_tuned(path)
+    assert X.tuned_for(tuned, "tweets-a0.3", "fedbias", "user-eps2") == {"train.local-epochs": 1}
+    assert X.tuned_for(tuned, "tweets-a0.3", "fedbias") == {}
 
 
 def _rec(budget: str, mode: str, accs: list[float], seed: int = 0) -> dict:

@@ -172,6 +172,9 @@ def test_summary_reports_median_min_max_and_ratios_of_medians() -> None:
     assert "fedpers/floor (median wall) = **1.27** (target ≤ 1.25: MISSED)" in table
     assert "fedpers/pfl (median wall) = **1.17** (target ≤ 1: MISSED)" in table
     assert "Flower round-1 cold start (median) 5.0 s (target ≤ 8.0 s: met)" in table
+    cross = sim_speed_table(rows, 4, 0.0, "cross-device")  # issue #31's targets: ≤ 1.5 × floor
+    assert "fedpers/floor (median wall) = **1.27** (target ≤ 1.5: met)" in cross
+    assert "cold start (median) 5.0 s (no target)" in cross
 
 
 def test_probe_runs_choose_flower_and_stay_out_of_the_comparison() -> None:

@@ -229,7 +229,8 @@ def bench_cross_device(
     report_only: bool = False,
     also: Sequence[str] = (),
 ) -> tuple[BenchRun, str]:
-    """The cross-device grid (issue #31), resumable; ``tune``: choose values on validation splits instead.
+    """The cross-device grid (issue #31), resumable; ``tune``: choose values on validation splits instead,
+    at each user-level budget of ``privacies``.
 
     ``also``: extra ``privacy:mode[:seeds]`` cells (cross_device.parse_also).
 
@@ -245,7 +246,7 @@ def bench_cross_device(
     run = _run("cross-device-tune" if tune else "cross-device", folder)
     if tune:
         wanted = [*modes, *(X.PERSONAL if "best" in modes else ())]  # best: every personal mode competes
-        cells = X.tune_cells(settings, list(dict.fromkeys(m for m in wanted if m in X.CANDIDATES)))
+        cells = X.tune_cells(settings, list(dict.fromkeys(m for m in wanted if m in X.CANDIDATES)), privacies)
     else:
         cells = X.plan(settings, privacies, modes, seeds, X.load_tuned(), X.parse_also(also))
     try:
@@ -276,7 +277,8 @@ def bench_cross_device(
                     r["seed"],
                 ),
             )
-            write_json_atomic(X.SUMMARY, {"command": run.command, "records": recs})
+            if publish or not report_only:  # a look at a run (--report-only --no-publish) changes nothing
+                write_json_atomic(X.SUMMARY, {"command": run.command, "records": recs})
             table = X.table(recs) + "\nTargets (issue #31):\n\n" + X.targets(recs)
             run.results = {"planned": [c.key for c in cells], "cells": done}
             run.save(table)

@@ -80,8 +80,17 @@ def setting_overrides(setting: str) -> tuple[dict[str, Any], int]:
     return dict(data["run-config"]), int(data["simulation"]["num-clients"])
 
 
+TUNED_AT = "user-eps8"  # the budget a ``<setting>.<mode>`` table was tuned at; others: ``<setting>@<budget>``
+
+
+def tuned_name(setting: str, privacy: str) -> str:
+    """The tuned.toml name for ``setting`` at ``privacy``: ``setting`` at ε 8, else ``setting@privacy``."""
+    return setting if privacy == TUNED_AT else f"{setting}@{privacy}"
+
+
 def load_tuned(path: Path = TUNED, same_as: bool = True) -> dict[str, dict[str, Any]]:
-    """Chosen overrides per ``<setting>.<mode>`` table (``[default]`` and ``[<mode>]`` apply too).
+    """Chosen overrides per ``<setting>.<mode>`` table (``[default]`` and ``[<mode>]`` apply too); values
+    tuned at another budget than ε 8 are in ``<setting>@<budget>.<mode>`` tables.
 
     ``same_as``: settings of :data:`SAME_AS` without a table of their own get their source's."""
     if not path.is_file():
@@ -99,14 +108,23 @@ def load_tuned(path: Path = TUNED, same_as: bool = True) -> dict[str, dict[str, 
                     out[f"{name}.{sub}"] = dict(inner)
     for setting, source in SAME_AS.items() if same_as else ():
         for key, values in list(out.items()):
-            if key.startswith(f"{source}."):
-                out.setdefault(f"{setting}.{key[len(source) + 1 :]}", dict(values))
+            if key.startswith((f"{source}.", f"{source}@")):
+                out.setdefault(f"{setting}{key[len(source) :]}", dict(values))
     return out
 
 
-def tuned_for(tuned: Mapping[str, dict[str, Any]], setting: str, mode: str) -> dict[str, Any]:
-    """The overrides a (setting, mode) runs with: [default], then [mode], then [setting.mode]."""
-    return {**tuned.get("default", {}), **tuned.get(mode, {}), **tuned.get(f"{setting}.{mode}", {})}
+def tuned_for(
+    tuned: Mapping[str, dict[str, Any]], setting: str, mode: str, privacy: str = TUNED_AT
+) -> dict[str, Any]:
+    """The overrides a (setting, mode) runs with at ``privacy``: [default], then [mode], then
+    [setting.mode], then [setting@privacy.mode] (values tuned at that budget, where there are some)."""
+    at = tuned.get(f"{tuned_name(setting, privacy)}.{mode}", {}) if privacy != TUNED_AT else {}
+    return {
+        **tuned.get("default", {}),
+        **tuned.get(mode, {}),
+        **tuned.get(f"{setting}.{mode}", {}),
+        **at,
+    }
 
 
 def cell_overrides(
@@ -128,11 +146,15 @@ def cell_overrides(
     return over
 
 
-def resolve_mode(tuned: Mapping[str, dict[str, Any]], setting: str, mode: str) -> str:
-    """``best``: the personal mode chosen on validation for ``setting`` (tuned.toml); others unchanged."""
+def resolve_mode(
+    tuned: Mapping[str, dict[str, Any]], setting: str, mode: str, privacy: str = TUNED_AT
+) -> str:
+    """``best``: the personal mode chosen on validation for ``setting`` (tuned.toml; the choice made at
+    ``privacy`` where it was tuned there, else the one made at ε 8); other modes unchanged."""
     if mode != "best":
         return mode
-    chosen = tuned.get(f"{setting}.best", {}).get("mode")
+    at = tuned.get(f"{tuned_name(setting, privacy)}.best", {}).get("mode")
+    chosen = at or tuned.get(f"{setting}.best", {}).get("mode")
     if not chosen:
         raise ConfigError(
             f"no best mode chosen for {setting} yet: run fedpers bench cross-device --tune first"
@@ -180,11 +202,11 @@ def plan(
                 for privacy in ([p for p in PRIVACY if p in privacies] if mode != "local" else ["none"])
             ] + [(privacy, mode) for privacy, mode, n in also if seed < n]
             for privacy, name in wanted:
-                mode = resolve_mode(tuned, setting, name)
+                mode = resolve_mode(tuned, setting, name, privacy)
                 key = f"{setting}/{privacy}/{mode}/seed{seed}"
                 if any(c.key == key for c in cells):
                     continue
-                over = cell_overrides(setting, privacy, mode, seed, tuned_for(tuned, setting, mode))
+                over = cell_overrides(setting, privacy, mode, seed, tuned_for(tuned, setting, mode, privacy))
                 cells.append(Cell(key, over, population, group))
     return cells
 
@@ -427,25 +449,64 @@ CANDIDATES: dict[str, list[dict[str, Any]]] = {
     ],
 }
 
+# At ε = 2 the noise multiplier doubles (z 1.48 against 0.744 at 100 rounds): the noise on the mean is
+# z·S/m per shared coordinate, so the second budget tries fewer shared numbers (a 4-dim projection), a
+# smaller clip S, and 200 rounds (z grows slower than the rounds: 1.85 at 200).
+CANDIDATES_AT: dict[str, dict[str, list[dict[str, Any]]]] = {
+    "user-eps2": {
+        "fedper": [
+            {
+                "personalization.shared-projection": k,
+                "train.lr-lora": 0.5,
+                "train.local-epochs": 5,
+                "dp.user-clipping-norm": s,
+                "fed.server-momentum": 0.9,
+                "personalization.final-fit": 30,
+                **({"fed.num-rounds": rounds} if rounds != 100 else {}),
+            }
+            for k, s, rounds in ((8, 0.5, 100), (4, 0.5, 100), (8, 0.25, 100), (4, 0.25, 100), (8, 0.5, 200))
+        ],
+    },
+}
+
 
 def _label(values: Mapping[str, Any]) -> str:
     return ",".join(f"{k.split('.')[-1]}={v}" for k, v in values.items())
 
 
-def tune_cells(settings: Sequence[str], modes: Sequence[str]) -> list[Cell]:
-    """Every candidate of ``modes`` at user-level ε = 8, seed 0, scored on each user's validation split."""
+def candidates(mode: str, privacy: str = TUNED_AT) -> list[dict[str, Any]]:
+    """The values tried for ``mode`` when tuning at ``privacy``."""
+    return CANDIDATES_AT.get(privacy, {}).get(mode, CANDIDATES[mode])
+
+
+def tune_cells(
+    settings: Sequence[str], modes: Sequence[str], privacies: Sequence[str] = (TUNED_AT,)
+) -> list[Cell]:
+    """Every candidate of ``modes`` at each user-level budget of ``privacies``, seed 0, scored on each
+    user's validation split (``local`` releases nothing: tuned once)."""
     bad = [m for m in modes if m not in CANDIDATES]
     if bad:
         raise ConfigError(f"no tuning candidates for {bad}; tunable: {', '.join(CANDIDATES)}")
+    unnoised = [p for p in privacies if p not in PRIVACY or not PRIVACY[p]["dp.user-level"]]
+    if unnoised or not privacies:
+        raise ConfigError(
+            f"tuning needs user-level budgets, got {list(privacies)}; choose from "
+            f"{', '.join(p for p in PRIVACY if PRIVACY[p]['dp.user-level'])}"
+        )
     cells = []
     for setting in settings:
         _, population = setting_overrides(setting)
-        for mode in modes:
-            for values in CANDIDATES[mode]:
-                extra = {**values, "task.evaluate-on": "validation"}
-                over = cell_overrides(setting, "user-eps8", mode, 0, extra)
-                key = f"tune/{setting}/{mode}/{_label(values)}"
-                cells.append(Cell(key, over, population, group=f"tune/{setting}"))
+        for privacy in privacies:
+            name = tuned_name(setting, privacy)
+            for mode in modes:
+                if mode == "local" and any(c.key.startswith(f"tune/{setting}/local/") for c in cells):
+                    continue
+                for values in candidates(mode, privacy):
+                    extra = {**values, "task.evaluate-on": "validation"}
+                    over = cell_overrides(setting, privacy, mode, 0, extra)
+                    where = setting if mode == "local" else name
+                    key = f"tune/{where}/{mode}/{_label(values)}"
+                    cells.append(Cell(key, over, population, group=f"tune/{setting}"))
     return cells
 
 
@@ -455,8 +516,9 @@ def choose(cells: Sequence[Cell], done: Mapping[str, Mapping[str, Any]]) -> dict
     for cell in cells:
         if cell.key not in done:
             continue
-        _, setting, mode, _ = cell.key.split("/")
-        mode_values = next(v for v in CANDIDATES[mode] if _label(v) == cell.key.split("/")[-1])
+        _, setting, mode, label = cell.key.split("/")
+        privacy = setting.partition("@")[2] or TUNED_AT
+        mode_values = next(v for v in candidates(mode, privacy) if _label(v) == label)
         score = float(done[cell.key]["acc-mean"])
         name = f"{setting}.{mode}"
         if name not in best or score > best[name][0]:
@@ -494,7 +556,10 @@ def write_tuned(chosen: Mapping[str, Mapping[str, Any]], command: str, path: Pat
     """``results/cross-device/tuned.toml``: the chosen values per setting and mode (merged into what is
     there: settings tuned by separate commands), with the command."""
     chosen = {**{k: v for k, v in load_tuned(path, same_as=False).items() if "." in k}, **chosen}
-    out = [f"# Chosen on validation splits (seed 0, user-level epsilon 8); last by: {command}"]
+    out = [
+        "# Chosen on validation splits (seed 0; [<setting>.<mode>] at user-level epsilon 8, "
+        f"[<setting>@<budget>.<mode>] at that budget); last by: {command}"
+    ]
     for name in sorted(chosen):
         setting, mode = name.rsplit(".", 1)  # setting names hold dots (tweets-a1.0), modes do not
         out.append(f'\n["{setting}"."{mode}"]')
