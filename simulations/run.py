@@ -214,6 +214,7 @@ def simulate(
     from common.runs import client_state_dir
     from server import recorder
     from server.app import make_server_app
+    from simulations import flower_poller
     from simulations.local_grid import run_local
     from simulations.preflight import write_user_map
 
@@ -241,6 +242,7 @@ def simulate(
         if sequential:
             run_local(overrides, settings.num_clients, settings.limits, users)
         else:
+            flower_poller.install()  # Flower's poller would sweep nodes × stored messages every 0.1 s
             run_simulation(
                 server_app=make_server_app(overrides, users, by_partition=True),
                 client_app=make_client_app(overrides, settings.limits),
