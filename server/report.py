@@ -12,6 +12,7 @@ import numpy as np
 from common import protocol as P
 from common.config import Config
 from common.fileio import write_bytes_atomic, write_json_atomic
+from server.audit.ledger import replace_one_epsilon
 from server.ledger import Ledger
 from server.recorder import Recorder, distribution
 
@@ -149,6 +150,8 @@ def write_report(
                 "user-noise-multiplier": float(last["user-noise-multiplier"]),
             }
         )
+        history = [(float(e["user-noise-multiplier"]), float(e["user-sample-rate"]), 1) for e in released]
+        s["user-epsilon-within-user"] = replace_one_epsilon(history, float(last["user-delta"]))
         if "user-virtual-cohort" in last:  # deployment-scale accounting: not about the simulated users
             s["user-virtual-cohort"] = int(last["user-virtual-cohort"])
             s["user-simulated-population"] = int(last["user-simulated-population"])
@@ -197,7 +200,10 @@ def write_report(
             "",
             f"User-level DP (server): ε = {s['user-epsilon']:.3f} at δ = {s['user-delta']:.1e} for adding or "
             f"removing one user's whole data, population {s['user-population']}, Poisson cohorts with "
-            f"q = {s['user-sample-rate']:g}, z = {s['user-noise-multiplier']:.3f}.",
+            f"q = {s['user-sample-rate']:g}, z = {s['user-noise-multiplier']:.3f}. A change confined to "
+            f"one user's data (one of their examples, or all of it replaced) is a replacement, not an "
+            f"addition or removal: ε = {s['user-epsilon-within-user']:.3f} at the same δ (replace-one, "
+            "dp-accounting PLD).",
         ]
     if users:
         lines += _user_table(list(recorder.clients.values()), users)

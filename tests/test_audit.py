@@ -99,6 +99,8 @@ def test_user_level_entries_are_recomputed_and_checked(tmp_path: Path) -> None:
     path.write_text(json.dumps(data))
     report = audit_ledger(path)
     assert report["ok"] and report["user_level"]["status"] == "ok" and report["user_level"]["steps"] == 3
+    (note,) = [n for n in report["user_level"]["notes"] if "one user's data" in n]  # replace-one, beside it
+    assert float(note.split("ε ")[1].split()[0]) > report["user_level"]["epsilon_reported"]
     data["entries"][-1]["user-epsilon"] /= 2
     path.write_text(json.dumps(data))
     report = audit_ledger(path)
@@ -145,3 +147,16 @@ def test_a_ledger_with_only_user_level_releases_is_audited(tmp_path: Path) -> No
     assert report["ok"] and report["clients"] == [] and report["user_level"]["steps"] == 2
     res = CliRunner().invoke(app, ["audit", str(path)])
     assert res.exit_code == 0 and "the user-level releases" in res.output
+
+
+def test_replace_one_is_a_change_of_up_to_twice_the_clipping_norm() -> None:
+    """A user's clipped contribution can be swapped for its opposite: without sampling, replace-one at z is
+    add/remove at z / 2 (dp-accounting's convention checked, so the within-user ε is not understated)."""
+    from server.audit.ledger import independent_epsilons, replace_one_epsilon
+
+    assert replace_one_epsilon([(2.0, 1.0, 3)], 1e-5) == pytest.approx(
+        independent_epsilons([(1.0, 1.0, 3)], 1e-5)[1], rel=0.02
+    )
+    split = replace_one_epsilon([(0.9, 0.05, 40), (0.9, 0.05, 60)], 1e-6)
+    assert split == pytest.approx(replace_one_epsilon([(0.9, 0.05, 100)], 1e-6))
+    assert split > independent_epsilons([(0.9, 0.05, 100)], 1e-6)[1]

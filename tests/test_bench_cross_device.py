@@ -85,6 +85,7 @@ def test_a_tiny_grid_writes_contract_records_and_tuning_chooses_on_validation(
     fed = recs[1]
     assert fed["population"] == 6 and fed["cohort"] == 3.0 and fed["rounds"] == 3 and fed["seed"] == 0
     assert 0 < fed["privacy"]["epsilon"] <= 8.0 and fed["privacy"]["delta"] == 1e-6
+    assert fed["privacy"]["within_user_epsilon"] > fed["privacy"]["epsilon"]  # one user's data changed
     assert len(fed["per_client"]) == 6 and {c["user"] for c in fed["per_client"]} == set(
         X.get_task(Config.from_run_config(cells[0].overrides)).users(6)
     )

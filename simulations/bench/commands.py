@@ -268,6 +268,8 @@ def bench_cross_device(
             others = [
                 r for r in kept if (r["setting"], r["privacy"]["budget"], r["mode"], r["seed"]) not in ids
             ]
+            for r in others:  # records written before the within-user ε was kept
+                r["privacy"].setdefault("within_user_epsilon", X.within_user_epsilon(r))
             recs = sorted(
                 others + mine,
                 key=lambda r: (

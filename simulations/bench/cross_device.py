@@ -25,6 +25,7 @@ import numpy as np
 from common.config import Config
 from common.errors import ConfigError
 from common.tasks import get_task
+from server.audit.ledger import replace_one_epsilon
 from simulations.bench.grid import Cell
 from simulations.paired import paired
 
@@ -253,10 +254,31 @@ def record(key: str, summary: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def sample_rate(rec: Mapping[str, Any]) -> float:
+    """The q a record's user-level accounting used: cohort / population, or the virtual C / N_v."""
+    over = rec["overrides"]
+    if rec["privacy"]["scope"] == "user-virtual":
+        return float(over["dp.user-virtual-cohort"]) / float(over["dp.user-virtual-population"])
+    return float(rec["cohort"]) / float(rec["population"])
+
+
+def within_user_epsilon(rec: Mapping[str, Any]) -> float | None:
+    """ε for a change confined to one user's data (replace-one) at the record's δ; None without DP."""
+    p = rec["privacy"]
+    if p["scope"] == "none":
+        return None
+    if p.get("within_user_epsilon") is not None:
+        return float(p["within_user_epsilon"])
+    history = [(float(p["noise_multiplier"]), sample_rate(rec), int(rec["rounds"]))]
+    return replace_one_epsilon(history, float(p["delta"]))
+
+
 def records(done: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Records of every finished cell, sorted by setting, privacy, mode and seed."""
     order = {s: i for i, s in enumerate(SETTINGS)}
     out = [record(k, v) for k, v in done.items()]
+    for rec in out:
+        rec["privacy"]["within_user_epsilon"] = within_user_epsilon(rec)
     out.sort(key=lambda r: (order[r["setting"]], r["privacy"]["budget"], r["mode"], r["seed"]))
     return out
 
@@ -278,14 +300,21 @@ def table(recs: Sequence[Mapping[str, Any]]) -> str:
         groups.setdefault((r["setting"], r["privacy"]["budget"], r["mode"]), []).append(r)
     lines = [
         "| setting | privacy | mode | seeds | acc mean | median | p10 | vs local, paired [95 % CI] | "
-        "user-level ε (δ) | minutes |",
+        "user-level ε (δ); one user's data changed | minutes |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (setting, budget, mode), runs in groups.items():
         acc = {s: float(np.mean([r["accuracy"][s] for r in runs])) for s in ("mean", "median", "p10")}
         eps = [r["privacy"]["epsilon"] for r in runs if r["privacy"]["epsilon"] is not None]
         delta = runs[0]["privacy"]["delta"]
-        priv = f"{max(eps):.2f} ({delta:.0e})" if eps else "– (releases unnoised)" if mode != "local" else "–"
+        within = [w for r in runs if (w := within_user_epsilon(r)) is not None]
+        priv = (
+            f"{max(eps):.2f} ({delta:.0e}); {max(within):.2f}"
+            if eps
+            else "– (releases unnoised)"
+            if mode != "local"
+            else "–"
+        )
         if runs[0]["privacy"]["scope"] == "user-virtual":
             priv += ", virtual: NOT the simulated users'"
         vs = "–"
@@ -493,7 +522,7 @@ def tune_cells(
             f"tuning needs user-level budgets, got {list(privacies)}; choose from "
             f"{', '.join(p for p in PRIVACY if PRIVACY[p]['dp.user-level'])}"
         )
-    cells = []
+    cells: list[Cell] = []
     for setting in settings:
         _, population = setting_overrides(setting)
         for privacy in privacies:
