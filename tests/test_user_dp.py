@@ -176,6 +176,8 @@ def test_a_cross_device_run_reports_its_user_level_guarantee(tmp_path: Path) -> 
     assert shared["user-epsilon"] <= 4.0 and shared["user-population"] == 16
     assert shared["user-sample-rate"] == 0.25 and shared["user-noise-multiplier"] > 0
     assert "User-level DP (server): ε = " in (tmp_path / "fedbias" / "report.md").read_text()
+    assert shared["user-epsilon-within-user"] > shared["user-epsilon"]  # a change within one user's data
+    assert "one user's data" in (tmp_path / "fedbias" / "report.md").read_text()
     alone = run_sequential({**run, "personalization.mode": "local"}, 16, tmp_path / "local")
     assert "user-epsilon" not in alone and not Ledger(tmp_path / "local" / "ledger.json").user_level_entries()
     text = table([{"mode": "fedbias", **shared}, {"mode": "local", **alone}])
