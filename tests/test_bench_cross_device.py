@@ -196,3 +196,11 @@ def test_targets_compare_the_best_personal_mode_with_local_fedavg_ft_and_the_kep
     kept = next(v for k, v in rows.items() if k.startswith("deployment-scale"))
     assert "90 % kept" in kept and kept.endswith("| met |")
     assert "not run yet" in X.targets(recs[:2])  # fedavg-ft and ε 2 missing: open, not met
+
+
+def test_a_wrong_tuning_budget_fails_before_any_run_folder_exists(tmp_path: Path) -> None:
+    from simulations.bench.commands import bench_cross_device
+
+    with pytest.raises(ConfigError, match="user-level budgets"):
+        bench_cross_device(["news"], ["none"], ["fedper"], [0], 1, folder=tmp_path / "run", tune=True)
+    assert not (tmp_path / "run").exists()

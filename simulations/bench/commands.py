@@ -243,12 +243,12 @@ def bench_cross_device(
     from simulations.bench import cross_device as X
     from simulations.bench.grid import load_done, run_grid
 
-    run = _run("cross-device-tune" if tune else "cross-device", folder)
-    if tune:
+    if tune:  # the cells first: a wrong option leaves no run folder behind
         wanted = [*modes, *(X.PERSONAL if "best" in modes else ())]  # best: every personal mode competes
         cells = X.tune_cells(settings, list(dict.fromkeys(m for m in wanted if m in X.CANDIDATES)), privacies)
     else:
         cells = X.plan(settings, privacies, modes, seeds, X.load_tuned(), X.parse_also(also))
+    run = _run("cross-device-tune" if tune else "cross-device", folder)
     try:
         if not report_only:
             run_grid(run.dir, cells, workers, on_progress=progress)
