@@ -119,12 +119,11 @@ def tuned_for(
 ) -> dict[str, Any]:
     """The overrides a (setting, mode) runs with at ``privacy``: [default], then [mode], then
     [setting.mode], then [setting@privacy.mode] (values tuned at that budget, where there are some)."""
-    at = tuned.get(f"{tuned_name(setting, privacy)}.{mode}", {}) if privacy != TUNED_AT else {}
     return {
         **tuned.get("default", {}),
         **tuned.get(mode, {}),
         **tuned.get(f"{setting}.{mode}", {}),
-        **at,
+        **tuned.get(f"{tuned_name(setting, privacy)}.{mode}", {}),
     }
 
 
@@ -236,6 +235,7 @@ def record(key: str, summary: Mapping[str, Any]) -> dict[str, Any]:
             "epsilon": float(summary["user-epsilon"]) if scope != "none" else None,
             "delta": float(summary["user-delta"]) if scope != "none" else None,
             "noise_multiplier": float(summary["user-noise-multiplier"]) if scope != "none" else None,
+            "within_user_epsilon": summary.get("user-epsilon-within-user") if scope != "none" else None,
             "budget": privacy,
         },
         "population": population,
@@ -267,7 +267,7 @@ def within_user_epsilon(rec: Mapping[str, Any]) -> float | None:
     p = rec["privacy"]
     if p["scope"] == "none":
         return None
-    if p.get("within_user_epsilon") is not None:
+    if p.get("within_user_epsilon") is not None:  # the server's report computed it (runs since it does)
         return float(p["within_user_epsilon"])
     history = [(float(p["noise_multiplier"]), sample_rate(rec), int(rec["rounds"]))]
     return replace_one_epsilon(history, float(p["delta"]))
