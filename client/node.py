@@ -162,7 +162,7 @@ def _plan(cfg: Config, s: _Session, node: NodeInfo, rounds_left: int) -> DPPlan:
         sigma = cfg.dp.noise_multiplier
     else:
         spe = steps_per_epoch(n, cfg.train.batch_size)
-        planned = rounds_left * cfg.train.local_epochs * spe
+        planned = rounds_left * (cfg.train.local_epochs + cfg.train.personal_epochs) * spe
         if cfg.personalization.mode == "fedavg-ft":
             planned += cfg.personalization.finetune_epochs * spe
         planned += cfg.personalization.final_fit * spe
@@ -212,6 +212,39 @@ def _local_train(
     return out, plan
 
 
+def _trainable(s: _Session, *roles: Role) -> None:
+    """Only the tensors of ``roles`` train; every other one (and the frozen base) stays fixed."""
+    names = {n for role in roles for n in s.roles[role]}
+    for name, param in s.model.named_parameters():
+        param.requires_grad_(name in names)
+
+
+def _train_round(
+    cfg: Config, s: _Session, node: NodeInfo, seed: int, rounds_left: int
+) -> tuple[TrainOutcome, DPPlan | None]:
+    """One round's local training: the shared and personal parts together for ``train.local-epochs``,
+    or, with ``train.personal-epochs`` > 0 (FedRep, Collins et al. 2021), the personal part alone first
+    (shared frozen), then the shared part alone (personal frozen) against the freshly fitted personal part.
+
+    Under sample-level DP both phases are DP-SGD steps on the one accountant; the budget is checked for
+    both before either runs, so a round never stops half done. The loss reported is the shared phase's.
+    """
+    tau = cfg.train.personal_epochs
+    if tau == 0:
+        return _local_train(cfg, s, node, cfg.train.local_epochs, seed, rounds_left)
+    if cfg.dp.enabled:
+        spe = steps_per_epoch(len(s.train), cfg.train.batch_size)
+        _check_budget(cfg, s, _plan(cfg, s, node, rounds_left), (tau + cfg.train.local_epochs) * spe)
+    try:
+        _trainable(s, "personal")
+        head, _ = _local_train(cfg, s, node, tau, seed, rounds_left)
+        _trainable(s, "shared")
+        body, plan = _local_train(cfg, s, node, cfg.train.local_epochs, _seed(seed, 1), rounds_left)
+    finally:
+        _trainable(s, "shared", "personal")
+    return TrainOutcome(body.loss, head.steps + body.steps, body.history, head.seconds + body.seconds), plan
+
+
 def _privacy_metrics(cfg: Config, s: _Session, plan: DPPlan | None, steps: int) -> Metrics:
     if plan is None:  # not private: no ε to report
         return {P.STEPS: steps}
@@ -238,7 +271,7 @@ def run_train(cfg: Config, node: NodeInfo, shared: Arrays, server_round: int) ->
     before = s.task.evaluate(s.model, s.test) if report else None
     seed = _seed(cfg.task.seed, node.partition_id, server_round, s.state.rounds_trained)
     rounds_left = max(1, cfg.fed.num_rounds - server_round + 1) if server_round > 0 else cfg.fed.num_rounds
-    outcome, plan = _local_train(cfg, s, node, cfg.train.local_epochs, seed, rounds_left)
+    outcome, plan = _train_round(cfg, s, node, seed, rounds_left)
     after = s.task.evaluate(s.model, s.test) if report else None
     s.state.rounds_trained += 1
     s.state.examples_seen += len(s.train)
@@ -267,8 +300,7 @@ def _final_fit(cfg: Config, s: _Session, node: NodeInfo) -> tuple[TrainOutcome, 
     old shared part; here it is refitted on the user's own train split with the shared tensors frozen,
     kept on the device (nothing is released) and, under sample-level DP, accounted like any training.
     """
-    for name, param in s.model.named_parameters():
-        param.requires_grad_(name in s.roles["personal"])
+    _trainable(s, "personal")
     seed = _seed(cfg.task.seed, node.partition_id, -2, s.state.rounds_trained)
     outcome, plan = _local_train(cfg, s, node, cfg.personalization.final_fit, seed, 0)
     s.state.tensors = get_arrays(s.model, s.roles["personal"])  # saved with the rest of the evaluation

@@ -28,6 +28,7 @@ TEXT_DATASETS = ("shakespeare", "text-file")  # free text for the causal LMs (no
 TAGGED_DATASETS = ("wnut16",)  # a tag per word: named-entity recognition (common.tasks.tag)
 USER_FILE_DATASETS = ("file", "text-file")  # bring-your-own files: one client per user
 MODES = ("fedper", "local", "fedavg", "fedavg-ft", "fedsa", "ffa", "fedbias")
+ALTERNATING_MODES = ("fedper", "fedsa", "ffa", "fedbias")  # a personal and a shared part (FedRep)
 CAUSAL_MODELS = ("smollm2", "tiny-lm")  # model.name values that build the generative model
 USER_KEYS = tuple(
     f"dp.user-{k}"
@@ -51,6 +52,7 @@ RULES = (
     "`dp.user-virtual-cohort` and `dp.user-virtual-population` go together (cohort < population), with "
     "fixed clipping and Poisson sampling.",
     "`personalization.final-fit` needs a mode with a personal part (not fedavg or fedavg-ft).",
+    "`train.personal-epochs` needs a mode with a personal and a shared part (fedper, fedsa, ffa, fedbias).",
     "`lora.r = 0` (no LoRA, every encoder layer frozen) needs an encoder and a mode that shares the head or "
     "nothing (fedavg, fedavg-ft, fedbias, local), or fedper with `personalization.shared-projection`; "
     "`model.frozen-layers` and the other `lora.*` keys then keep their defaults.",
@@ -172,6 +174,7 @@ class TrainConfig:
     """Local optimisation on each client."""
 
     local_epochs: int = dataclasses.field(metadata=_range(1, None))
+    personal_epochs: int = dataclasses.field(metadata=_range(0, None))
     batch_size: int = dataclasses.field(metadata=_range(1, None))
     optimizer: str = dataclasses.field(metadata=_choices("sgd", "adam"))
     lr_lora: float = dataclasses.field(metadata=_range(0.0, None))
@@ -361,6 +364,12 @@ def _check_across(cfg: Config) -> None:
             f"personalization.final-fit = {cfg.personalization.final_fit} has no effect in mode "
             f"{cfg.personalization.mode!r}, which keeps no personal part: use a mode with one (fedper, "
             "fedsa, ffa, fedbias, local), or personalization.finetune-epochs with fedavg-ft"
+        )
+    if cfg.train.personal_epochs and cfg.personalization.mode not in ALTERNATING_MODES:
+        raise ConfigError(
+            f"train.personal-epochs = {cfg.train.personal_epochs} alternates a personal and a shared part, "
+            f"and mode {cfg.personalization.mode!r} lacks one: use {', '.join(ALTERNATING_MODES)}, or "
+            "train.personal-epochs = 0"
         )
     part = cfg.model.personal_part
     _only_for(cfg.model.name, CAUSAL_MODELS, "model.personal-part", part, key_of="model.name")

@@ -51,9 +51,16 @@ def _same_as_sequential(tmp_path: Path, over: dict[str, Any], clients: int = 3) 
     assert floor.accuracy == pytest.approx(theirs, abs=1e-9)
 
 
-@pytest.mark.parametrize("mode", ["fedavg", "fedper"])
-def test_floor_trains_the_same_tensors_as_the_clients(tmp_path: Path, mode: str) -> None:
-    _same_as_sequential(tmp_path, {**FEDAVG, "personalization.mode": mode})
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"personalization.mode": "fedavg"},
+        {"personalization.mode": "fedper"},
+        {"personalization.mode": "fedper", "train.personal-epochs": 2},  # FedRep: head alone, then LoRA
+    ],
+)
+def test_floor_trains_the_same_tensors_as_the_clients(tmp_path: Path, extra: dict[str, Any]) -> None:
+    _same_as_sequential(tmp_path, {**FEDAVG, **extra})
 
 
 def test_floor_user_level_release_equals_the_server_without_noise(tmp_path: Path) -> None:

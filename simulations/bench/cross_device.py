@@ -460,6 +460,9 @@ CANDIDATES: dict[str, list[dict[str, Any]]] = {
             "fed.server-lr": 10.0,
             "personalization.final-fit": 30,
         },
+        # FedRep (train.personal-epochs): the bias fitted alone first, the shared weight then moves
+        # against the user's current bias rather than a stale one
+        {"train.local-epochs": 5, "dp.user-clipping-norm": 0.5, "train.personal-epochs": 5},
     ],
     "fedper": [  # shared projection (k, its lr = train.lr-lora) under a personal head refitted at the end
         {
@@ -471,6 +474,18 @@ CANDIDATES: dict[str, list[dict[str, Any]]] = {
             "personalization.final-fit": 30,
         }
         for k, lr, e, s in ((8, 0.5, 5, 0.5), (8, 0.5, 1, 0.1), (16, 0.5, 5, 0.5), (8, 0.05, 5, 0.5))
+    ]
+    + [  # FedRep: the personal head fitted alone to the current projection, then the projection alone
+        {
+            "personalization.shared-projection": 8,
+            "train.lr-lora": 0.5,
+            "train.local-epochs": 5,
+            "train.personal-epochs": tau,
+            "dp.user-clipping-norm": 0.5,
+            "fed.server-momentum": 0.9,
+            "personalization.final-fit": 30,
+        }
+        for tau in (5, 20)
     ],
     "fedavg-ft": [
         *({"personalization.finetune-epochs": e} for e in (1, 10, 30)),

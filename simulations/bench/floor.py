@@ -204,7 +204,12 @@ class _Federation:
         if report:
             self.evaluate(c)
         seed = client_seed(self.cfg.task.seed, pid, rnd, c.rounds_trained)
-        local_steps(self.model, feats, self.cfg, self.cfg.train.local_epochs, seed)
+        tau = self.cfg.train.personal_epochs
+        if tau:  # FedRep, as client.node: the personal part alone, then the shared part alone
+            self._steps_on(self.personal_names, feats, tau, seed)
+            self._steps_on(self.shared_names, feats, self.cfg.train.local_epochs, client_seed(seed, 1))
+        else:
+            local_steps(self.model, feats, self.cfg, self.cfg.train.local_epochs, seed)
         if report:
             self.evaluate(c)
         c.rounds_trained += 1
@@ -224,19 +229,23 @@ class _Federation:
             self._final_fit(pid, c)
         return self.evaluate(c)
 
+    def _steps_on(self, names: list[str], feats: Features, epochs: int, seed: int) -> None:
+        """``epochs`` of local steps on the tensors ``names`` alone, every other one frozen."""
+        only = set(names)
+        for name, p in self.params.items():
+            p.requires_grad_(name in only)
+        try:
+            local_steps(self.model, feats, self.cfg, epochs, seed)
+        finally:
+            trainable = set(self.personal_names) | set(self.shared_names)
+            for name, p in self.params.items():
+                p.requires_grad_(name in trainable)
+
     def _final_fit(self, pid: int, c: _Client) -> None:
         """``final-fit`` epochs on the personal tensors alone, the shared ones frozen; keeps the result."""
-        personal = set(self.personal_names)
-        for name, p in self.params.items():
-            p.requires_grad_(name in personal)
         seed = client_seed(self.cfg.task.seed, pid, -2, c.rounds_trained)
-        try:
-            local_steps(
-                self.model, self.features(c, "train"), self.cfg, self.cfg.personalization.final_fit, seed
-            )
-        finally:
-            for name, p in self.params.items():
-                p.requires_grad_(name in personal or name in self.shared_names)
+        feats = self.features(c, "train")
+        self._steps_on(self.personal_names, feats, self.cfg.personalization.final_fit, seed)
         c.personal = self._take(self.personal_names)
 
     def cohort(self) -> tuple[list[int], float]:
