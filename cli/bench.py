@@ -202,7 +202,11 @@ def bench_quality_cmd(
 def bench_cross_device_cmd(
     settings: str = typer.Option("tweets-a1.0,tweets-a0.3,news", help="comma-separated settings"),
     privacy: str = typer.Option("user-eps8,user-eps2", help="comma-separated user-level budgets (or none)"),
-    modes: str = typer.Option("local,fedavg-ft,best", help="comma-separated modes (best: chosen by --tune)"),
+    modes: str = typer.Option(
+        "local,fedavg-ft,best",
+        help="comma-separated: local, fedavg, fedavg-ft, fedbias, fedper, best (chosen by --tune); sharing "
+        "LoRA r 8: fedper-lora, fedsa, ffa",
+    ),
     seeds: int = typer.Option(3, help="number of seeds (0..n-1)"),
     from_seed: int = typer.Option(0, help="skip the seeds below this one (another run has them)"),
     workers: int = typer.Option(2, help="worker processes (one thread each)"),

@@ -46,12 +46,16 @@ def test_every_cell_of_the_shipped_grid_is_a_valid_config() -> None:
     cells = X.plan(list(X.SETTINGS), list(X.PRIVACY), X.MODES, [0, 1], {})
     for cell in cells:
         cfg = Config.from_run_config(cell.overrides)
-        assert cfg.lora.r == 0 and cell.num_clients == 1000
+        lora = cell.key.split("/")[2] in ("fedper-lora", "fedsa", "ffa")  # the LoRA-sharing modes: rank 8
+        assert cfg.lora.r == (8 if lora else 0) and cell.num_clients == 1000
         if cfg.personalization.mode == "local":  # converged alone: one round, everyone, nothing released
             assert (cfg.fed.num_rounds, cfg.fed.fraction_train, cfg.dp.user_level) == (1, 1.0, False)
         else:
             assert cfg.fed.fraction_train == 0.05 and cfg.fed.num_rounds == 100
     keys = [c.key for c in cells]
+    assert {
+        Config.from_run_config(c.overrides).personalization.mode for c in cells if "/fedper-lora/" in c.key
+    } == {"fedper"}
     assert len(keys) == len(set(keys)) and sum("/local/" in k for k in keys) == 3 * 2  # local once per seed
     assert len({c.group for c in cells}) == 3 * 2  # one group (one encoding) per setting and seed
     for cell in X.tune_cells(list(X.SETTINGS), list(X.CANDIDATES), ["user-eps8", "user-eps2"]):
@@ -59,7 +63,7 @@ def test_every_cell_of_the_shipped_grid_is_a_valid_config() -> None:
     with pytest.raises(ConfigError, match="unknown setting"):
         X.setting_overrides("tweets-a9")
     with pytest.raises(ConfigError, match="unknown mode"):
-        X.cell_overrides("news", "user-eps8", "fedsa", 0)
+        X.cell_overrides("news", "user-eps8", "fedsa-r2", 0)
 
 
 def test_tuned_values_apply_per_setting_and_mode(tiny_setting: str, tmp_path: Path) -> None:

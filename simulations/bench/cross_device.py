@@ -2,9 +2,10 @@
 
 Settings are the three ``simulations/configs/xdev-*.toml`` workloads (1,000 users × 24 train / 12 test
 examples, Poisson cohorts with q = 0.05, 100 rounds, z calibrated for the user-level budget, no
-sample-level noise on the device). Every cell runs the head-only model (``lora.r = 0``: the encoder frozen
-and pooled, only the 384 × classes head trains), which is what 1,000 users × 100 rounds affords on 2 CPU
-cores. Cells are grouped by (setting, seed) so a worker encodes each user's texts once for all its modes.
+sample-level noise on the device). The main cells run the head-only model (``lora.r = 0``: the encoder
+frozen and pooled, only the 384 × classes head, or a small projection under it, trains), which is what
+1,000 users × 100 rounds affords on 2 CPU cores; the modes that share LoRA tensors (``fedper-lora``,
+``fedsa``, ``ffa``: rank 8 on the top 2 layers, untuned) run on request. Cells are grouped by (setting, seed) so a worker encodes each user's texts once for all its modes.
 
 ``local`` is the converged stand-alone baseline: every user trains its own head on its own train split in
 one round of ``local-epochs`` passes (it releases nothing, so it carries no user-level DP), instead of
@@ -48,11 +49,26 @@ PRIVACY: dict[str, dict[str, Any]] = {  # user-level budgets (scope "user"); "no
         "dp.user-virtual-population": 1_000_000,
     },
 }
-MODES = ("local", "fedavg", "fedbias", "fedavg-ft", "fedper")
+MODES = ("local", "fedavg", "fedbias", "fedavg-ft", "fedper", "fedper-lora", "fedsa", "ffa")
 PERSONAL = ("fedbias", "fedper")  # the modes with a personal part that "best" chooses among
-MODE_BASE: dict[str, dict[str, Any]] = {  # what a mode needs on the head-only model
-    "fedper": {"personalization.shared-projection": 8},  # a shared projection under the personal head
+# The modes that share LoRA tensors (issue #31's list): rank 8 on query and value of the top 2 encoder
+# layers (the bottom 4 frozen and cached), not tuned, with the values news fedper chose for its projection
+# (5 local epochs, S = 0.5, server momentum 0.9, the personal part refitted at the end) and LoRA's own
+# learning rate. Shared numbers: 24,576 (fedper-lora), 12,288 (fedsa: A; ffa: B, A frozen at its seed).
+LORA: dict[str, Any] = {
+    "lora.r": 8,
+    "train.local-epochs": 5,
+    "dp.user-clipping-norm": 0.5,
+    "fed.server-momentum": 0.9,
+    "personalization.final-fit": 30,
 }
+MODE_BASE: dict[str, dict[str, Any]] = {  # what a mode needs on top of the head-only model
+    "fedper": {"personalization.shared-projection": 8},  # a shared projection under the personal head
+    "fedper-lora": LORA,
+    "fedsa": LORA,
+    "ffa": LORA,
+}
+MODE_OF = {"fedper-lora": "fedper"}  # a bench mode's personalization.mode where the names differ
 BASE: dict[str, Any] = {
     "lora.r": 0,
     "train.threads": 1,
@@ -136,11 +152,11 @@ def cell_overrides(
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     base, _ = setting_overrides(setting)
-    extra = dict(extra or {})
-    if not PRIVACY[privacy]["dp.user-level"]:  # tuned clipping has nothing to clip without user-level DP
+    extra = {**MODE_BASE.get(mode, {}), **(extra or {})}
+    if not PRIVACY[privacy]["dp.user-level"]:  # a clipping norm has nothing to clip without user-level DP
         extra = {k: v for k, v in extra.items() if not k.startswith("dp.user-")}
-    over = {**base, **BASE, **PRIVACY[privacy], **MODE_BASE.get(mode, {}), **extra}
-    over.update({"personalization.mode": mode, "task.seed": 42 + seed, "model.seed": seed})
+    over = {**base, **BASE, **PRIVACY[privacy], **extra}
+    over.update({"personalization.mode": MODE_OF.get(mode, mode), "task.seed": 42 + seed, "model.seed": seed})
     if mode == "local":
         over.update(LOCAL)
     return over
