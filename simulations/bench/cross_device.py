@@ -5,7 +5,8 @@ examples, Poisson cohorts with q = 0.05, 100 rounds, z calibrated for the user-l
 sample-level noise on the device). The main cells run the head-only model (``lora.r = 0``: the encoder
 frozen and pooled, only the 384 × classes head, or a small projection under it, trains), which is what
 1,000 users × 100 rounds affords on 2 CPU cores; the modes that share LoRA tensors (``fedper-lora``,
-``fedsa``, ``ffa``: rank 8 on the top 2 layers, untuned) run on request. Cells are grouped by (setting, seed) so a worker encodes each user's texts once for all its modes.
+``fedsa``, ``ffa``: rank 8 on the top 2 layers, untuned) run on request. Cells are grouped by (setting,
+seed) so a worker encodes each user's texts once for all its modes.
 
 ``local`` is the converged stand-alone baseline: every user trains its own head on its own train split in
 one round of ``local-epochs`` passes (it releases nothing, so it carries no user-level DP), instead of
