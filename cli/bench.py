@@ -220,7 +220,8 @@ def bench_cross_device_cmd(
         "", help="extra cells, privacy:mode[:seeds] items, e.g. user-eps2:best,none:best:1 (best = chosen)"
     ),
 ) -> None:
-    """1,000 users × 24/12 examples, user-level DP, head-only model: per-user accuracy (issue #31).
+    """1,000 users × 24/12 examples, user-level DP: per-user accuracy (issue #31); head-only modes, and
+    the LoRA-sharing ones (fedper-lora, fedsa, ffa) on request.
 
     Modes may name ``best``: the personal mode chosen on validation for each setting (``--tune``)."""
     from simulations.bench.commands import bench_cross_device
