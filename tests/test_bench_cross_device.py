@@ -149,7 +149,7 @@ def test_tuning_at_a_second_budget_is_kept_apart_and_used_only_at_that_budget(ti
     )
     done = {c.key: {"acc-mean": 0.5} for c in cells}
     top8 = next(c for c in cells if c.key.startswith("tune/tiny/fedper/"))
-    top2 = at2[-1]  # the 200-round candidate
+    top2 = next(c for c in at2 if "num-rounds=200" in c.key)  # the 200-round candidate
     done[top8.key], done[top2.key] = {"acc-mean": 0.9}, {"acc-mean": 0.8}
     chosen = X.choose(cells, done)
     assert chosen["tiny.best"] == chosen["tiny@user-eps2.best"] == {"mode": "fedper"}

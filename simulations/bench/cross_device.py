@@ -527,6 +527,17 @@ CANDIDATES_AT: dict[str, dict[str, list[dict[str, Any]]]] = {
                 **({"fed.num-rounds": rounds} if rounds != 100 else {}),
             }
             for k, s, rounds in ((8, 0.5, 100), (4, 0.5, 100), (8, 0.25, 100), (4, 0.25, 100), (8, 0.5, 200))
+        ]
+        + [  # FedRep on the ε 2 winner: the personal head fitted first, then the projection against it
+            {
+                "personalization.shared-projection": 8,
+                "train.lr-lora": 0.5,
+                "train.local-epochs": 5,
+                "train.personal-epochs": 5,
+                "dp.user-clipping-norm": 0.25,
+                "fed.server-momentum": 0.9,
+                "personalization.final-fit": 30,
+            }
         ],
     },
 }
