@@ -191,13 +191,22 @@ def _check_budget(cfg: Config, s: _Session, plan: DPPlan, steps: int) -> None:
 
 
 def _local_train(
-    cfg: Config, s: _Session, node: NodeInfo, epochs: int, seed: int, rounds_left: int
+    cfg: Config,
+    s: _Session,
+    node: NodeInfo,
+    epochs: int,
+    seed: int,
+    rounds_left: int,
+    checked: bool = False,
 ) -> tuple[TrainOutcome, DPPlan | None]:
+    """``epochs`` of training under this run's DP plan; ``checked``: the caller already checked the budget
+    for these steps (one ε computation per round, not one per phase)."""
     steps = epochs * steps_per_epoch(len(s.train), cfg.train.batch_size)
     plan = None
     if cfg.dp.enabled:
         plan = _plan(cfg, s, node, rounds_left)
-        _check_budget(cfg, s, plan, steps)
+        if not checked:
+            _check_budget(cfg, s, plan, steps)
     out = train(
         s.model,
         s.train,
@@ -237,9 +246,11 @@ def _train_round(
         _check_budget(cfg, s, _plan(cfg, s, node, rounds_left), (tau + cfg.train.local_epochs) * spe)
     try:
         _trainable(s, "personal")
-        head, _ = _local_train(cfg, s, node, tau, seed, rounds_left)
+        head, _ = _local_train(cfg, s, node, tau, seed, rounds_left, checked=True)
         _trainable(s, "shared")
-        body, plan = _local_train(cfg, s, node, cfg.train.local_epochs, _seed(seed, 1), rounds_left)
+        body, plan = _local_train(
+            cfg, s, node, cfg.train.local_epochs, _seed(seed, 1), rounds_left, checked=True
+        )
     finally:
         _trainable(s, "shared", "personal")
     return TrainOutcome(body.loss, head.steps + body.steps, body.history, head.seconds + body.seconds), plan

@@ -83,8 +83,8 @@ def test_under_sample_level_dp_both_phases_are_accounted(tmp_path: Path) -> None
     _, metrics = run_train(cfg, node, _shared(cfg), 1)
     state = StateStore(tmp_path).load()
     assert state is not None
-    per_epoch = metrics["steps"] // 3  # 2 personal epochs + 1 shared epoch
-    assert per_epoch > 0 and metrics["steps"] == 3 * per_epoch
+    n = len(get_task(cfg).load(0, 4).train_labels)
+    assert metrics["steps"] == (2 + 1) * steps_per_epoch(n, cfg.train.batch_size)  # 2 personal + 1 shared
     assert sum(e[2] for e in state.history) == metrics["steps"] == metrics["total-steps"]
     assert 0 < metrics["epsilon"] <= 8.0
     # σ was calibrated for every planned step of the run: personal epochs included, so a full run of
