@@ -27,6 +27,7 @@ from common.config import Config
 from common.device import place, resolve_device
 from common.errors import DeviceRefusal, PrivacyBudgetExhausted, StateError
 from common.features import Features
+from common.model import head_view
 from common.params import get_arrays, nbytes, set_arrays
 from common.privacy import SAMPLE_DELTA, calibrate_sigma, check_delta, compose, default_delta, epsilon
 from common.split import Role, split_names
@@ -198,18 +199,21 @@ def _local_train(
     seed: int,
     rounds_left: int,
     checked: bool = False,
+    on: tuple[nn.Module, Features] | None = None,
 ) -> tuple[TrainOutcome, DPPlan | None]:
     """``epochs`` of training under this run's DP plan; ``checked``: the caller already checked the budget
-    for these steps (one ε computation per round, not one per phase)."""
-    steps = epochs * steps_per_epoch(len(s.train), cfg.train.batch_size)
+    for these steps (one ε computation per round, not one per phase); ``on``: train this model and these
+    features (a view of the session's, as from ``head_view``) instead of the session's own."""
+    model, feats = on if on is not None else (s.model, s.train)
+    steps = epochs * steps_per_epoch(len(feats), cfg.train.batch_size)
     plan = None
     if cfg.dp.enabled:
         plan = _plan(cfg, s, node, rounds_left)
         if not checked:
             _check_budget(cfg, s, plan, steps)
     out = train(
-        s.model,
-        s.train,
+        model,
+        feats,
         cfg,
         epochs=epochs,
         plan=plan,
@@ -313,7 +317,8 @@ def _final_fit(cfg: Config, s: _Session, node: NodeInfo) -> tuple[TrainOutcome, 
     """
     _trainable(s, "personal")
     seed = _seed(cfg.task.seed, node.partition_id, -2, s.state.rounds_trained)
-    outcome, plan = _local_train(cfg, s, node, cfg.personalization.final_fit, seed, 0)
+    view = head_view(s.model, s.train)  # a head-only personal part: the frozen layers run once, not per epoch
+    outcome, plan = _local_train(cfg, s, node, cfg.personalization.final_fit, seed, 0, on=view)
     s.state.tensors = get_arrays(s.model, s.roles["personal"])  # saved with the rest of the evaluation
     return outcome, plan
 

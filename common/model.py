@@ -33,6 +33,7 @@ from transformers.utils import logging as hf_logging
 
 from common.config import Config
 from common.errors import DataError, ModelError
+from common.features import Features
 from common.lora import add_lora
 from common.tokenizer import load_tokenizer
 
@@ -109,6 +110,39 @@ class PersonalModel(nn.Module):
         weights = attention_mask.unsqueeze(-1).to(out.dtype)
         pooled = (out * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return self.head(self.proj(pooled) if self.proj is not None else pooled)
+
+
+def head_view(model: nn.Module, feats: Features, chunk: int = 64) -> tuple[PersonalModel, Features] | None:
+    """When only ``model.head`` trains, the head alone and its inputs, computed once.
+
+    Fitting the returned model on the returned features fits ``model.head`` in place (the same module)
+    without running the frozen top layers every epoch: the personal refit of fedper and ffa after the last
+    round takes one pass through them instead of one per epoch. The inputs are those evaluation sees
+    (eval mode, so no dropout). Returns None when anything but the head trains, or for a tagger.
+    """
+    if not isinstance(model, PersonalModel):
+        return None
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable or any(not n.startswith("head.") for n in trainable):
+        return None
+    was_training = model.training
+    model.eval()
+    device = next(model.head.parameters()).device
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(feats), chunk):
+            h, m, _ = feats.batch(slice(start, start + chunk))
+            h, m = h.to(device), m.to(device)
+            out = model.body(h, m)
+            weights = m.unsqueeze(-1).to(out.dtype)
+            pooled = (out * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            parts.append((model.proj(pooled) if model.proj is not None else pooled).float())
+    model.train(was_training)
+    inputs = torch.cat(parts).unsqueeze(1)  # (N, 1, k): one "token" whose mean pooling is itself
+    view = PersonalModel(_Identity(), inputs.shape[-1], model.head.out_features)
+    view.head = model.head
+    mask = torch.ones(inputs.shape[:2], dtype=feats.mask.dtype, device=device)
+    return view, Features(inputs, mask, feats.labels.to(device), feats.source)
 
 
 class TaggerModel(nn.Module):
