@@ -104,12 +104,16 @@ class PersonalModel(nn.Module):
         self.proj = nn.Linear(hidden_size, projection) if projection else None
         self.head = nn.Linear(projection or hidden_size, num_classes)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits from cached prefix features and their attention mask."""
+    def head_inputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """What the head sees: the body's output, mean-pooled over the unmasked tokens (and projected)."""
         out = self.body(hidden, attention_mask)
         weights = attention_mask.unsqueeze(-1).to(out.dtype)
         pooled = (out * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        return self.head(self.proj(pooled) if self.proj is not None else pooled)
+        return self.proj(pooled) if self.proj is not None else pooled
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits from cached prefix features and their attention mask."""
+        return self.head(self.head_inputs(hidden, attention_mask))
 
 
 def head_view(model: nn.Module, feats: Features, chunk: int = 64) -> tuple[PersonalModel, Features] | None:
@@ -132,11 +136,7 @@ def head_view(model: nn.Module, feats: Features, chunk: int = 64) -> tuple[Perso
     with torch.no_grad():
         for start in range(0, len(feats), chunk):
             h, m, _ = feats.batch(slice(start, start + chunk))
-            h, m = h.to(device), m.to(device)
-            out = model.body(h, m)
-            weights = m.unsqueeze(-1).to(out.dtype)
-            pooled = (out * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-            parts.append((model.proj(pooled) if model.proj is not None else pooled).float())
+            parts.append(model.head_inputs(h.to(device), m.to(device)).float())
     model.train(was_training)
     inputs = torch.cat(parts).unsqueeze(1)  # (N, 1, k): one "token" whose mean pooling is itself
     view = PersonalModel(_Identity(), inputs.shape[-1], model.head.out_features)

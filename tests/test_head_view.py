@@ -85,8 +85,12 @@ def test_without_top_layers_the_view_fits_exactly_the_head_the_model_would() -> 
 
 @pytest.mark.parametrize("dp", [False, True])
 def test_the_final_refit_of_a_lora_model_moves_only_the_head_and_accounts_every_step(
-    tmp_path: Path, dp: bool
+    tmp_path: Path, dp: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import client.node
+
+    views: list[object] = []
+    monkeypatch.setattr(client.node, "head_view", lambda m, f: views.append(head_view(m, f)) or views[-1])
     over = {**LORA, "dp.enabled": dp, "dp.epsilon": 8.0}
     cfg = Config.from_run_config({**over, "personalization.final-fit": 3})
     template = get_task(cfg).backbone().template
@@ -98,6 +102,7 @@ def test_the_final_refit_of_a_lora_model_moves_only_the_head_and_accounts_every_
     history = list(before.history)
     metrics = run_evaluate(cfg, node, out, final_round=True)
     after = StateStore(tmp_path).load()
+    assert len(views) == 1 and views[0] is not None  # the refit took the head-only path
     assert set(after.tensors) == set(names["personal"]) == {"head.weight", "head.bias"}
     assert all(not np.array_equal(after.tensors[n], before.tensors[n]) for n in after.tensors)
     assert all(np.array_equal(after.shared[n], out[n]) for n in names["shared"])  # evaluated on these
